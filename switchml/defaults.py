@@ -1,0 +1,41 @@
+"""Every default of switchml in one place: ports, packet and pool sizes, timeouts.
+
+Command lines, the controller, the worker and the software switch read their defaults
+from here, so changing one number here changes it everywhere.
+"""
+
+from __future__ import annotations
+
+from switchml.protocol import UDP_PORT
+
+SWITCH_HOST = "127.0.0.1"
+SWITCH_PORT = UDP_PORT  #: the switch's UDP data port (48864)
+CONTROL_PORT = 48865  #: the controller's ZeroMQ port
+CONTROLLER = f"tcp://{SWITCH_HOST}:{CONTROL_PORT}"
+P4RUNTIME_PORT = 9559  #: the software switch's P4Runtime gRPC port
+
+#: Elements per packet the controller hands out for the software switch: 1024 int32 is a
+#: 4 KB payload, well under the loopback MTU; a P4 target overrides it (BMv2: 64).
+K = 1024
+#: Slots per job (the worker's window W). n * W * packet must fit the switch's receive
+#: buffer (net.core.rmem_max is 4 MB here): 8 workers x 64 x 4 KB = 2 MB.
+WINDOW = 64
+#: Slots in the switch (all jobs together); pool_index has 14 bits, so at most 16384.
+POOL_SIZE = 1024
+
+#: First retransmission timeout of a slot; it doubles on each resend up to the cap.
+RETRANSMIT_TIMEOUT_S = 0.010
+RETRANSMIT_TIMEOUT_MAX_S = 0.2
+#: An allreduce that makes no progress for this long fails (dead peer, dead switch).
+PROGRESS_TIMEOUT_S = 30.0
+#: How long a worker waits for the controller (registration waits for all ranks).
+CONTROL_TIMEOUT_S = 60.0
+#: How often workers tell the controller they are alive, and after how long without a
+#: heartbeat the controller declares a job failed and frees its slots.
+HEARTBEAT_INTERVAL_S = 1.0
+HEARTBEAT_TIMEOUT_S = 10.0
+#: How long the controller retransmits RESET packets before giving up on a job's set-up.
+RESET_TIMEOUT_S = 5.0
+
+#: Socket buffer the worker and the software switch ask for (SO_RCVBUF / SO_SNDBUF).
+SOCKET_BUFFER_BYTES = 4 * 1024 * 1024

@@ -1,0 +1,93 @@
+"""The switch pipeline's contract: table, action, parameter and counter names.
+
+These names are shared by ``p4/*.p4``, their P4Info files, the software switch and the
+controller's targets (``tests/test_p4_contract.py`` checks the P4 side against this file).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+# Admission: (ipv4 src, udp src port) -> set_worker(...) | set_controller(), default drop.
+ADMISSION_TABLE = "SwitchIngress.admission"
+ADMISSION_KEYS = ("hdr.ipv4.src_addr", "hdr.udp.src_port")
+SET_WORKER_ACTION = "SwitchIngress.set_worker"
+SET_WORKER_PARAMS = ("job", "worker_id", "num_workers", "mgid", "pool_base", "pool_size")
+SET_CONTROLLER_ACTION = "SwitchIngress.set_controller"
+
+# Egress rewrite: (multicast group, replica id) -> the worker's MAC, IP, UDP port.
+EGRESS_REWRITE_TABLE = "SwitchEgress.egress_rewrite"
+EGRESS_REWRITE_KEYS = ("standard_metadata.mcast_grp", "standard_metadata.egress_rid")
+SET_DESTINATION_ACTION = "SwitchEgress.set_destination"
+SET_DESTINATION_PARAMS = ("mac", "ip", "udp_port")
+
+# Emulated loss: ingress port -> set_drop_probability(threshold of 32768).
+LOSS_TABLE = "SwitchIngress.loss"
+LOSS_KEYS = ("standard_metadata.ingress_port",)
+SET_DROP_PROBABILITY_ACTION = "SwitchIngress.set_drop_probability"
+SET_DROP_PROBABILITY_PARAMS = ("threshold",)
+DROP_PROBABILITY_SCALE = 32768  #: a drop probability p is programmed as round(p * 32768)
+
+# Plain forwarding of traffic that is not switchml's.
+FORWARD_TABLE = "SwitchIngress.forward"
+FORWARD_KEYS = ("hdr.ipv4.dst_addr",)
+SET_EGRESS_ACTION = "SwitchIngress.set_egress"
+
+# Counters (P4 packet counters; P4Runtime reads them, BMv2 cannot read registers).
+RESULTS_COUNTER = "SwitchIngress.results_multicast"  #: indexed by slot
+RETRANSMISSIONS_COUNTER = "SwitchIngress.retransmissions_answered"  #: indexed by slot
+DROPS_COUNTER = "SwitchIngress.drops"  #: indexed by DropReason
+PACKETS_COUNTER = "SwitchIngress.packets"  #: indexed by PacketCounter
+
+
+class DropReason(IntEnum):
+    """Index into the ``drops`` counter: why a switchml packet was dropped."""
+
+    MALFORMED = 0  #: too short, or length does not match the size enum
+    BAD_SIZE = 1  #: a size enum the target does not take
+    BAD_MSG_TYPE = 2  #: msg_type not UPDATE or RESET
+    NOT_ADMITTED = 3  #: sender has no admission entry
+    SLOT_OUT_OF_RANGE = 4  #: slot outside the sender's job pool range
+    JOB_MISMATCH = 5  #: header job_number differs from the sender's admitted job
+    RESET_NOT_FROM_CONTROLLER = 6  #: RESET from an address not admitted as controller
+    RETRANSMISSION_INCOMPLETE = 7  #: a retransmission to a slot that is not complete yet
+    EMULATED_LOSS = 8  #: dropped by the per-port drop probability
+    SIZE_MISMATCH = 9  #: k differs from the slot's current contributions (software switch only)
+
+
+class PacketCounter(IntEnum):
+    """Index into the ``packets`` counter."""
+
+    RECEIVED = 0  #: switchml packets seen (UDP dst port matched)
+    AGGREGATED = 1  #: new contributions absorbed into a slot
+    RESETS = 2  #: RESET packets applied
+
+
+NUM_DROP_REASONS = len(DropReason)
+NUM_PACKET_COUNTERS = len(PacketCounter)
+
+
+@dataclass(frozen=True)
+class WorkerEntry:
+    """An admission entry: the sender (ip, udp port) is worker ``worker_id`` of ``job``."""
+
+    ip: str
+    udp_port: int
+    job: int  #: job number, 0..255
+    worker_id: int  #: bit in the slot bitmaps, 0..31
+    num_workers: int  #: n: the count at which a slot completes
+    mgid: int  #: multicast group of the job
+    pool_base: int  #: first slot of the job's range
+    pool_size: int  #: number of slots in the range
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One copy of a job's multicast: egress port, replica id and the rewrite it gets."""
+
+    port: int  #: switch egress port of the worker
+    rid: int  #: replica id (the worker id)
+    mac: str
+    ip: str
+    udp_port: int

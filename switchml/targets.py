@@ -1,0 +1,54 @@
+"""The controller's narrow interface to a switch.
+
+Its operations are those of the pipeline's tables (``switchml.pipeline``): admission
+entries, multicast groups with their egress rewrites, the loss table and counters. The
+software switch implements it in-process (``emulation.target.InProcessTarget``); a
+P4Runtime target implements it for BMv2, Tofino and the software switch's gRPC server.
+Slots are cleared in the data plane by RESET packets (``switchml.controller``), so no
+register access is needed here.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+from switchml.pipeline import Replica, WorkerEntry
+
+
+class SwitchTarget(ABC):
+    """What the controller needs from a switch; one implementation per way to program it."""
+
+    #: The packet sizes (elements per packet) the target accepts, largest first.
+    supported_k: tuple[int, ...] = (64,)
+
+    @abstractmethod
+    def add_controller(self, ip: str, udp_port: int) -> None:
+        """Admission entry: RESET packets from (ip, udp_port) are the controller's."""
+
+    @abstractmethod
+    def add_worker(self, entry: WorkerEntry) -> None:
+        """Admission entry for one worker of a job."""
+
+    @abstractmethod
+    def remove_worker(self, ip: str, udp_port: int) -> None:
+        """Delete a worker's admission entry; its packets are dropped from now on."""
+
+    @abstractmethod
+    def set_multicast_group(self, mgid: int, replicas: Sequence[Replica]) -> None:
+        """Create a job's multicast group and the egress rewrite entry of each replica."""
+
+    @abstractmethod
+    def delete_multicast_group(self, mgid: int, replicas: Sequence[Replica]) -> None:
+        """Delete a job's multicast group and its egress rewrite entries."""
+
+    @abstractmethod
+    def set_drop_probability(self, port: int, probability: float) -> None:
+        """Loss table entry: drop packets arriving on ``port`` with ``probability`` (0..1)."""
+
+    @abstractmethod
+    def read_counter(self, name: str) -> list[int]:
+        """Packet counts of counter ``name`` (a ``switchml.pipeline`` counter), by index."""
+
+    def close(self) -> None:
+        """Release connections; the default has none."""

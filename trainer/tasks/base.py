@@ -1,0 +1,83 @@
+"""What a training task gives the trainer.
+
+A task is a sequence of stages (most tasks have one). The trainer runs each stage on
+every rank: it builds the stage's model, wraps it in DDP with the chosen communication
+(switchml hook or the process group's allreduce), shards the stage's data set with a
+DistributedSampler, and calls ``loss`` on each batch. Rank 0 evaluates and checkpoints.
+A stage that needs an earlier stage's result (a frozen root model, say) loads it from
+``ctx.out_dir`` in ``build_model``; ``finish`` is where a stage writes such artefacts.
+"""
+
+from __future__ import annotations
+
+import argparse
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+
+@dataclass
+class StageContext:
+    """Where and how a stage runs."""
+
+    out_dir: Path  #: the run's output folder (checkpoints, metrics, artefacts)
+    rank: int
+    world_size: int
+    device: torch.device
+    seed: int
+
+
+class Stage(ABC):
+    """One training stage: a model, its data and its loss."""
+
+    #: Name used for checkpoints (``<out>/<name>.pt``) and metric lines.
+    name: str = "train"
+    #: Steps this stage trains when the user gives neither --steps nor --epochs.
+    default_steps: int = 200
+    #: Per-rank batch size when the user gives no --batch-size.
+    default_batch_size: int = 32
+    #: Adam learning rate when the user gives no --lr.
+    default_lr: float = 1e-3
+
+    @abstractmethod
+    def build_model(self, ctx: StageContext) -> nn.Module:
+        """The module DDP wraps (trainable parameters only are synchronised)."""
+
+    @abstractmethod
+    def train_dataset(self, ctx: StageContext) -> Dataset:
+        """The training set; the trainer shards it across ranks."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Any, ctx: StageContext) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of one batch (called through the DDP-wrapped ``model``) and metrics to log."""
+
+    def evaluate(self, model: nn.Module, ctx: StageContext) -> dict[str, float]:
+        """Metrics of the trained (unwrapped) model, on rank 0; none by default."""
+        return {}
+
+    def optimizer(self, params, lr: float) -> torch.optim.Optimizer:
+        """The optimiser; Adam by default."""
+        return torch.optim.Adam(params, lr=lr)
+
+    def finish(self, model: nn.Module, ctx: StageContext) -> None:
+        """Called on rank 0 after training: write what later stages or evaluation need."""
+
+
+class Task(ABC):
+    """A named training job: its command-line options and its stages."""
+
+    name: str = "task"
+    help: str = ""
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Task-specific options (the trainer adds the common ones)."""
+
+    @abstractmethod
+    def stages(self, args: argparse.Namespace) -> list[Stage]:
+        """The stages to run, in order."""
