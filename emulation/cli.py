@@ -1,0 +1,118 @@
+"""``switchml-switch``: run the software switch with its controller, or read its counters."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+
+from switchml import defaults
+from switchml.errors import SwitchMLError
+from switchml.protocol import K_TO_SIZE
+
+log = logging.getLogger("switchml.switch")
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction in 0..1 (0.01 = 1%)")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="switchml-switch",
+        description="Run the switchml software switch and its controller, or query a running one.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    emu = sub.add_parser("emulate", help="run the software switch and the controller until interrupted",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    emu.add_argument("--host", default=defaults.SWITCH_HOST, help="address the switch and controller listen on")
+    emu.add_argument("--port", type=int, default=defaults.SWITCH_PORT, help="UDP port of the switch's data plane")
+    emu.add_argument("--control-port", type=int, default=defaults.CONTROL_PORT, help="ZeroMQ port of the controller")
+    emu.add_argument("--pool-size", type=int, default=defaults.POOL_SIZE, help="slots in the switch, all jobs together")
+    emu.add_argument("--window", type=int, default=defaults.WINDOW, help="slots each job gets (the workers' window)")
+    emu.add_argument("-k", "--elements-per-packet", dest="k", type=int, default=defaults.K, choices=sorted(K_TO_SIZE),
+                     help="elements per packet handed to jobs")
+    emu.add_argument("--drop-probability", type=_fraction, default=0.0,
+                     help="emulated loss on every port, both directions, as a fraction (0.01 = 1%%)")
+    emu.add_argument("--heartbeat-timeout", type=float, default=defaults.HEARTBEAT_TIMEOUT_S,
+                     help="seconds without a heartbeat after which a job fails and its slots are freed")
+    emu.add_argument("--seed", type=int, default=None, help="seed of the loss generator")
+    emu.add_argument("-v", "--verbose", action="store_true", help="log every control event")
+
+    stats = sub.add_parser("stats", help="print a running switch's counters and jobs as JSON")
+    stats.add_argument("--controller", default=defaults.CONTROLLER, help="the controller's ZeroMQ endpoint")
+    stats.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+    return parser
+
+
+def emulate(args: argparse.Namespace, ready: threading.Event | None = None, stop: threading.Event | None = None) -> None:
+    """Run switch and controller until SIGINT/SIGTERM (or ``stop`` is set)."""
+    from emulation.server import SwitchServer
+    from emulation.switch import SoftwareSwitch
+    from emulation.target import InProcessTarget
+    from switchml.controller import Controller, ControllerOptions
+
+    switch = SoftwareSwitch(pool_size=args.pool_size, drop_probability=args.drop_probability, seed=args.seed)
+    server = SwitchServer(switch, args.host, args.port).start()
+    options = ControllerOptions(bind=f"tcp://{args.host}:{args.control_port}", switch_address=server.address,
+                                pool_size=args.pool_size, window=args.window, k=args.k,
+                                heartbeat_timeout=args.heartbeat_timeout)
+    stop = stop or threading.Event()
+    try:
+        controller = Controller(InProcessTarget(switch), options).start()
+    except Exception:
+        server.stop()
+        raise
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    log.info("switchml software switch: data %s:%d, controller %s, k=%d, window %d, pool %d, loss %.4g",
+             *server.address, controller.endpoint, args.k, args.window, args.pool_size, args.drop_probability)
+    if ready is not None:
+        ready.set()
+    try:
+        stop.wait()
+    finally:
+        controller.stop()
+        server.stop()
+        drops = {k: v for k, v in switch.drops().items() if v}
+        log.info("stopped; drops by reason: %s", drops or "none")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.command == "emulate":
+        try:
+            emulate(args)
+        except OSError as exc:
+            print(f"switchml-switch: cannot start: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    if args.command == "stats":
+        from switchml.control import ControlClient
+
+        client = ControlClient(args.controller, args.timeout)
+        try:
+            answer = client.request({"op": "stats"})
+        except SwitchMLError as exc:
+            print(f"switchml-switch stats: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            client.close()
+        answer.pop("ok", None)
+        print(json.dumps(answer, indent=2))
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

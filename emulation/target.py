@@ -1,0 +1,39 @@
+"""The controller's target interface, implemented on a software switch in the same process."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from emulation.switch import SoftwareSwitch
+from switchml.pipeline import Replica, WorkerEntry
+from switchml.protocol import SIZE_TO_K
+from switchml.targets import SwitchTarget
+
+
+class InProcessTarget(SwitchTarget):
+    """Programs a ``SoftwareSwitch`` object directly (no P4Runtime in between)."""
+
+    def __init__(self, switch: SoftwareSwitch) -> None:
+        self.switch = switch
+        self.supported_k = tuple(sorted((SIZE_TO_K[s] for s in switch.sizes), reverse=True))
+
+    def add_controller(self, ip: str, udp_port: int) -> None:
+        self.switch.add_admission(ip, udp_port, None)
+
+    def add_worker(self, entry: WorkerEntry) -> None:
+        self.switch.add_admission(entry.ip, entry.udp_port, entry)
+
+    def remove_worker(self, ip: str, udp_port: int) -> None:
+        self.switch.remove_admission(ip, udp_port)
+
+    def set_multicast_group(self, mgid: int, replicas: Sequence[Replica]) -> None:
+        self.switch.set_multicast_group(mgid, replicas)
+
+    def delete_multicast_group(self, mgid: int, replicas: Sequence[Replica]) -> None:
+        self.switch.delete_multicast_group(mgid)
+
+    def set_drop_probability(self, port: int, probability: float) -> None:
+        self.switch.set_drop_probability(port, probability)
+
+    def read_counter(self, name: str) -> list[int]:
+        return self.switch.read_counter(name)

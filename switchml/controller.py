@@ -1,0 +1,405 @@
+"""The controller: owns the switch, admits jobs, hands out slot ranges.
+
+Workers talk to it over ZeroMQ (``switchml.control`` lists the requests). When the last
+rank of a job has registered, the controller
+
+1. picks a job number, a multicast group and a free range of ``window`` slots,
+2. programs the switch through its target (admission entries, multicast group and egress
+   rewrites: the tables of ``switchml.pipeline``),
+3. clears the range in the data plane with RESET packets from its own UDP socket (the
+   switch admits that socket as the controller and echoes each RESET as its ack),
+4. answers every rank with its job number, worker id, k, window and slot base.
+
+A job ends when all its ranks leave, or fails when one stops sending heartbeats; either
+way its entries are deleted and its slots and job number go back to the pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from switchml import defaults, protocol
+from switchml.pipeline import Replica, WorkerEntry
+from switchml.net import local_ip_towards
+from switchml.protocol import MAX_JOBS, MAX_WORKERS, MsgType
+from switchml.targets import SwitchTarget
+
+log = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+_PLACEHOLDER_MAC = "00:00:00:00:00:00"  # the software switch routes by IP; P4 targets get MACs from --ports
+
+
+@dataclass
+class ControllerOptions:
+    """Knobs of the controller."""
+
+    #: ZeroMQ endpoint the controller binds.
+    bind: str = f"tcp://*:{defaults.CONTROL_PORT}"
+    #: Where workers send their packets (the switch's data address).
+    switch_address: Address = (defaults.SWITCH_HOST, defaults.SWITCH_PORT)
+    #: Slots in the switch's pool, shared by all jobs.
+    pool_size: int = defaults.POOL_SIZE
+    #: Slots (window W) each job gets.
+    window: int = defaults.WINDOW
+    #: Elements per packet handed to jobs that ask for none; must be one the target takes.
+    k: int = defaults.K
+    #: How long a job may wait for its last rank to register.
+    register_timeout: float = defaults.CONTROL_TIMEOUT_S
+    #: A running job whose rank is silent this long fails and is released.
+    heartbeat_timeout: float = defaults.HEARTBEAT_TIMEOUT_S
+    #: How long RESET packets are retransmitted before a job's set-up fails.
+    reset_timeout: float = defaults.RESET_TIMEOUT_S
+    #: Switch port of a worker address (P4 targets: from the deployment's port map).
+    port_of: Callable[[Address], int] | None = None
+    #: MAC address of a worker (P4 targets rewrite Ethernet too).
+    mac_of: Callable[[Address], str] | None = None
+
+
+@dataclass
+class _Job:
+    name: str
+    world_size: int
+    created: float
+    k: int
+    addresses: dict[int, Address] = field(default_factory=dict)
+    identities: dict[int, bytes] = field(default_factory=dict)  # pending register answers
+    number: int = -1
+    mgid: int = 0
+    pool_base: int = 0
+    pool_size: int = 0
+    state: str = "registering"  # -> running -> ended | failed
+    error: str = ""
+    last_seen: dict[int, float] = field(default_factory=dict)
+    left: set[int] = field(default_factory=set)
+    barrier: dict[int, bytes] = field(default_factory=dict)
+    replicas: list[Replica] = field(default_factory=list)
+    ended_at: float = 0.0
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "state": self.state, "job_number": self.number, "world_size": self.world_size,
+            "registered": sorted(self.addresses), "pool_base": self.pool_base, "pool_size": self.pool_size,
+            "k": self.k, "error": self.error,
+        }
+
+
+class Controller:
+    """Serves workers' control requests and programs the switch through ``target``."""
+
+    def __init__(self, target: SwitchTarget, options: ControllerOptions | None = None) -> None:
+        self.target = target
+        self.options = options or ControllerOptions()
+        o = self.options
+        if o.k not in target.supported_k:
+            raise ValueError(f"k={o.k}: the target takes {list(target.supported_k)} elements per packet")
+        if not 1 <= o.window <= o.pool_size:
+            raise ValueError(f"window={o.window}; expected 1..pool_size ({o.pool_size})")
+        self._jobs: dict[str, _Job] = {}
+        self._free_slots = [(0, o.pool_size)]  # (base, size) runs
+        self._next_number = 0
+        self._virtual_ports: dict[Address, int] = {}
+        self._ctx = zmq.Context.instance()
+        self._router = self._ctx.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.bind(o.bind)
+        self.endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._udp.bind((local_ip_towards(o.switch_address), 0))
+        self.reset_address: Address = self._udp.getsockname()
+        target.add_controller(*self.reset_address)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="switchml-controller", daemon=True)
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> Controller:
+        self._thread.start()
+        log.info("controller on %s, switch at %s:%d", self.endpoint, *self.options.switch_address)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        for job in list(self._jobs.values()):
+            if job.state == "running":
+                self._release(job, "ended", "controller stopped")
+        self._router.close(linger=0)
+        self._udp.close()
+
+    def __enter__(self) -> Controller:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------- serving
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        while not self._stop.is_set():
+            if poller.poll(200):
+                identity, _, raw = self._router.recv_multipart()
+                try:
+                    self._handle(identity, raw)
+                except Exception as exc:  # noqa: BLE001 - one bad request must not stop the controller
+                    log.exception("error handling a control request")
+                    self._answer(identity, ok=False, error=f"internal error: {exc}")
+            self._expire(time.monotonic())
+
+    def _answer(self, identity: bytes, **fields: Any) -> None:
+        self._router.send_multipart([identity, b"", zmq.utils.jsonapi.dumps(fields)])
+
+    def _handle(self, identity: bytes, raw: bytes) -> None:
+        try:
+            msg = zmq.utils.jsonapi.loads(raw)
+            if not isinstance(msg, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            self._answer(identity, ok=False, error=f"request is not a JSON object: {exc}")
+            return
+        op = msg.get("op")
+        handler = {
+            "hello": self._hello, "register": self._register, "barrier": self._barrier,
+            "heartbeat": self._heartbeat, "leave": self._leave, "stats": self._stats,
+        }.get(op)
+        if handler is None:
+            self._answer(identity, ok=False, error=f"unknown op {op!r}; expected hello, register, barrier, "
+                                                    "heartbeat, leave or stats")
+            return
+        error = handler(identity, msg)
+        if error:
+            self._answer(identity, ok=False, error=error)
+
+    def _hello(self, identity: bytes, msg: dict) -> str | None:
+        self._answer(identity, ok=True, switch=list(self.options.switch_address),
+                     k=list(self.target.supported_k), version=1)
+        return None
+
+    def _register(self, identity: bytes, msg: dict) -> str | None:
+        name, rank, world_size, addr = msg.get("job"), msg.get("rank"), msg.get("world_size"), msg.get("addr")
+        if not isinstance(name, str) or not name:
+            return f"job={name!r}: expected a non-empty string"
+        if not isinstance(world_size, int) or not 1 <= world_size <= MAX_WORKERS:
+            return f"world_size={world_size!r}: expected an integer in 1..{MAX_WORKERS} (the switch's bitmap width)"
+        if not isinstance(rank, int) or not 0 <= rank < world_size:
+            return f"rank={rank!r}: expected an integer in 0..{world_size - 1}"
+        if not (isinstance(addr, list) and len(addr) == 2 and isinstance(addr[0], str) and isinstance(addr[1], int)):
+            return f"addr={addr!r}: expected [ip, udp_port]"
+        k = msg.get("k") or self.options.k
+        if k not in self.target.supported_k:
+            return f"k={k}: the switch takes {list(self.target.supported_k)} elements per packet"
+        job = self._jobs.get(name)
+        if job is not None and job.state in ("ended", "failed"):
+            del self._jobs[name]
+            job = None
+        if job is None:
+            job = self._jobs[name] = _Job(name, world_size, time.monotonic(), k)
+            log.info("job %r: registering %d workers", name, world_size)
+        if job.state != "registering":
+            return f"job {name!r} is already running; choose another job name or wait until it ends"
+        if job.world_size != world_size or job.k != k:
+            return (f"job {name!r}: rank {rank} says world_size={world_size}, k={k} but earlier ranks said "
+                    f"world_size={job.world_size}, k={job.k}")
+        address = (addr[0], addr[1])
+        if address in (a for r, a in job.addresses.items() if r != rank):
+            return f"job {name!r}: address {address} is registered for another rank"
+        job.addresses[rank] = address
+        job.identities[rank] = identity
+        if len(job.addresses) == world_size:
+            self._start_job(job)
+        return None
+
+    def _start_job(self, job: _Job) -> None:
+        error = self._allocate(job)
+        if not error:
+            try:
+                self._program(job)
+                self._reset_slots(job)
+            except Exception as exc:  # noqa: BLE001 - reported to every rank
+                log.exception("job %r: programming the switch failed", job.name)
+                self._release(job, "failed", f"programming the switch failed: {exc}")
+                error = job.error
+        if error:
+            job.state, job.error = "failed", error
+            for identity in job.identities.values():
+                self._answer(identity, ok=False, error=error)
+            return
+        job.state = "running"
+        now = time.monotonic()
+        job.last_seen = dict.fromkeys(job.addresses, now)
+        log.info("job %r running: job number %d, slots %d..%d, k=%d, %d workers", job.name, job.number,
+                 job.pool_base, job.pool_base + job.pool_size - 1, job.k, job.world_size)
+        for rank, identity in job.identities.items():
+            self._answer(identity, ok=True, job_number=job.number, worker_id=rank, num_workers=job.world_size,
+                         k=job.k, window=job.pool_size, pool_base=job.pool_base,
+                         switch=list(self.options.switch_address))
+        job.identities.clear()
+
+    def _allocate(self, job: _Job) -> str | None:
+        used = {j.number for j in self._jobs.values() if j.state == "running"}
+        if len(used) >= MAX_JOBS:
+            return f"the switch runs {MAX_JOBS} jobs already (job_number is 8 bits)"
+        window = self.options.window
+        for i, (base, size) in enumerate(self._free_slots):
+            if size >= window:
+                self._free_slots[i] = (base + window, size - window)
+                job.pool_base, job.pool_size = base, window
+                break
+        else:
+            free = sum(size for _, size in self._free_slots)
+            return f"switch pool exhausted: job {job.name!r} needs {window} contiguous slots, {free} are free"
+        while self._next_number in used:
+            self._next_number = (self._next_number + 1) % MAX_JOBS
+        job.number = self._next_number  # round robin, so a stale packet rarely meets a new job
+        self._next_number = (self._next_number + 1) % MAX_JOBS
+        job.mgid = job.number + 1  # multicast group 0 means "none" on v1model
+        return None
+
+    def _port_of(self, address: Address) -> int:
+        if self.options.port_of is not None:
+            return self.options.port_of(address)
+        # the software switch needs distinct ports only for per-port loss: number them
+        return self._virtual_ports.setdefault(address, len(self._virtual_ports) + 1)
+
+    def _program(self, job: _Job) -> None:
+        mac_of = self.options.mac_of or (lambda _: _PLACEHOLDER_MAC)
+        job.replicas = [Replica(self._port_of(a), rank, mac_of(a), a[0], a[1]) for rank, a in sorted(job.addresses.items())]
+        self.target.set_multicast_group(job.mgid, job.replicas)
+        for rank, (ip, port) in job.addresses.items():
+            self.target.add_worker(WorkerEntry(ip, port, job.number, rank, job.world_size, job.mgid,
+                                               job.pool_base, job.pool_size))
+
+    def _reset_slots(self, job: _Job) -> None:
+        """Clear the job's slots with RESET packets; retransmit until every one is echoed."""
+        pending = {slot: protocol.encode_header(MsgType.RESET, 0, job.number, 0, slot, 0, 0)
+                   + bytes(protocol.ELEMENT_BYTES * protocol.SIZE_TO_K[0])
+                   for slot in range(job.pool_base, job.pool_base + job.pool_size)}
+        deadline = time.monotonic() + self.options.reset_timeout
+        buf = bytearray(protocol.packet_bytes(protocol.MAX_K))
+        while pending:
+            for packet in pending.values():
+                self._udp.sendto(packet, self.options.switch_address)
+            resend_at = min(time.monotonic() + 0.05, deadline)
+            while pending and (wait := resend_at - time.monotonic()) > 0:
+                self._udp.settimeout(wait)
+                try:
+                    n = self._udp.recv_into(buf)
+                except TimeoutError:
+                    break
+                if n >= protocol.PREAMBLE_BYTES:
+                    h = protocol.decode_header(buf[:n])
+                    if h.msg_type == MsgType.RESET and h.job_number == job.number:
+                        pending.pop(h.slot, None)
+            if pending and time.monotonic() >= deadline:
+                raise TimeoutError(f"{len(pending)} of {job.pool_size} RESET packets were not acknowledged by the "
+                                   f"switch at {self.options.switch_address} within {self.options.reset_timeout:g} s")
+
+    def _job_of(self, msg: dict) -> tuple[_Job | None, str | None]:
+        job, rank = self._jobs.get(msg.get("job")), msg.get("rank")
+        if job is None:
+            return None, f"no job {msg.get('job')!r}"
+        if rank not in job.addresses:
+            return None, f"job {job.name!r} has no rank {rank!r}"
+        return job, None
+
+    def _barrier(self, identity: bytes, msg: dict) -> str | None:
+        job, error = self._job_of(msg)
+        if error:
+            return error
+        if job.state != "running":
+            return f"job {job.name!r} is {job.state}: {job.error}"
+        job.barrier[msg["rank"]] = identity
+        job.last_seen[msg["rank"]] = time.monotonic()
+        if len(job.barrier) == job.world_size:
+            for waiting in job.barrier.values():
+                self._answer(waiting, ok=True)
+            job.barrier.clear()
+        return None
+
+    def _heartbeat(self, identity: bytes, msg: dict) -> str | None:
+        job, error = self._job_of(msg)
+        if error:
+            return error
+        if job.state == "failed":
+            return f"job {job.name!r} failed: {job.error}"
+        job.last_seen[msg["rank"]] = time.monotonic()
+        self._answer(identity, ok=True, state=job.state)
+        return None
+
+    def _leave(self, identity: bytes, msg: dict) -> str | None:
+        job, error = self._job_of(msg)
+        if error:
+            return error
+        job.left.add(msg["rank"])
+        self._answer(identity, ok=True)
+        if job.state == "running" and len(job.left) == job.world_size:
+            self._release(job, "ended", "")
+        return None
+
+    def _stats(self, identity: bytes, msg: dict) -> str | None:
+        from switchml.pipeline import DROPS_COUNTER, PACKETS_COUNTER, RESULTS_COUNTER, RETRANSMISSIONS_COUNTER
+        from switchml.pipeline import DropReason, PacketCounter
+
+        drops = self.target.read_counter(DROPS_COUNTER)
+        packets = self.target.read_counter(PACKETS_COUNTER)
+        counters = {c.name.lower(): packets[c] for c in PacketCounter}
+        counters["results_multicast"] = sum(self.target.read_counter(RESULTS_COUNTER))
+        counters["retransmissions_answered"] = sum(self.target.read_counter(RETRANSMISSIONS_COUNTER))
+        counters.update({f"drop_{r.name.lower()}": drops[r] for r in DropReason})
+        self._answer(identity, ok=True, jobs=[j.describe() for j in self._jobs.values()], counters=counters)
+        return None
+
+    # ------------------------------------------------------------- expiry
+    def _expire(self, now: float) -> None:
+        o = self.options
+        for job in list(self._jobs.values()):
+            if job.state == "registering" and now - job.created > o.register_timeout:
+                missing = sorted(set(range(job.world_size)) - set(job.addresses))
+                error = f"job {job.name!r}: ranks {missing} did not register within {o.register_timeout:g} s"
+                log.warning(error)
+                for identity in job.identities.values():
+                    self._answer(identity, ok=False, error=error)
+                del self._jobs[job.name]
+            elif job.state == "running":
+                silent = [r for r, t in job.last_seen.items() if r not in job.left and now - t > o.heartbeat_timeout]
+                if silent:
+                    self._release(job, "failed", f"rank(s) {silent} sent no heartbeat for {o.heartbeat_timeout:g} s")
+            elif job.state in ("ended", "failed") and now - job.ended_at > 2 * o.heartbeat_timeout:
+                del self._jobs[job.name]  # kept a while so survivors learn why their job failed
+
+    def _release(self, job: _Job, state: str, error: str) -> None:
+        (log.warning if state == "failed" else log.info)("job %r %s%s", job.name, state, f": {error}" if error else "")
+        for waiting in job.barrier.values():
+            self._answer(waiting, ok=False, error=f"job {job.name!r} {state}: {error}")
+        job.barrier.clear()
+        job.state, job.error, job.ended_at = state, error, time.monotonic()
+        if job.number < 0:
+            return
+        for ip, port in job.addresses.values():
+            self.target.remove_worker(ip, port)
+        if job.replicas:
+            self.target.delete_multicast_group(job.mgid, job.replicas)
+        if job.pool_size:
+            self._free_slots.append((job.pool_base, job.pool_size))
+            self._free_slots = _merge_runs(self._free_slots)
+            job.pool_size = 0
+
+
+def _merge_runs(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for base, size in sorted(r for r in runs if r[1] > 0):
+        if merged and merged[-1][0] + merged[-1][1] == base:
+            merged[-1] = (merged[-1][0], merged[-1][1] + size)
+        else:
+            merged.append((base, size))
+    return merged
+
