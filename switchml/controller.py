@@ -27,8 +27,8 @@ from typing import Any
 import zmq
 
 from switchml import defaults, protocol
-from switchml.pipeline import Replica, WorkerEntry
 from switchml.net import local_ip_towards
+from switchml.pipeline import Replica, WorkerEntry
 from switchml.protocol import MAX_JOBS, MAX_WORKERS, MsgType
 from switchml.targets import SwitchTarget
 
@@ -346,8 +346,14 @@ class Controller:
         return None
 
     def _stats(self, identity: bytes, msg: dict) -> str | None:
-        from switchml.pipeline import DROPS_COUNTER, PACKETS_COUNTER, RESULTS_COUNTER, RETRANSMISSIONS_COUNTER
-        from switchml.pipeline import DropReason, PacketCounter
+        from switchml.pipeline import (
+            DROPS_COUNTER,
+            PACKETS_COUNTER,
+            RESULTS_COUNTER,
+            RETRANSMISSIONS_COUNTER,
+            DropReason,
+            PacketCounter,
+        )
 
         drops = self.target.read_counter(DROPS_COUNTER)
         packets = self.target.read_counter(PACKETS_COUNTER)

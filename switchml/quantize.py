@@ -39,7 +39,7 @@ def block_exponents(blocks: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore"):
         peak = np.max(np.abs(blocks), axis=1).astype(np.float64)
     _, exps = np.frexp(peak)  # peak = m * 2^exps, 0.5 <= m < 1, so peak < 2^exps
-    exps = np.maximum(exps, EXP_MIN)
+    exps = np.where(peak == 0, EXP_MIN, np.maximum(exps, EXP_MIN))  # frexp(0) gives 0, not -inf
     exps = np.where(np.isfinite(peak), np.minimum(exps, EXP_NAN), EXP_NAN)
     return exps.astype(np.int8)
 
