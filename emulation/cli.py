@@ -54,35 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def emulate(args: argparse.Namespace, ready: threading.Event | None = None, stop: threading.Event | None = None) -> None:
     """Run switch and controller until SIGINT/SIGTERM (or ``stop`` is set)."""
-    from emulation.server import SwitchServer
-    from emulation.switch import SoftwareSwitch
-    from emulation.target import InProcessTarget
-    from switchml.controller import Controller, ControllerOptions
+    from emulation.runner import SoftwareSwitchRunner
 
-    switch = SoftwareSwitch(pool_size=args.pool_size, drop_probability=args.drop_probability, seed=args.seed)
-    server = SwitchServer(switch, args.host, args.port).start()
-    options = ControllerOptions(bind=f"tcp://{args.host}:{args.control_port}", switch_address=server.address,
-                                pool_size=args.pool_size, window=args.window, k=args.k,
-                                heartbeat_timeout=args.heartbeat_timeout)
+    runner = SoftwareSwitchRunner(args.host, args.port, args.control_port, args.pool_size, args.drop_probability,
+                                  args.seed, window=args.window, k=args.k, heartbeat_timeout=args.heartbeat_timeout)
     stop = stop or threading.Event()
-    try:
-        controller = Controller(InProcessTarget(switch), options).start()
-    except Exception:
-        server.stop()
-        raise
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
     log.info("switchml software switch: data %s:%d, controller %s, k=%d, window %d, pool %d, loss %.4g",
-             *server.address, controller.endpoint, args.k, args.window, args.pool_size, args.drop_probability)
+             *runner.server.address, runner.endpoint, args.k, args.window, args.pool_size, args.drop_probability)
     if ready is not None:
         ready.set()
     try:
         stop.wait()
     finally:
-        controller.stop()
-        server.stop()
-        drops = {k: v for k, v in switch.drops().items() if v}
+        runner.stop()
+        drops = {k: v for k, v in runner.switch.drops().items() if v}
         log.info("stopped; drops by reason: %s", drops or "none")
 
 

@@ -1,0 +1,180 @@
+"""Launchers: one machine (``local``), ``torchrun``, and Ray Train.
+
+Each starts the software switch when the job trains through switchml and no
+``--controller`` was given, then runs ``trainer.loop.train_rank`` on every rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from switchml import defaults
+from switchml.control import ControlClient
+from switchml.errors import SwitchMLError
+
+log = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def spawn_switch_process(host: str, port: int, control_port: int, args: argparse.Namespace,
+                         ready_timeout: float = 30.0) -> subprocess.Popen:
+    """Start ``switchml-switch emulate`` as a child process; return once its controller answers."""
+    cmd = [sys.executable, "-m", "emulation.cli", "emulate", "--host", host, "--port", str(port),
+           "--control-port", str(control_port), "--drop-probability", str(args.drop_probability)]
+    if args.k:
+        cmd += ["-k", str(args.k)]
+    proc = subprocess.Popen(cmd)
+    client = ControlClient(f"tcp://{host}:{control_port}", ready_timeout)
+    try:
+        client.request({"op": "hello"})
+    except SwitchMLError:
+        proc.kill()
+        proc.wait()
+        raise SwitchMLError(f"the software switch did not start on {host}:{port}/{control_port} "
+                            f"(exit code {proc.poll()}); is the port in use?") from None
+    finally:
+        client.close()
+    return proc
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """Ask a child to stop (SIGTERM), then kill it if it does not within 10 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _local_entry(index: int, args: argparse.Namespace, world_size: int) -> None:
+    from trainer.loop import train_rank
+
+    logging.basicConfig(level=logging.WARNING if index else logging.INFO,
+                        format=f"[rank {index}] %(name)s %(levelname)s %(message)s")
+    train_rank(args, index, world_size, local_rank=index)
+
+
+def launch_local(args: argparse.Namespace) -> dict:
+    """Start the software switch (unless --controller) and ``args.workers`` processes here."""
+    import torch.multiprocessing as mp
+
+    runner = None
+    if args.comm == "switchml" and not args.controller:
+        from emulation.runner import SoftwareSwitchRunner
+
+        runner = SoftwareSwitchRunner("127.0.0.1", 0, 0, drop_probability=args.drop_probability,
+                                      **({"k": args.k} if args.k else {}))
+        args.controller = runner.endpoint
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(free_port())
+    try:
+        mp.start_processes(_local_entry, args=(args, args.workers), nprocs=args.workers, join=True,
+                           start_method="spawn")
+    finally:
+        if runner is not None:
+            drops = {k: v for k, v in runner.switch.drops().items() if v}
+            if drops:
+                log.info("switch drops: %s", drops)
+            runner.stop()
+    return json.loads((Path(args.out) / "final_metrics.json").read_text())
+
+
+def launch_torchrun(args: argparse.Namespace) -> dict:
+    """Run this rank under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR from its environment).
+
+    Without --controller, global rank 0 starts the software switch as a child process on
+    MASTER_ADDR with the default ports, and every rank uses it.
+    """
+    from trainer.loop import train_rank
+
+    try:
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    except KeyError as exc:
+        raise SystemExit(f"switchml-train --launcher torchrun: {exc.args[0]} is not set; start it with "
+                         "`torchrun --nproc_per_node N -m trainer.cli TASK --launcher torchrun ...`") from None
+    switch = None
+    if args.comm == "switchml" and not args.controller:
+        host = os.environ.get("MASTER_ADDR", defaults.SWITCH_HOST)
+        if host == "localhost":
+            host = "127.0.0.1"
+        args.controller = f"tcp://{host}:{defaults.CONTROL_PORT}"
+        if rank == 0:
+            switch = spawn_switch_process(host, defaults.SWITCH_PORT, defaults.CONTROL_PORT, args)
+    try:
+        train_rank(args, rank, world_size, local_rank)
+    finally:
+        if switch is not None:
+            stop_process(switch)
+    path = Path(args.out) / "final_metrics.json"
+    return json.loads(path.read_text()) if rank == 0 else {}
+
+
+def _ray_loop(config: dict) -> None:
+    import ray.train
+
+    from trainer.loop import train_rank
+
+    ctx = ray.train.get_context()
+    args = argparse.Namespace(**config)
+    train_rank(args, ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank())
+
+
+def launch_ray(args: argparse.Namespace) -> dict:
+    """Run the ranks as a Ray Train ``TorchTrainer`` on ``--ray-address`` (or a local cluster).
+
+    Without --controller the software switch runs on this (the driver's) node, on its IP.
+    """
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = args.device == "cuda"
+    if args.ray_address:
+        ray.init(address=args.ray_address, include_dashboard=False)
+        host = ray.util.get_node_ip_address()
+    else:
+        ray.init(num_cpus=max(2, args.workers + 1), include_dashboard=False)
+        host = "127.0.0.1"
+    runner = None
+    try:
+        if args.comm == "switchml" and not args.controller:
+            from emulation.runner import SoftwareSwitchRunner
+
+            runner = SoftwareSwitchRunner(host, 0, 0, drop_probability=args.drop_probability,
+                                          **({"k": args.k} if args.k else {}))
+            args.controller = runner.endpoint
+        out = Path(args.out).resolve()
+        args.out = str(out)
+        trainer = TorchTrainer(
+            _ray_loop, train_loop_config=vars(args),
+            scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": 1}),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            run_config=RunConfig(storage_path=str(out / "ray"), name=f"{args.task}-{int(time.time())}"),
+        )
+        trainer.fit()
+    finally:
+        if runner is not None:
+            runner.stop()
+        ray.shutdown()
+    return json.loads((out / "final_metrics.json").read_text())
+
+
+LAUNCHERS = {"local": launch_local, "torchrun": launch_torchrun, "ray": launch_ray}
