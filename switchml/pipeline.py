@@ -22,7 +22,9 @@ EGRESS_REWRITE_KEYS = ("standard_metadata.mcast_grp", "standard_metadata.egress_
 SET_DESTINATION_ACTION = "SwitchEgress.set_destination"
 SET_DESTINATION_PARAMS = ("mac", "ip", "udp_port")
 
-# Emulated loss: ingress port -> set_drop_probability(threshold of 32768).
+# Emulated loss: port -> set_drop_probability(threshold of 32768). The P4 programs drop
+# packets arriving on the port; the software switch also drops packets leaving on it, so
+# that lost RESULTs (and the retransmissions they cause) are emulated too.
 LOSS_TABLE = "SwitchIngress.loss"
 LOSS_KEYS = ("standard_metadata.ingress_port",)
 SET_DROP_PROBABILITY_ACTION = "SwitchIngress.set_drop_probability"
@@ -33,6 +35,7 @@ DROP_PROBABILITY_SCALE = 32768  #: a drop probability p is programmed as round(p
 FORWARD_TABLE = "SwitchIngress.forward"
 FORWARD_KEYS = ("hdr.ipv4.dst_addr",)
 SET_EGRESS_ACTION = "SwitchIngress.set_egress"
+SET_EGRESS_PARAMS = ("port", "mac")
 
 # Counters (P4 packet counters; P4Runtime reads them, BMv2 cannot read registers).
 RESULTS_COUNTER = "SwitchIngress.results_multicast"  #: indexed by slot

@@ -81,3 +81,11 @@ class Task(ABC):
     @abstractmethod
     def stages(self, args: argparse.Namespace) -> list[Stage]:
         """The stages to run, in order."""
+
+    @classmethod
+    def add_eval_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Options of ``switchml-eval TASK`` (``--ckpt`` is added for every task)."""
+
+    def evaluate_checkpoint(self, args: argparse.Namespace) -> dict[str, Any]:
+        """``switchml-eval TASK``: the metrics of the run in ``args.ckpt`` (a run folder or a .pt file)."""
+        raise NotImplementedError(f"task {self.name!r} has no switchml-eval yet")

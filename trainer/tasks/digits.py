@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -85,3 +86,17 @@ class DigitsTask(Task):
 
     def stages(self, args: argparse.Namespace) -> list[Stage]:
         return [DigitsStage(args.width)]
+
+    @classmethod
+    def add_eval_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        cls.add_arguments(parser)
+
+    def evaluate_checkpoint(self, args: argparse.Namespace) -> dict:
+        path = Path(args.ckpt)
+        path = path / "digits.pt" if path.is_dir() else path
+        stage = DigitsStage(args.width)
+        ctx = StageContext(path.parent, 0, 1, torch.device("cpu"), 0)
+        model = stage.build_model(ctx)
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["model"])
+        model.eval()
+        return stage.evaluate(model, ctx)
