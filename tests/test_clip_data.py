@@ -43,8 +43,8 @@ from trainer.eval.clip_metrics import (
     chance_levels,
     evaluate_scorer,
     image_key,
-    plot_results,
     results_table,
+    write_comparison,
     zeroshot_prompts,
 )
 
@@ -350,6 +350,7 @@ def test_table_and_chart(tmp_path, bench):
     lines = table.strip().splitlines()
     assert lines[0] == "| metric | clip | tripletclip | chance |"
     assert "| comp/test/avg | 0.610 | 0.740 | 0.500 |" in lines
-    path = plot_results(results, tmp_path / "clip.png", chance=chance_levels(bench))
-    with Image.open(path) as im:
+    md, png = write_comparison(results, tmp_path, chance=chance_levels(bench))
+    assert md.read_text() == table
+    with Image.open(png) as im:
         assert im.format == "PNG" and im.size[0] > 300

@@ -123,13 +123,12 @@ def build_benchmark(generator: SceneGenerator, n_per_kind: int = 200, n_retrieva
     chosen: list[Scene] = []
     i = _RETRIEVAL_OFFSET
     while len(chosen) < n_retrieval:
-        scene = generator.sample("test", i).scene
-        i += 1
-        if any(caption_true_of(c, scene.caption) or caption_true_of(scene, c.caption) for c in chosen):
-            continue
-        chosen.append(scene)
         if i - _RETRIEVAL_OFFSET > 50 * n_retrieval:
             raise RuntimeError(f"could not find {n_retrieval} mutually distinct scenes")
+        scene = generator.sample("test", i).scene
+        i += 1
+        if not any(caption_true_of(c, scene.caption) or caption_true_of(scene, c.caption) for c in chosen):
+            chosen.append(scene)
     r_images = torch.stack([_render(generator, s, scenes) for s in chosen])
 
     n_zs = n_zeroshot if n_zeroshot is not None else 2 * len(cfg.shapes) * len(cfg.colours)
@@ -346,3 +345,15 @@ def plot_results(results: Mapping[str, Mapping[str, float]], path: str | Path,
     plt.close(fig)
     log.info("wrote %s", path)
     return path
+
+
+def write_comparison(results: Mapping[str, Mapping[str, float]], out_dir: str | Path, name: str = "clip_methods",
+                     chance: Mapping[str, float] | None = None,
+                     metrics: Sequence[str] | None = None) -> tuple[Path, Path]:
+    """Write ``<name>.md`` (table) and ``<name>.png`` (bar chart) of several methods into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / f"{name}.md"
+    md.write_text(results_table(results, metrics, chance))
+    png = plot_results(results, out / f"{name}.png", metrics, chance)
+    return md, png

@@ -419,8 +419,9 @@ class ClipStage(Stage):
     # -- objective
 
     def loss(self, model: nn.Module, batch: Any, ctx: StageContext) -> tuple[torch.Tensor, dict[str, float]]:
-        # Every rank calls loss once per step, so the step count (for the alternating mode)
-        # agrees across ranks without communication.
+        # Every rank calls loss once per micro-batch, so the count (which half the
+        # alternating mode takes) agrees across ranks without communication; with
+        # --accumulate the halves alternate per micro-batch.
         step = self._step
         self._step += 1
         return method_loss(self.method, model, batch, ctx.device, step, self.triplet_mode)
