@@ -15,9 +15,9 @@ images I' (each row of a loss is a softmax cross-entropy over the candidates lis
   which the roles swap: the negative image is the anchor of its negative caption and the
   original caption is its hard negative. ``--triplet-mode alternate`` instead takes the
   two halves on alternate steps (even: positive batch, odd: negative batch), which halves
-  the encoder work per step. A negative caption that is true of its positive image
-  (add-att, see ``HardNegative.symmetric``) is never used as a negative of that image's
-  counterpart: that candidate is masked.
+  the image-encoder work per step. Where the positive caption is true of the negative
+  image (add-att: ``HardNegative.symmetric`` is False), it is not used as that image's
+  hard negative: the candidate is masked.
 
 Across workers every loss gathers the features of all ranks with a differentiable
 all_gather (:func:`gather_rows`) and computes each rank's rows
