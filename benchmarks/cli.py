@@ -1,0 +1,173 @@
+"""``switchml-bench``: allreduce and scale benchmarks (``train`` comes with the trainer).
+
+    switchml-bench allreduce --workers 4 --size 25MB --backends switchml,gloo --json out.json
+    switchml-bench allreduce --net mininet --bw 100 --mtu 9000 --workers 4,8 --size 64MB --plot out.png
+    switchml-bench scale --measured benchmarks/results/allreduce_mininet.json --plot scale.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+
+from benchmarks.common import parse_fraction, parse_list, parse_size
+
+
+def _arg(convert, what: str):
+    def parse(text: str):
+        try:
+            return convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{what}: {exc}") from None
+    return parse
+
+
+def _ints(text: str) -> list[int]:
+    values = parse_list(text, int)
+    if any(v < 1 for v in values):
+        raise ValueError("expected positive integers")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="switchml-bench",
+        description="Benchmarks of switchml against the baseline in the same run. Results: JSON (with the command "
+                    "that made them) and PNG, by convention under benchmarks/results/.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{allreduce,scale,train}")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    ar = sub.add_parser(
+        "allreduce", formatter_class=fmt,
+        help="time SwitchML (software switch) against Gloo's ring allreduce, in the same run",
+        description="For each (workers, size, loss): start the software switch as its own process and N worker "
+                    "processes that each time R allreduces of SIZE bytes of float32 (barrier-aligned), then the "
+                    "same with torch.distributed's Gloo allreduce. Prints medians, spread, goodput per worker, "
+                    "the SwitchML/Gloo ratio and, with --bw, each backend's time over its wire bound; checks the "
+                    "SwitchML result against the exact sum within the quantization bound.")
+    ar.add_argument("--workers", type=_arg(_ints, "--workers"), default=[4], metavar="N[,N...]",
+                    help="worker counts (at most 32: the switch's bitmap)")
+    ar.add_argument("--size", type=_arg(lambda t: parse_list(t, parse_size), "--size"), default=[25_000_000],
+                    metavar="S[,S...]", help="bytes of float32 per worker: 25MB (10^6), 4MiB (2^20), 1KB, 1000")
+    ar.add_argument("--backends", type=_arg(lambda t: parse_list(t, str.strip), "--backends"),
+                    default=["switchml", "gloo"], metavar="B[,B...]", help="switchml and/or gloo")
+    ar.add_argument("--k", type=int, default=None,
+                    help="SwitchML elements per packet (32..4096; Tofino: 64 or 256); default: the largest "
+                         "packet that fits the MTU (loopback: 4096; MTU 1500: 256; MTU 9000: 2048)")
+    ar.add_argument("--window", type=int, default=None,
+                    help="SwitchML window (slots per job); default: the largest <= 64 with "
+                         "n * W * packet <= 2 MiB (the switch's 4 MB receive buffer)")
+    ar.add_argument("--net", choices=["loopback", "mininet"], default="loopback",
+                    help="loopback: all processes on 127.0.0.1; mininet: a star of shaped links "
+                         "(needs root and Mininet, see emulation/mininet.py)")
+    ar.add_argument("--bw", type=float, default=None, metavar="MBIT",
+                    help="link rate in Mbit/s: shapes the Mininet links, and is the B of the wire bounds")
+    ar.add_argument("--mtu", type=int, default=1500, help="MTU of the Mininet links (1500 or 9000) and of the bounds")
+    ar.add_argument("--loss", type=_arg(lambda t: parse_list(t, parse_fraction), "--loss"), default=[0.0],
+                    metavar="P[,P...]", help="packet loss, a fraction or a percentage (0.001 or 0.1%%)")
+    ar.add_argument("--loss-at", choices=["switch", "hosts"], default="switch",
+                    help="switch: the software switch's drop probability (SwitchML only); hosts: nftables rules "
+                         "in every worker's namespace, both directions, both backends (Mininet only)")
+    ar.add_argument("--repeats", type=int, default=5, help="timed allreduces per backend and point")
+    ar.add_argument("--warmup", type=int, nargs="?", const=1, default=1,
+                    help="untimed allreduces before the timed ones (--warmup 0: none)")
+    ar.add_argument("--seed", type=int, default=0, help="seed of the inputs and of the switch's loss")
+    ar.add_argument("--timeout", type=float, default=120.0,
+                    help="seconds a worker may wait on any one step (registration, barrier, a stalled allreduce)")
+    ar.add_argument("--no-check", dest="check", action="store_false",
+                    help="skip the check of the result against the exact float64 sum")
+    ar.add_argument("--json", metavar="FILE", help="write every raw sample, the machine and the command here")
+    ar.add_argument("--plot", metavar="FILE", help="write a PNG plot here")
+    ar.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sc = sub.add_parser(
+        "scale", formatter_class=fmt,
+        help="model SwitchML vs ring allreduce from 4 to 1024 workers at 10/100/400 Gbit/s",
+        description="A model of one rack and of a two-level tree: closed forms for lossless runs, a discrete-event "
+                    "simulation of SwitchML's slots and retransmissions under loss, pool sizing from the "
+                    "bandwidth-delay product. Validated against published SwitchML figures and, with --measured, "
+                    "against this machine's `allreduce` JSON (both on one plot).")
+    sc.add_argument("--workers", type=_arg(_ints, "--workers"), default=[4, 8, 16, 32, 64, 128, 256, 512, 1024],
+                    metavar="N[,N...]")
+    sc.add_argument("--gbps", type=_arg(lambda t: parse_list(t, float), "--gbps"), default=[10.0, 100.0, 400.0],
+                    metavar="G[,G...]", help="link rates in Gbit/s")
+    sc.add_argument("--size", type=_arg(parse_size, "--size"), default=100_000_000, help="tensor bytes (float32)")
+    sc.add_argument("--k", type=int, default=256, help="elements per packet (Tofino: 256)")
+    sc.add_argument("--mtu", type=int, default=9000, help="MTU (for the ring's TCP segments and fragmentation)")
+    sc.add_argument("--rack-size", type=int, default=32, help="workers per ToR in the two-level tree")
+    sc.add_argument("--loss", type=_arg(lambda t: parse_list(t, parse_fraction), "--loss"),
+                    default=[0.0, 1e-4, 1e-3, 1e-2], metavar="P[,P...]", help="per-packet loss rates to model")
+    sc.add_argument("--des-workers", type=_arg(_ints, "--des-workers"), default=[4, 8, 16],
+                    metavar="N[,N...]", help="worker counts simulated packet by packet under loss")
+    sc.add_argument("--loss-size", type=_arg(parse_size, "--loss-size"), default=25_000_000,
+                    help="tensor bytes of the loss study (simulated packet by packet: larger is slower)")
+    sc.add_argument("--rto", type=float, default=1e-3, help="SwitchML worker's retransmission timeout (s)")
+    sc.add_argument("--tcp-tail-recovery", type=float, default=0.010,
+                    help="seconds TCP needs to recover a loss in a flow's last segments (Linux tail loss probe: "
+                         ">= 10 ms; 0.2 for the minimum RTO)")
+    sc.add_argument("--pool", type=int, default=None,
+                    help="SwitchML slots per job (default: the bandwidth-delay product of each link rate)")
+    sc.add_argument("--seed", type=int, default=0, help="seed of the simulations' loss")
+    sc.add_argument("--measured", metavar="FILE", action="append", default=[],
+                    help="JSON of `switchml-bench allreduce` to put next to the model (repeatable)")
+    sc.add_argument("--json", metavar="FILE", help="write the model's numbers here")
+    sc.add_argument("--plot", metavar="FILE", help="write a PNG plot here")
+
+    sub.add_parser(
+        "train", formatter_class=fmt,
+        help="TODO: not available yet: step time, samples/s and time-to-metric of switchml vs DDP allreduce "
+             "(comes with the trainer, issue 6 item 2)",
+        description="TODO: `switchml-bench train --task T --workers N --backends switchml,allreduce [--net ...]` "
+                    "lands after trainer/ (switchml-train and the DDP hook). Not implemented yet.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    raw = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(raw)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    command = "switchml-bench " + shlex.join(raw)
+    if args.command == "allreduce":
+        return _allreduce(args, command)
+    if args.command == "scale":
+        from benchmarks import scale
+
+        return scale.main(args, command)
+    print("switchml-bench train: not implemented yet; it comes with the trainer (switchml-train, the DDP hook). "
+          "Use `switchml-bench allreduce` meanwhile.", file=sys.stderr)
+    return 2
+
+
+def _allreduce(args: argparse.Namespace, command: str) -> int:
+    from benchmarks import allreduce
+
+    cfg = allreduce.AllreduceConfig(
+        workers=args.workers, sizes=args.size, backends=args.backends, k=args.k, window=args.window, net=args.net,
+        bw_mbit=args.bw, mtu=args.mtu, losses=args.loss, loss_at=args.loss_at, repeats=args.repeats,
+        warmup=args.warmup, seed=args.seed, timeout=args.timeout, check=args.check, progress=not args.quiet)
+    try:
+        doc = allreduce.run(cfg, command)
+    except (allreduce.BenchmarkError, ValueError, OSError) as exc:
+        print(f"switchml-bench allreduce: {exc}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:  # MininetUnavailable and friends
+        print(f"switchml-bench allreduce: {exc}", file=sys.stderr)
+        return 1
+    print(allreduce.format_report(doc))
+    allreduce.save(doc, args.json, args.plot)
+    for what, path in (("JSON", args.json), ("plot", args.plot)):
+        if path:
+            print(f"{what}: {path}")
+    if not allreduce.all_checks_pass(doc):
+        print("switchml-bench allreduce: a result was outside its bound or differed between ranks", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
