@@ -4,6 +4,7 @@ through the switch is the trainer's test)."""
 
 from __future__ import annotations
 
+import argparse
 import socket
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from trainer.tasks.clip import (
     build_model,
     build_tokenizer,
     contrastive_loss,
-    evaluate_checkpoint,
+    evaluate_clip_checkpoint,
     load_checkpoint,
     method_loss,
     parse_clip_args,
@@ -198,7 +199,7 @@ def test_evaluate_finish_and_reload(tmp_path):
     assert spec.method == "negclip" and spec.tokenizer == "word"
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values(),
                                                  strict=True))
-    assert evaluate_checkpoint(tmp_path / "clip_model.pt", eval_scenes=12) == metrics
+    assert evaluate_clip_checkpoint(tmp_path / "clip_model.pt", eval_scenes=12)[0] == metrics
 
     # --pretrained: our checkpoint, and the trainer's own (<out>/clip.pt, {"model": ...}).
     torch.save({"model": model.state_dict(), "step": 3}, tmp_path / "clip.pt")
@@ -217,3 +218,29 @@ def test_methods_need_their_negatives(tmp_path):
     del batch["neg_image"]
     with pytest.raises(ValueError, match="negative images"):
         stage.loss(model, batch, ctx)
+
+
+def test_switchml_eval_compares_runs(tmp_path):
+    """``switchml-eval clip --ckpt RUN --compare RUN2 --report DIR``: metrics per run, table and chart."""
+    for method in ("clip", "tripletclip"):
+        run = tmp_path / method
+        run.mkdir()
+        stage, ctx = _stage(run, "--method", method)
+        torch.manual_seed(0 if method == "clip" else 1)
+        stage.finish(stage.build_model(ctx), ctx)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ckpt", required=True)
+    ClipTask.add_eval_arguments(parser)
+    args = parser.parse_args(["--ckpt", str(tmp_path / "clip"), "--compare", str(tmp_path / "tripletclip"),
+                              "--eval-scenes", "12", "--report", str(tmp_path / "report")])
+    results = ClipTask().evaluate_checkpoint(args)
+    assert list(results) == ["clip", "tripletclip"]
+    assert results["clip"] != results["tripletclip"] and len(results["clip"]) == 20
+    table = (tmp_path / "report" / "clip_methods.md").read_text()
+    assert table.splitlines()[0] == "| metric | clip | tripletclip | chance |"
+    assert (tmp_path / "report" / "clip_methods.png").stat().st_size > 1000
+    single = ClipTask().evaluate_checkpoint(parser.parse_args(["--ckpt", str(tmp_path / "clip"),
+                                                               "--eval-scenes", "12"]))
+    assert single == results["clip"]
+    with pytest.raises(FileNotFoundError):
+        ClipTask().evaluate_checkpoint(parser.parse_args(["--ckpt", str(tmp_path / "nothing")]))

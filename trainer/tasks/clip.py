@@ -54,7 +54,14 @@ from trainer.data.scenes import (
     WordTokenizer,
     scene_vocabulary,
 )
-from trainer.eval.clip_metrics import ClipBenchmark, build_benchmark, evaluate_scorer, model_scorer
+from trainer.eval.clip_metrics import (
+    ClipBenchmark,
+    build_benchmark,
+    chance_levels,
+    evaluate_scorer,
+    model_scorer,
+    write_comparison,
+)
 from trainer.tasks.base import Stage, StageContext, Task
 
 log = logging.getLogger(__name__)
@@ -501,6 +508,37 @@ class ClipTask(Task):
     def stages(self, args: argparse.Namespace) -> list[Stage]:
         return [ClipStage(args)]
 
+    @classmethod
+    def add_eval_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--eval-scenes", type=int, default=200, help="held-out scenes per compositional category")
+        parser.add_argument("--scene-seed", type=int, default=None, help="benchmark seed (default: the run's)")
+        parser.add_argument("--device", default="cpu")
+        parser.add_argument("--compare", action="append", default=[], metavar="[NAME=]RUN",
+                            help="another run (folder or checkpoint) to evaluate beside --ckpt; repeatable")
+        parser.add_argument("--report", default=None,
+                            help="folder for a markdown table and a bar chart (PNG) of the runs side by side")
+        parser.add_argument("--report-name", default="clip_methods", help="file name stem of the report")
+
+    def evaluate_checkpoint(self, args: argparse.Namespace) -> dict[str, Any]:
+        """Metrics of ``--ckpt`` (flat), or with ``--compare`` of every run (``{name: metrics}``)."""
+        runs: list[tuple[str | None, str]] = [(None, args.ckpt)]
+        for item in getattr(args, "compare", []) or []:
+            name, sep, path = item.partition("=")
+            runs.append((name, path) if sep else (None, item))
+        evaluated = []
+        for name, path in runs:
+            metrics, spec = evaluate_clip_checkpoint(path, args.eval_scenes, args.device, args.scene_seed)
+            evaluated.append((name, Path(resolve_checkpoint(path)), spec, metrics))
+        names = _run_names([(n, p, s) for n, p, s, _ in evaluated])
+        results = {name: metrics for name, (*_, metrics) in zip(names, evaluated, strict=True)}
+        if getattr(args, "report", None):
+            spec = evaluated[0][2]
+            seed = spec.scene_seed if args.scene_seed is None else args.scene_seed
+            md, png = write_comparison(results, args.report, args.report_name,
+                                       chance=chance_levels(_benchmark(spec.image_size, seed, args.eval_scenes)))
+            log.info("wrote %s and %s", md, png)
+        return results if len(results) > 1 else next(iter(results.values()))
+
 
 def parse_clip_args(argv: Sequence[str] = ()) -> argparse.Namespace:
     """This task's options alone (tests and tools that build a stage without the trainer)."""
@@ -509,11 +547,45 @@ def parse_clip_args(argv: Sequence[str] = ()) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
-def evaluate_checkpoint(path: str | Path, eval_scenes: int = 200, device: torch.device | str = "cpu",
-                        scene_seed: int | None = None) -> dict[str, float]:
-    """All held-out metrics of a saved model (what ``switchml-eval clip --ckpt`` reports)."""
-    model, tok, spec = load_checkpoint(path, device)
-    gen = SceneGenerator(SceneConfig(image_size=spec.image_size),
-                         seed=spec.scene_seed if scene_seed is None else scene_seed)
-    bench = build_benchmark(gen, n_per_kind=eval_scenes, n_retrieval=min(eval_scenes, 200))
-    return evaluate_scorer(model_scorer(model, tok, device), bench)
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint file of a run folder (``clip_model.pt``, else the trainer's ``clip.pt``) or the file itself."""
+    p = Path(path)
+    if p.is_dir():
+        for name in (CHECKPOINT_NAME, f"{ClipStage.name}.pt"):
+            if (p / name).is_file():
+                return p / name
+        raise FileNotFoundError(f"{p} holds neither {CHECKPOINT_NAME} nor {ClipStage.name}.pt")
+    if not p.is_file():
+        raise FileNotFoundError(str(p))
+    return p
+
+
+_BENCHES: dict[tuple[int, int, int], ClipBenchmark] = {}
+
+
+def _benchmark(image_size: int, seed: int, eval_scenes: int) -> ClipBenchmark:
+    """The held-out benchmark for these settings, built once per process (runs compared share it)."""
+    key = (image_size, seed, eval_scenes)
+    if key not in _BENCHES:
+        gen = SceneGenerator(SceneConfig(image_size=image_size), seed=seed)
+        _BENCHES[key] = build_benchmark(gen, n_per_kind=eval_scenes, n_retrieval=min(eval_scenes, 200))
+    return _BENCHES[key]
+
+
+def evaluate_clip_checkpoint(path: str | Path, eval_scenes: int = 200, device: torch.device | str = "cpu",
+                             scene_seed: int | None = None) -> tuple[dict[str, float], ClipSpec]:
+    """All held-out metrics of a saved model (a run folder or a checkpoint file), and its spec.
+
+    The benchmark comes from the checkpoint's own scene seed unless ``scene_seed`` is given:
+    its ``test`` and ``combo`` splits are streams the training split never drew from.
+    """
+    model, tok, spec = load_checkpoint(resolve_checkpoint(path), device)
+    bench = _benchmark(spec.image_size, spec.scene_seed if scene_seed is None else scene_seed, eval_scenes)
+    return evaluate_scorer(model_scorer(model, tok, device), bench), spec
+
+
+def _run_names(specs: Sequence[tuple[str | None, Path, ClipSpec]]) -> list[str]:
+    """Names for compared runs: as given, else the method, else (when methods repeat) the folder."""
+    names = [given or spec.method for given, _, spec in specs]
+    return [n if names.count(n) == 1 or given else f"{n} ({path.parent.name})"
+            for n, (given, path, _) in zip(names, specs, strict=True)]
