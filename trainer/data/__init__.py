@@ -1,0 +1,1 @@
+"""Training data sets that need no download: generated or shipped inside a package."""

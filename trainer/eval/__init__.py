@@ -1,0 +1,1 @@
+"""Metrics of the workloads, as pure functions over models and data."""
