@@ -43,6 +43,8 @@ from benchmarks.common import (
     table,
     write_json,
 )
+from switchml import defaults
+from switchml.protocol import MAX_WORKERS, SIZE_TO_K
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +86,21 @@ class AllreduceConfig:
         return self.k if self.k else wire.largest_k(self.effective_mtu())
 
     def window_for(self, n: int) -> int:
-        """Window (slots per job): --window, or what keeps n * W * packet under the switch's buffer."""
+        """Window (slots per job): --window, or the largest (<= 64) that keeps queues short.
+
+        Always: n * W * packet stays under the switch's receive buffer. On a link of --bw:
+        a window of packets also drains from the worker's link queue within half the
+        worker's minimum retransmission timeout; a larger window only queues, and once the
+        queueing delay passes the timeout every packet is sent twice.
+        """
         if self.window:
             return self.window
-        return max(2, min(64, IN_FLIGHT_BUDGET // (n * wire.switchml_packet_bytes(self.packet_k()))))
+        packet = wire.switchml_packet_bytes(self.packet_k())
+        w = min(64, IN_FLIGHT_BUDGET // (n * packet))
+        if self.bw_mbit and self.net == "mininet":
+            frame = sum(f + self.l2_bytes() for f in wire.ip_frames(packet, self.effective_mtu()))
+            w = min(w, int(defaults.RETRANSMIT_TIMEOUT_S / 2 * self.bw_mbit * 1e6 / 8 / frame))
+        return max(2, w)
 
     def l2_bytes(self) -> int:
         """Ethernet bytes per frame in the bound: tc's accounting in Mininet, a real wire's otherwise."""
@@ -353,6 +366,14 @@ def run(cfg: AllreduceConfig, command: str) -> dict[str, Any]:
     for b in cfg.backends:
         if b not in BACKENDS:
             raise ValueError(f"backend {b!r}: expected one of {', '.join(BACKENDS)}")
+    if any(not 1 <= n <= MAX_WORKERS for n in cfg.workers):
+        raise ValueError(f"--workers {cfg.workers}: each must be in 1..{MAX_WORKERS} (the switch's worker bitmap)")
+    if any(size < 4 for size in cfg.sizes):
+        raise ValueError(f"--size {cfg.sizes}: at least 4 bytes (one float32)")
+    if cfg.repeats < 1 or cfg.warmup < 0:
+        raise ValueError("--repeats must be >= 1 and --warmup >= 0")
+    if cfg.k is not None and cfg.k not in SIZE_TO_K.values():
+        raise ValueError(f"--k {cfg.k}: expected one of {sorted(SIZE_TO_K.values())}")
     if cfg.net == "mininet":
         from emulation.mininet import require_mininet
 

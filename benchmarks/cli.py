@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "packet that fits the MTU (loopback: 4096; MTU 1500: 256; MTU 9000: 2048)")
     ar.add_argument("--window", type=int, default=None,
                     help="SwitchML window (slots per job); default: the largest <= 64 with "
-                         "n * W * packet <= 2 MiB (the switch's 4 MB receive buffer)")
+                         "n * W * packet <= 2 MiB (the switch's 4 MB receive buffer) and, in Mininet, whose "
+                         "packets leave a --bw link within half the 10 ms retransmission timeout")
     ar.add_argument("--net", choices=["loopback", "mininet"], default="loopback",
                     help="loopback: all processes on 127.0.0.1; mininet: a star of shaped links "
                          "(needs root and Mininet, see emulation/mininet.py)")
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                     metavar="P[,P...]", help="packet loss, a fraction or a percentage (0.001 or 0.1%%)")
     ar.add_argument("--loss-at", choices=["switch", "hosts"], default="switch",
                     help="switch: the software switch's drop probability (SwitchML only); hosts: nftables rules "
-                         "in every worker's namespace, both directions, both backends (Mininet only)")
+                         "in every Mininet node, each link and direction, both backends (Mininet only)")
     ar.add_argument("--repeats", type=int, default=5, help="timed allreduces per backend and point")
     ar.add_argument("--warmup", type=int, nargs="?", const=1, default=1,
                     help="untimed allreduces before the timed ones (--warmup 0: none)")

@@ -19,7 +19,7 @@ Bandwidth: ``TCLink(bw=...)`` shapes each link's egress on both ends with htb (t
 has no netem; TCLink adds netem only for delay, jitter, loss or a queue limit, which this
 module never asks for). ``start`` checks that every interface got its rate. Loss: the
 software switch's ``--drop-probability``, or :meth:`StarNetwork.set_loss`, which installs
-nftables rules in the worker hosts' namespaces.
+nftables rules in every node's namespace (a drop on arrival, per link and direction).
 
 Never call ``mn -c`` (it kills processes by name machine-wide); :meth:`StarNetwork.stop`
 kills the processes this object started, by PID, then calls ``net.stop()``.
@@ -198,23 +198,28 @@ class StarNetwork:
         return f"h{i}-eth0"
 
     def set_loss(self, probability: float) -> None:
-        """Drop ``probability`` of the IP packets each worker sends and receives (nftables, in its namespace)."""
+        """Drop ``probability`` of the IP packets that cross each link, in each direction (nftables).
+
+        Every node (workers and switch host) drops that share of the packets it receives, in
+        its prerouting hook: a packet is dropped on arrival, never by its sender's own
+        output hook (a sender would get EPERM from ``sendto`` instead of a silent loss).
+        A worker-to-worker packet (Gloo) crosses two links, so it meets two chances of loss.
+        """
         if shutil.which("nft") is None:
             raise MininetUnavailable("'nft' is not on PATH: apt-get install -y --no-install-recommends nftables")
         scale = 1_000_000
         threshold = round(probability * scale)
-        for host in self.hosts:
-            host.cmd(f"nft delete table inet {NFT_TABLE} 2>/dev/null")
+        for node in [*self.hosts, self.switch]:
+            node.cmd(f"nft delete table inet {NFT_TABLE} 2>/dev/null")
             if threshold <= 0:
                 continue
             rules = (f"table inet {NFT_TABLE} {{\n"
-                     f" chain out {{ type filter hook output priority 0; policy accept;"
-                     f" meta l4proto {{ tcp, udp }} numgen random mod {scale} < {threshold} drop; }}\n"
-                     f" chain in {{ type filter hook input priority 0; policy accept;"
+                     f" chain arrive {{ type filter hook prerouting priority 0; policy accept;"
                      f" meta l4proto {{ tcp, udp }} numgen random mod {scale} < {threshold} drop; }}\n}}\n")
-            out, err, code = _nft(host, rules)
+            out, err, code = _nft(node, rules)
             if code != 0:
-                raise MininetUnavailable(f"nftables rules failed on {host.name}: {err.strip() or out.strip()}")
+                raise MininetUnavailable(f"nftables rules failed on {node.name}: {err.strip() or out.strip()}")
+        log.info("loss %.4g per link and direction (nftables)", probability)
 
 
 def _nft(host: Any, rules: str) -> tuple[str, str, int]:
