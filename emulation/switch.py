@@ -136,6 +136,46 @@ class SoftwareSwitch:
             else:
                 self._loss[port] = threshold
 
+    def clear_drop_probability(self, port: int) -> None:
+        """Delete the loss entry of ``port``: it gets the default loss again."""
+        with self._lock:
+            self._loss.pop(port, None)
+
+    def loss_entries(self) -> dict[int | None, float]:
+        """Loss per port as probabilities; key None is the default of ports without an entry."""
+        with self._lock:
+            out: dict[int | None, float] = {p: t / DROP_PROBABILITY_SCALE for p, t in self._loss.items()}
+            out[None] = self._default_loss / DROP_PROBABILITY_SCALE
+            return out
+
+    def clear(self) -> None:
+        """Back to power-on state: empty tables, zeroed counters and slots (what loading a
+        new pipeline does to a P4 switch); the default loss is kept."""
+        with self._lock:
+            for per_set in (self._exp, self._count, self._seen, self._slot_k):
+                for v in (0, 1):
+                    per_set[v][:] = [0] * self.pool_size
+            self._value[:] = 0
+            self._admission.clear()
+            self._groups.clear()
+            self._port_of.clear()
+            self._loss.clear()
+            for counts in self.counters.values():
+                counts[:] = [0] * len(counts)
+
+    def slot_state(self, set_bit: int, slot: int) -> tuple[int, int, int, np.ndarray]:
+        """(seen bitmap, count mod n, max exponent, values) of one set of one slot (a copy)."""
+        with self._lock:
+            return (self._seen[set_bit][slot], self._count[set_bit][slot], self._exp[set_bit][slot],
+                    self._value[set_bit, slot].copy())
+
+    def set_counter(self, name: str, index: int, value: int) -> None:
+        """Overwrite one cell of counter ``name`` (P4Runtime counter writes)."""
+        with self._lock:
+            if name not in self.counters:
+                raise KeyError(f"no counter {name!r}; the switch has {sorted(self.counters)}")
+            self.counters[name][index] = value
+
     def read_counter(self, name: str) -> list[int]:
         """A copy of counter ``name``."""
         with self._lock:
