@@ -1,4 +1,4 @@
-"""``switchml-switch``: run the software switch with its controller, or read its counters."""
+"""``switchml-switch``: run the software switch with its controller, deploy to a P4 switch, or read counters."""
 
 from __future__ import annotations
 
@@ -44,7 +44,41 @@ def build_parser() -> argparse.ArgumentParser:
     emu.add_argument("--heartbeat-timeout", type=float, default=defaults.HEARTBEAT_TIMEOUT_S,
                      help="seconds without a heartbeat after which a job fails and its slots are freed")
     emu.add_argument("--seed", type=int, default=None, help="seed of the loss generator")
+    emu.add_argument("--p4runtime-port", type=int, nargs="?", const=defaults.P4RUNTIME_PORT, default=None,
+                     metavar="PORT", help="also serve P4Runtime on this port (alone: %(const)s; 0: any free port) "
+                     "and let the controller program the switch through it, as it programs BMv2 and Tofino "
+                     "(default: in-process)")
+    emu.add_argument("--device-id", type=int, default=0, help="P4Runtime device id of the switch")
+    emu.add_argument("--no-controller", action="store_true",
+                     help="run the switch and its P4Runtime server only; a controller elsewhere programs it "
+                     "(switchml-switch deploy --target emulator)")
     emu.add_argument("-v", "--verbose", action="store_true", help="log every control event")
+
+    dep = sub.add_parser("deploy", help="push switchml to a P4Runtime switch (BMv2, Tofino, the software switch) "
+                         "and run the controller against it until interrupted (docs/deploy.md)",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    dep.add_argument("--target", required=True, choices=("bmv2", "tofino", "emulator"), help="kind of switch")
+    dep.add_argument("--grpc", required=True, metavar="HOST:PORT", help="the switch's P4Runtime gRPC address")
+    dep.add_argument("--device-id", type=int, default=0, help="P4Runtime device id (simple_switch_grpc --device-id)")
+    dep.add_argument("--election-id", type=int, default=1, help="this controller's election id (must be highest)")
+    dep.add_argument("--p4info", help="P4Info file (default: p4/switchml_v1model.p4info.txtpb, or p4c's with --compile)")
+    dep.add_argument("--config", help="device config to push: BMv2 JSON, or the Tofino pipeline binary")
+    dep.add_argument("--compile", action="store_true", help="bmv2: compile p4/switchml_v1model.p4 with p4c-bm2-ss")
+    dep.add_argument("--build-dir", default="build/p4", help="where --compile writes the JSON and P4Info")
+    dep.add_argument("--no-push", action="store_true", help="do not push a pipeline: the switch runs it already")
+    dep.add_argument("--ports", help="host IP -> switch port and MAC (JSON or CSV ip,port,mac); needed for bmv2 "
+                     "and tofino")
+    dep.add_argument("--switch-address", default=f"{defaults.SWITCH_HOST}:{defaults.SWITCH_PORT}",
+                     metavar="IP[:PORT]", help="the address workers send their packets to")
+    dep.add_argument("--control-host", default="*", help="address the controller's ZeroMQ socket binds")
+    dep.add_argument("--control-port", type=int, default=defaults.CONTROL_PORT, help="ZeroMQ port of the controller")
+    dep.add_argument("--pool-size", type=int, default=None,
+                     help="slots the controller hands out (default: the P4 program's, from its counter sizes)")
+    dep.add_argument("--window", type=int, default=defaults.WINDOW, help="slots each job gets")
+    dep.add_argument("-k", "--elements-per-packet", dest="k", type=int, default=None,
+                     help=f"elements per packet (P4 targets: 64; emulator default {defaults.K})")
+    dep.add_argument("--timeout", type=float, default=10.0, help="deadline of each P4Runtime call, in seconds")
+    dep.add_argument("-v", "--verbose", action="store_true", help="log every control event")
 
     stats = sub.add_parser("stats", help="print a running switch's counters and jobs as JSON")
     stats.add_argument("--controller", default=defaults.CONTROLLER, help="the controller's ZeroMQ endpoint")
@@ -56,14 +90,21 @@ def emulate(args: argparse.Namespace, ready: threading.Event | None = None, stop
     """Run switch and controller until SIGINT/SIGTERM (or ``stop`` is set)."""
     from emulation.runner import SoftwareSwitchRunner
 
+    if args.no_controller and args.p4runtime_port is None:
+        raise OSError("--no-controller needs --p4runtime-port: nothing could program the switch")
     runner = SoftwareSwitchRunner(args.host, args.port, args.control_port, args.pool_size, args.drop_probability,
-                                  args.seed, window=args.window, k=args.k, heartbeat_timeout=args.heartbeat_timeout)
+                                  args.seed, p4runtime_port=args.p4runtime_port, device_id=args.device_id,
+                                  with_controller=not args.no_controller, window=args.window, k=args.k,
+                                  heartbeat_timeout=args.heartbeat_timeout)
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
     log.info("switchml software switch: data %s:%d, controller %s, k=%d, window %d, pool %d, loss %.4g",
-             *runner.server.address, runner.endpoint, args.k, args.window, args.pool_size, args.drop_probability)
+             *runner.server.address, runner.endpoint if runner.controller else "none (--no-controller)", args.k,
+             args.window, args.pool_size, args.drop_probability)
+    if runner.p4runtime is not None:
+        log.info("P4Runtime: %s, device %d", runner.p4runtime.grpc_address, args.device_id)
     if ready is not None:
         ready.set()
     try:
@@ -83,6 +124,18 @@ def main(argv: list[str] | None = None) -> int:
             emulate(args)
         except OSError as exc:
             print(f"switchml-switch: cannot start: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    if args.command == "deploy":
+        from switchml.deploy import DeployError, deploy
+
+        try:
+            deploy(args)
+        except (DeployError, SwitchMLError) as exc:
+            print(f"switchml-switch deploy: {exc}", file=sys.stderr)
+            return 1
+        except OSError as exc:
+            print(f"switchml-switch deploy: cannot start: {exc}", file=sys.stderr)
             return 1
         return 0
     if args.command == "stats":

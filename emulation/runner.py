@@ -7,12 +7,18 @@ switch through this one class.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from emulation.server import SwitchServer
 from emulation.switch import SoftwareSwitch
 from emulation.target import InProcessTarget
 from switchml import defaults
 from switchml.controller import Controller, ControllerOptions
+from switchml.protocol import SIZE_TO_K
+from switchml.targets import SwitchTarget
+
+if TYPE_CHECKING:
+    from emulation.p4runtime_server import P4RuntimeServer
 
 log = logging.getLogger(__name__)
 
@@ -27,20 +33,43 @@ class SoftwareSwitchRunner:
         pool_size: slots in the switch.
         drop_probability: emulated loss on every port (0..1).
         seed: seed of the loss generator.
+        p4runtime_port: None (default): the controller programs the switch in-process
+            (``InProcessTarget``). A port (0: any free one): the switch also serves P4Runtime
+            there (``emulation.p4runtime_server``) and the controller programs it through
+            ``P4RuntimeTarget``, the code path of BMv2 and Tofino.
+        device_id: the P4Runtime device id of the switch.
+        with_controller: False runs the switch alone (its P4Runtime server then waits for a
+            controller elsewhere: ``switchml-switch deploy --target emulator``).
         **options: further ``ControllerOptions`` (window, k, heartbeat_timeout, ...).
     """
 
     def __init__(self, host: str = defaults.SWITCH_HOST, port: int = defaults.SWITCH_PORT,
                  control_port: int = defaults.CONTROL_PORT, pool_size: int = defaults.POOL_SIZE,
-                 drop_probability: float = 0.0, seed: int | None = None, **options) -> None:
+                 drop_probability: float = 0.0, seed: int | None = None, p4runtime_port: int | None = None,
+                 device_id: int = 0, with_controller: bool = True, **options) -> None:
         self.switch = SoftwareSwitch(pool_size=pool_size, drop_probability=drop_probability, seed=seed)
         self.server = SwitchServer(self.switch, host, port).start()
+        self.p4runtime: P4RuntimeServer | None = None
+        self.target: SwitchTarget | None = None
+        self.controller: Controller | None = None
         try:
-            self.controller = Controller(InProcessTarget(self.switch), ControllerOptions(
-                bind=f"tcp://{host}:{control_port}", switch_address=self.server.address, pool_size=pool_size,
-                **options)).start()
+            if p4runtime_port is not None:
+                from emulation.p4runtime_server import P4RuntimeServer  # gRPC only when asked for
+
+                self.p4runtime = P4RuntimeServer(self.switch, host, p4runtime_port, device_id).start()
+            if with_controller:
+                if self.p4runtime is None:
+                    self.target = InProcessTarget(self.switch)
+                else:
+                    from switchml.p4runtime_target import P4RuntimeTarget
+
+                    k = tuple(SIZE_TO_K[s] for s in self.switch.sizes)
+                    self.target = P4RuntimeTarget(self.p4runtime.grpc_address, device_id, supported_k=k)
+                self.controller = Controller(self.target, ControllerOptions(
+                    bind=f"tcp://{host}:{control_port}", switch_address=self.server.address, pool_size=pool_size,
+                    **options)).start()
         except Exception:
-            self.server.stop()
+            self._stop_switch()
             raise
 
     @property
@@ -49,7 +78,15 @@ class SoftwareSwitchRunner:
         return self.controller.endpoint
 
     def stop(self) -> None:
-        self.controller.stop()
+        if self.controller is not None:
+            self.controller.stop()
+        self._stop_switch()
+
+    def _stop_switch(self) -> None:
+        if self.target is not None:
+            self.target.close()
+        if self.p4runtime is not None:
+            self.p4runtime.stop()
         self.server.stop()
 
     def __enter__(self) -> SoftwareSwitchRunner:

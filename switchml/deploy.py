@@ -1,0 +1,254 @@
+"""``switchml-switch deploy``: put switchml on a P4Runtime switch and run its controller.
+
+One command for BMv2, Tofino and the software switch (docs/deploy.md):
+
+1. (BMv2, ``--compile``) compile ``p4/switchml_v1model.p4`` with ``p4c-bm2-ss``;
+2. connect over P4Runtime (arbitration: this controller must be primary) and push the
+   pipeline: the P4Info and the target's device config (BMv2 JSON, the Tofino pipeline
+   binary; nothing for the software switch);
+3. program forwarding from ``--ports`` (host IP -> switch port and MAC), which also tells
+   the controller the port and MAC of every worker;
+4. run the controller (``switchml.controller``) against the switch until interrupted.
+
+Switch ports themselves are brought up outside P4Runtime: BMv2 takes them on its command
+line (``-i 1@veth1``), a Tofino from its SDE or Stratum chassis config.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import ipaddress
+import json
+import logging
+import shutil
+import signal
+import subprocess
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from switchml import defaults
+from switchml.errors import SwitchMLError
+from switchml.p4info import P4Info, default_p4info_path, mac_to_int, p4_dir
+from switchml.protocol import SIZE_TO_K
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("bmv2", "tofino", "emulator")
+#: Elements per packet compiled into the P4 programs (DESIGN.md, Targets).
+P4_K = 64
+PORT_BITS = 9  # v1model and TNA port ids
+
+
+class DeployError(SwitchMLError):
+    """A deployment step failed; the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class HostPort:
+    """Where a host (worker) is attached: switch port and the host's MAC address."""
+
+    ip: str
+    port: int
+    mac: str
+
+
+def load_ports(path: str | Path) -> dict[str, HostPort]:
+    """Read a port map: host IPv4 -> switch port and MAC.
+
+    JSON: ``{"10.0.0.1": {"port": 1, "mac": "00:00:00:00:00:01"}, ...}`` or a list of
+    ``{"ip": ..., "port": ..., "mac": ...}``. CSV: ``ip,port,mac`` per line (a header line
+    and ``#`` comments are allowed).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise DeployError(f"--ports {path}: {exc.strerror or exc}") from None
+    rows: list[tuple[object, object, object]] = []
+    if text.lstrip().startswith(("{", "[")):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DeployError(f"--ports {path}: not valid JSON: {exc}") from None
+        items = data.items() if isinstance(data, dict) else [(d.get("ip"), d) for d in data if isinstance(d, dict)]
+        for ip, spec in items:
+            if isinstance(spec, dict):
+                rows.append((ip, spec.get("port"), spec.get("mac")))
+            elif isinstance(spec, list | tuple) and len(spec) == 2:
+                rows.append((ip, spec[0], spec[1]))
+            else:
+                raise DeployError(f"--ports {path}: entry for {ip!r} must be {{\"port\": N, \"mac\": \"..\"}}")
+    else:
+        for line in csv.reader(io.StringIO(text)):
+            cells = [c.strip() for c in line]
+            if not cells or not cells[0] or cells[0].startswith("#") or cells[0].lower() == "ip":
+                continue
+            if len(cells) != 3:
+                raise DeployError(f"--ports {path}: line {line!r}: expected ip,port,mac")
+            rows.append((cells[0], cells[1], cells[2]))
+    hosts: dict[str, HostPort] = {}
+    for ip, port, mac in rows:
+        try:
+            ip_text = str(ipaddress.IPv4Address(str(ip)))
+            port_num = int(port)
+            if not 0 <= port_num < 1 << PORT_BITS:
+                raise ValueError(f"port {port_num} is not a {PORT_BITS}-bit switch port")
+            mac_text = str(mac).lower()
+            mac_to_int(mac_text)
+        except (ValueError, TypeError) as exc:
+            raise DeployError(f"--ports {path}: entry {ip!r}: {exc}") from None
+        if ip_text in hosts:
+            raise DeployError(f"--ports {path}: {ip_text} appears twice")
+        hosts[ip_text] = HostPort(ip_text, port_num, mac_text)
+    if not hosts:
+        raise DeployError(f"--ports {path}: no hosts in it")
+    return hosts
+
+
+def port_lookup(hosts: dict[str, HostPort], source: str) -> tuple[Callable, Callable]:
+    """``ControllerOptions.port_of`` and ``mac_of`` from a port map."""
+
+    def find(address: tuple[str, int]) -> HostPort:
+        try:
+            return hosts[address[0]]
+        except KeyError:
+            raise DeployError(f"worker {address[0]} is not in the port map {source}: add its switch port "
+                              "and MAC there") from None
+
+    return (lambda a: find(a).port), (lambda a: find(a).mac)
+
+
+def compile_bmv2(build_dir: Path, source: Path | None = None) -> tuple[Path, Path]:
+    """Compile the v1model program with p4c-bm2-ss; returns (P4Info, BMv2 JSON)."""
+    compiler = shutil.which("p4c-bm2-ss")
+    if compiler is None:
+        raise DeployError("--compile needs p4c-bm2-ss on PATH (p4c is not installable from this project's package "
+                          "registries: install it from p4lang's packages, see docs/deploy.md), or pass --config "
+                          "with a BMv2 JSON built elsewhere")
+    source = source or p4_dir() / "switchml_v1model.p4"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    p4info, config = build_dir / "switchml_v1model.p4info.txtpb", build_dir / "switchml_v1model.json"
+    cmd = [compiler, "--p4runtime-files", str(p4info), "-o", str(config), str(source)]
+    log.info("compiling: %s", " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise DeployError(f"p4c-bm2-ss failed (exit {proc.returncode}):\n{(proc.stderr or proc.stdout)[-3000:]}")
+    return p4info, config
+
+
+@dataclass
+class DeployPlan:
+    """What ``deploy`` will push and run, resolved from the command line."""
+
+    target: str
+    grpc: str
+    device_id: int
+    election_id: int
+    p4info: Path
+    config: bytes | None  #: None: do not push a pipeline
+    supported_k: tuple[int, ...]
+    k: int
+    hosts: dict[str, HostPort]
+    ports_source: str
+
+
+def plan(args) -> DeployPlan:
+    """Resolve defaults per target; compile when asked."""
+    target = args.target
+    p4info_path = Path(args.p4info) if args.p4info else None
+    config: bytes | None = None
+    if target == "bmv2":
+        if args.compile:
+            compiled_p4info, json_path = compile_bmv2(Path(args.build_dir))
+            p4info_path = p4info_path or compiled_p4info
+            config = json_path.read_bytes()
+        elif not args.no_push:
+            if not args.config:
+                raise DeployError("--target bmv2 pushes a BMv2 JSON: pass --config build/switchml_v1model.json, or "
+                                  "--compile to build it with p4c-bm2-ss, or --no-push if the switch already runs it")
+            config = _read(args.config, "--config")
+    elif target == "tofino":
+        if args.compile:
+            raise DeployError("--compile builds for BMv2 only: build the Tofino pipeline with bf-p4c and your "
+                              "P4Runtime server's packaging tool (docs/deploy.md), then pass --p4info and --config")
+        if not args.no_push:
+            if not (args.config and args.p4info):
+                raise DeployError("--target tofino needs --p4info (bf-p4c's P4Info) and --config (the pipeline "
+                                  "binary your Tofino P4Runtime server takes, see docs/deploy.md), or --no-push")
+            config = _read(args.config, "--config")
+    elif target == "emulator":
+        config = None if args.no_push else (_read(args.config, "--config") if args.config else b"")
+    else:
+        raise DeployError(f"--target {target!r}: expected one of {', '.join(TARGETS)}")
+    p4info_path = p4info_path or default_p4info_path()
+    supported = tuple(sorted(SIZE_TO_K.values(), reverse=True)) if target == "emulator" else (P4_K,)
+    k = args.k or (defaults.K if target == "emulator" else P4_K)
+    if k not in supported:
+        raise DeployError(f"-k {k}: --target {target} takes {list(supported)} elements per packet")
+    hosts = load_ports(args.ports) if args.ports else {}
+    if not hosts and target != "emulator":
+        raise DeployError(f"--target {target} needs --ports: the switch port and MAC of every worker host")
+    return DeployPlan(target, args.grpc, args.device_id, args.election_id, p4info_path, config, supported, k,
+                      hosts, str(args.ports))
+
+
+def _read(path: str, flag: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise DeployError(f"{flag} {path}: {exc.strerror or exc}") from None
+
+
+def parse_address(text: str, default_port: int) -> tuple[str, int]:
+    """``host[:port]`` -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        return text, default_port
+    try:
+        return host, int(port)
+    except ValueError:
+        raise DeployError(f"{text!r}: expected HOST[:PORT]") from None
+
+
+def deploy(args, ready: threading.Event | None = None, stop: threading.Event | None = None) -> None:
+    """Push the pipeline, program forwarding, run the controller until SIGINT/SIGTERM or ``stop``."""
+    from switchml.controller import Controller, ControllerOptions
+    from switchml.p4runtime_target import P4RuntimeTarget
+
+    p = plan(args)
+    try:
+        p4info = P4Info.load(p.p4info)
+    except (OSError, ValueError) as exc:
+        raise DeployError(f"--p4info {p.p4info}: {exc}") from None
+    target = P4RuntimeTarget(p.grpc, p.device_id, p.election_id, p4info, timeout=args.timeout,
+                             supported_k=p.supported_k)
+    controller = None
+    try:
+        if p.config is not None:
+            target.set_pipeline(p.config)
+        for host in p.hosts.values():
+            target.add_forward(host.ip, host.port, host.mac)
+        log.info("programmed forwarding for %d hosts", len(p.hosts))
+        port_of, mac_of = port_lookup(p.hosts, p.ports_source) if p.hosts else (None, None)
+        pool_size = args.pool_size or p4info.counter("SwitchIngress.results_multicast").size
+        controller = Controller(target, ControllerOptions(
+            bind=f"tcp://{args.control_host}:{args.control_port}",
+            switch_address=parse_address(args.switch_address, defaults.SWITCH_PORT),
+            pool_size=pool_size, window=args.window, k=p.k, port_of=port_of, mac_of=mac_of)).start()
+        log.info("switchml deployed on %s (%s, device %d): controller %s, switch data address %s, k=%d, "
+                 "window %d, pool %d", p.target, p.grpc, p.device_id, controller.endpoint, args.switch_address, p.k,
+                 args.window, pool_size)
+        stop = stop or threading.Event()
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: stop.set())
+        if ready is not None:
+            ready.set()
+        stop.wait()
+    finally:
+        if controller is not None:
+            controller.stop()
+        target.close()
