@@ -293,11 +293,14 @@ class P4RuntimeTarget(SwitchTarget):
             switch: all of wire format v1).
         pipeline_config: if given, pushed first (SetForwardingPipelineConfig with
             VERIFY_AND_COMMIT): the device config bytes (BMv2 JSON; b"" for the software switch).
+        require_primary: False connects as a backup that may only read (counters, tables):
+            a monitor beside the controller.
     """
 
     def __init__(self, address: str, device_id: int = DEFAULT_DEVICE_ID, election_id: int = DEFAULT_ELECTION_ID,
                  p4info: P4Info | str | Path | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-                 supported_k: Sequence[int] = (64,), pipeline_config: bytes | None = None) -> None:
+                 supported_k: Sequence[int] = (64,), pipeline_config: bytes | None = None,
+                 require_primary: bool = True) -> None:
         self.p4info = p4info if isinstance(p4info, P4Info) else P4Info.load(p4info)
         self.supported_k = tuple(sorted(supported_k, reverse=True))
         # Resolve the contract first: a P4Info without switchml's tables fails before connecting.
@@ -312,7 +315,7 @@ class P4RuntimeTarget(SwitchTarget):
         for name in (pipeline.RESULTS_COUNTER, pipeline.RETRANSMISSIONS_COUNTER, pipeline.DROPS_COUNTER,
                      pipeline.PACKETS_COUNTER):
             self.p4info.counter(name)
-        self.connection = P4RuntimeConnection(address, device_id, election_id, timeout)
+        self.connection = P4RuntimeConnection(address, device_id, election_id, timeout, require_primary)
         if pipeline_config is not None:
             try:
                 self.set_pipeline(pipeline_config)
