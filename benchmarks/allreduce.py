@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,6 +66,7 @@ class AllreduceConfig:
     backends: list[str] = field(default_factory=lambda: list(BACKENDS))
     k: int | None = None
     window: int | None = None
+    rto: float | None = None
     net: str = "loopback"
     bw_mbit: float | None = None
     mtu: int = 1500
@@ -99,8 +101,12 @@ class AllreduceConfig:
         w = min(64, IN_FLIGHT_BUDGET // (n * packet))
         if self.bw_mbit and self.net == "mininet":
             frame = sum(f + self.l2_bytes() for f in wire.ip_frames(packet, self.effective_mtu()))
-            w = min(w, int(defaults.RETRANSMIT_TIMEOUT_S / 2 * self.bw_mbit * 1e6 / 8 / frame))
+            w = min(w, int(self.retransmit_timeout() / 2 * self.bw_mbit * 1e6 / 8 / frame))
         return max(2, w)
+
+    def retransmit_timeout(self) -> float:
+        """The workers' first retransmission timeout: --rto, or the worker's default."""
+        return self.rto or defaults.RETRANSMIT_TIMEOUT_S
 
     def l2_bytes(self) -> int:
         """Ethernet bytes per frame in the bound: tc's accounting in Mininet, a real wire's otherwise."""
@@ -297,6 +303,8 @@ def run_switchml(place: Any, n: int, elements: int, loss: float, cfg: AllreduceC
         for rank in range(n):
             args = _worker_args("switchml", rank, n, elements, cfg, tmp / f"switchml-r{rank}.json")
             args += ["--controller", controller, "--job", "bench", "--k", str(k)]
+            if cfg.rto:
+                args += ["--rto", repr(cfg.rto)]
             procs.append(place.start_worker(rank, args, _child_env(), tmp / f"switchml-r{rank}.log"))
         _wait_workers(procs, time.monotonic() + cfg.timeout * (cfg.repeats + cfg.warmup + 3))
         wall = time.monotonic() - t0
@@ -310,7 +318,7 @@ def run_switchml(place: Any, n: int, elements: int, loss: float, cfg: AllreduceC
     cpu = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
     median = result["time_s"].get("median")
     result.update({
-        "k": reports[0]["k"], "window": reports[0]["window"], "loss": switch_loss, "loss_at": cfg.loss_at,
+        "k": reports[0]["k"], "window": reports[0]["window"], "rto_s": cfg.retransmit_timeout(), "loss": switch_loss, "loss_at": cfg.loss_at,
         "packets_sent": sum(r["packets_sent"] for r in reports),
         "retransmissions": sum(r["retransmissions"] for r in reports),
         "stale_results": sum(r["stale_results"] for r in reports),
@@ -540,7 +548,7 @@ def plot(doc: dict[str, Any], path: str | os.PathLike) -> None:
         ax2.set_xticks(x, labels)
         ax2.set_ylabel("median time / wire bound")
         ax2.legend()
-    fig.text(0.01, 0.01, doc["command"], fontsize=6, family="monospace")
+    fig.text(0.01, 0.01, textwrap.fill(doc["command"], 180), fontsize=6, family="monospace", va="bottom")
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

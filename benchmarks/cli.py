@@ -61,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("--window", type=int, default=None,
                     help="SwitchML window (slots per job); default: the largest <= 64 with "
                          "n * W * packet <= 2 MiB (the switch's 4 MB receive buffer) and, in Mininet, whose "
-                         "packets leave a --bw link within half the 10 ms retransmission timeout")
+                         "packets leave a --bw link within half the retransmission timeout (--rto)")
+    ar.add_argument("--rto", type=float, default=None, metavar="SECONDS",
+                    help="SwitchML workers' first retransmission timeout (default: the worker's, 0.01); a larger "
+                         "one tolerates more queueing and CPU jitter, a smaller one recovers losses sooner")
     ar.add_argument("--net", choices=["loopback", "mininet"], default="loopback",
                     help="loopback: all processes on 127.0.0.1; mininet: a star of shaped links "
                          "(needs root and Mininet, see emulation/mininet.py)")
@@ -148,7 +151,7 @@ def _allreduce(args: argparse.Namespace, command: str) -> int:
     from benchmarks import allreduce
 
     cfg = allreduce.AllreduceConfig(
-        workers=args.workers, sizes=args.size, backends=args.backends, k=args.k, window=args.window, net=args.net,
+        workers=args.workers, sizes=args.size, backends=args.backends, k=args.k, window=args.window, rto=args.rto, net=args.net,
         bw_mbit=args.bw, mtu=args.mtu, losses=args.loss, loss_at=args.loss_at, repeats=args.repeats,
         warmup=args.warmup, seed=args.seed, timeout=args.timeout, check=args.check, progress=not args.quiet)
     try:

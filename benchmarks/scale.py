@@ -44,6 +44,7 @@ import json
 import logging
 import math
 import sys
+import textwrap
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -404,6 +405,11 @@ def plot(doc: dict[str, Any], path: str | Path) -> None:
             bw = sorted({m["bw_mbit"] for m in measured})
             ax.plot(*zip(*pts, strict=True), marker, color=color, ms=8, ls="none", mfc="none",
                     label=f"{label} (Mininet, {'/'.join(f'{b:g}' for b in bw)} Mbit/s)")
+    for key, color in (("switchml", "tab:red"), ("ring", "tab:purple")):
+        pts = [(m["workers"], m[f"{key}_model_line_fraction"]) for m in measured if f"{key}_model_line_fraction" in m]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), "x", color=color, ms=7, ls="none",
+                    label=f"wire bound of the measured {'SwitchML' if key == 'switchml' else 'ring'} config")
     ax.set_xscale("log", base=2)
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("workers")
@@ -446,7 +452,7 @@ def plot(doc: dict[str, Any], path: str | Path) -> None:
     ax.set_ylabel("SwitchML goodput / line rate")
     ax.set_title("pool sizing: the window must cover the bandwidth-delay product")
     ax.legend(fontsize=7)
-    fig.text(0.01, 0.005, doc["command"], fontsize=6, family="monospace")
+    fig.text(0.01, 0.005, textwrap.fill(doc["command"], 180), fontsize=6, family="monospace", va="bottom")
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -90,8 +90,9 @@ def run_switchml(args: argparse.Namespace, x: np.ndarray) -> tuple[list[float], 
     from switchml import Worker
 
     times: list[float] = []
+    kwargs = {"retransmit_timeout": args.rto} if args.rto else {}
     with Worker(args.controller, args.job, args.rank, args.world_size, k=args.k, timeout=args.timeout,
-                control_timeout=args.timeout) as w:
+                control_timeout=args.timeout, **kwargs) as w:
         for i in range(args.warmup + args.repeats):
             w.barrier(timeout=args.timeout)
             start = time.perf_counter()
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--controller", help="switchml: the controller's ZeroMQ endpoint")
     p.add_argument("--job", default="bench", help="switchml: job name")
     p.add_argument("--k", type=int, default=None, help="switchml: elements per packet")
+    p.add_argument("--rto", type=float, default=None, help="switchml: first retransmission timeout (s)")
     p.add_argument("--master", help="gloo: host:port of rank 0's TCP store")
     return p
 
