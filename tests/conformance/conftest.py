@@ -10,9 +10,19 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from switch_harness import Bmv2Harness, Env, Harness, SoftwareHarness, bmv2_unavailable
+from switch_harness import (
+    Bmv2Harness,
+    Env,
+    Harness,
+    SoftwareHarness,
+    VethSoftwareHarness,
+    bmv2_unavailable,
+    netns_unavailable,
+)
 
-TARGETS = ["software", "bmv2"]
+#: software: the software switch on loopback UDP; software-veth: the same switch behind the veth
+#: pairs and raw-socket hosts of the BMv2 harness (checks that I/O); bmv2: simple_switch_grpc.
+TARGETS = ["software", "software-veth", "bmv2"]
 
 
 @pytest.fixture(scope="module", params=TARGETS)
@@ -22,6 +32,11 @@ def switch(request, tmp_path_factory) -> Iterator[Harness]:
         if reason:
             pytest.skip(f"BMv2: {reason}")
         harness: Harness = Bmv2Harness(tmp_path_factory.mktemp("bmv2"))
+    elif request.param == "software-veth":
+        reason = netns_unavailable()
+        if reason:
+            pytest.skip(f"software switch behind veth pairs: {reason}")
+        harness = VethSoftwareHarness()
     else:
         harness = SoftwareHarness()
     yield harness

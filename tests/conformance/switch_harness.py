@@ -11,18 +11,23 @@ packets to it and receive its replies:
   capture whole Ethernet/IPv4/UDP frames (scapy) on raw sockets opened inside that
   namespace. BMv2's P4Runtime server listens on a Unix socket, which needs no route into
   the namespace. It needs root, ``ip``, ``p4c-bm2-ss`` and ``simple_switch_grpc``.
+- ``VethSoftwareHarness``: the software switch behind the same namespace, veth pairs and
+  raw-socket hosts as BMv2 (through a small L2 shim), so that the BMv2 harness's packet
+  I/O is exercised wherever root is available, BMv2 or not.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import logging
 import os
 import select
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -37,7 +42,7 @@ from emulation.server import SwitchServer
 from emulation.switch import SoftwareSwitch
 from switchml import protocol
 from switchml.p4info import P4Info, p4_dir
-from switchml.p4runtime_target import P4RuntimeTarget
+from switchml.p4runtime_target import P4RuntimeError, P4RuntimeTarget
 from switchml.scapy_layer import SwitchML
 
 log = logging.getLogger(__name__)
@@ -79,6 +84,7 @@ class Harness(ABC):
     #: size enums the target takes for UPDATE packets
     update_sizes: frozenset[int]
     forwards_plain_ipv4: bool  #: the target forwards traffic that is not switchml's
+    max_payload: int  #: largest UDP payload a host can send to it (the links' MTU)
 
     @abstractmethod
     def reset(self) -> None:
@@ -134,6 +140,7 @@ class SoftwareHarness(Harness):
     quiet_time = 0.15
     update_sizes = frozenset(protocol.SIZE_TO_K)
     forwards_plain_ipv4 = False
+    max_payload = 65000
     max_hosts = 8
 
     def __init__(self) -> None:
@@ -173,16 +180,21 @@ SWITCH_MAC = "02:00:00:00:00:fe"
 SWITCH_IP = "10.0.0.254"
 
 
+def netns_unavailable() -> str | None:
+    """Why a harness in a network namespace cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "needs root: it creates a network namespace, veth pairs and raw sockets"
+    if shutil.which("ip") is None:
+        return "the ip command (iproute2) is not on PATH"
+    return None
+
+
 def bmv2_unavailable() -> str | None:
     """Why the BMv2 harness cannot run here, or None."""
     missing = [tool for tool in ("p4c-bm2-ss", "simple_switch_grpc") if shutil.which(tool) is None]
     if missing:
         return f"{' and '.join(missing)} not on PATH (p4c and BMv2 are not installable from this project's registries)"
-    if os.geteuid() != 0:
-        return "BMv2 conformance needs root: it creates a network namespace, veth pairs and raw sockets"
-    if shutil.which("ip") is None:
-        return "the ip command (iproute2) is not on PATH"
-    return None
+    return netns_unavailable()
 
 
 @contextlib.contextmanager
@@ -212,7 +224,7 @@ class RawHost(Host):
         self.iface, self.ip, self.mac, self.udp_port, self.port = iface, ip, mac, udp_port, port
         with in_netns(netns):
             self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-            self.sock.bind((iface, 0))
+            self.sock.bind((iface, ETH_P_ALL))
 
     def frame(self, packet: SwitchML | bytes) -> bytes:
         payload = packet if isinstance(packet, SwitchML) else Raw(bytes(packet))
@@ -252,52 +264,94 @@ class RawHost(Host):
         self.sock.close()
 
 
-class Bmv2Harness(Harness):
-    """simple_switch_grpc with p4/switchml_v1model.p4, one veth pair per host, in a netns."""
+class NetnsHarness(Harness):
+    """A switch attached to one veth pair per port in a network namespace of its own.
 
-    name = "bmv2"
+    Host i sends and captures on ``h{i+1}``; the switch owns ``s{i+1}`` (switch port i+1).
+    Subclasses start the switch on the ``s`` ends and set ``self.p4rt``.
+    """
+
     reply_timeout = 5.0
     quiet_time = 0.5
-    update_sizes = frozenset({1})  # k = 64 is compiled in
-    forwards_plain_ipv4 = True
+    max_payload = 1500 - 20 - 8  # veth MTU less IPv4 and UDP headers
     max_hosts = 6
-    device_id = 0
 
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.netns = f"swmlconf{os.getpid()}"
-        self.process: subprocess.Popen | None = None
-        self.p4info_path, self.json_path = workdir / "switchml.p4info.txtpb", workdir / "switchml.json"
-        subprocess.run(["p4c-bm2-ss", "--p4runtime-files", str(self.p4info_path), "-o", str(self.json_path),
-                        str(p4_dir() / "switchml_v1model.p4")], check=True, capture_output=True, timeout=600)
-        self.device_config = self.json_path.read_bytes()
-        self._ip("netns", "add", self.netns)
+    def __init__(self) -> None:
+        self.netns = f"swml{type(self).__name__[:4].lower()}{os.getpid()}"
+        _ip("netns", "add", self.netns)
         try:
-            self._start()
+            ns = self.netns
+            # no IPv6: no router solicitations or MLD reports on the links
+            subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+                            "net.ipv6.conf.default.disable_ipv6=1"], check=True, capture_output=True, timeout=30)
+            _ip("-n", ns, "link", "set", "lo", "up")
+            for port in range(1, self.max_hosts + 1):
+                _ip("-n", ns, "link", "add", f"h{port}", "type", "veth", "peer", "name", f"s{port}")
+                for end in (f"h{port}", f"s{port}"):
+                    _ip("-n", ns, "link", "set", end, "up")
+            self._start_switch()
         except BaseException:
             self.close()
             raise
 
-    def _ip(self, *args: str) -> None:
-        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+    @abstractmethod
+    def _start_switch(self) -> None:
+        """Start the switch on s1..s{max_hosts} (ports 1..max_hosts) and connect ``self.p4rt``."""
 
-    def _start(self) -> None:
-        ns = self.netns
-        subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
-                        "net.ipv6.conf.default.disable_ipv6=1"], check=True, capture_output=True, timeout=30)
-        self._ip("-n", ns, "link", "set", "lo", "up")
-        interfaces = []
-        for port in range(1, self.max_hosts + 1):
-            self._ip("-n", ns, "link", "add", f"h{port}", "type", "veth", "peer", "name", f"s{port}")
-            for end in (f"h{port}", f"s{port}"):
-                self._ip("-n", ns, "link", "set", end, "up")
-            interfaces += ["-i", f"{port}@s{port}"]
+    def make_host(self, index: int) -> Host:
+        port = index + 1
+        return RawHost(self.netns, f"h{port}", f"10.0.0.{port}", f"02:00:00:00:00:{port:02x}", 40000 + port, port)
+
+    def make_stranger(self) -> Host:
+        return RawHost(self.netns, "h1", "10.0.0.99", "02:00:00:00:00:63", 41000, 1)
+
+    def close(self) -> None:
+        p4rt = getattr(self, "p4rt", None)
+        if p4rt is not None:
+            p4rt.close()
+        self._stop_switch()
+        # deleting the namespace deletes the veth pairs in it
+        subprocess.run(["ip", "netns", "del", self.netns], capture_output=True, timeout=30)
+
+    def _stop_switch(self) -> None:
+        """Stop what ``_start_switch`` started (it may have failed half way)."""
+
+
+def _ip(*args: str) -> None:
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
+
+
+class Bmv2Harness(NetnsHarness):
+    """simple_switch_grpc running the compiled p4/switchml_v1model.p4 on the veth pairs."""
+
+    name = "bmv2"
+    update_sizes = frozenset({1})  # k = 64 is compiled in
+    forwards_plain_ipv4 = True
+    device_id = 0
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.process: subprocess.Popen | None = None
+        self.p4info_path, self.json_path = workdir / "switchml.p4info.txtpb", workdir / "switchml.json"
+        compiled = subprocess.run(["p4c-bm2-ss", "--p4runtime-files", str(self.p4info_path), "-o",
+                                   str(self.json_path), str(p4_dir() / "switchml_v1model.p4")],
+                                  capture_output=True, text=True, timeout=600)
+        if compiled.returncode != 0:
+            raise RuntimeError(f"p4c-bm2-ss failed on p4/switchml_v1model.p4:\n{compiled.stderr[-3000:]}")
+        self.device_config = self.json_path.read_bytes()
+        super().__init__()
+
+    def _start_switch(self) -> None:
+        interfaces = [arg for port in range(1, self.max_hosts + 1) for arg in ("-i", f"{port}@s{port}")]
+        # P4Runtime on a Unix socket: reachable from the test process without a route into the namespace
         self.grpc_socket = self.workdir / "p4runtime.sock"
         self.log_path = self.workdir / "simple_switch_grpc.log"
         with open(self.log_path, "wb") as log_file:
             self.process = subprocess.Popen(
-                ["ip", "netns", "exec", ns, "simple_switch_grpc", "--device-id", str(self.device_id), "--no-p4",
-                 *interfaces, "--", "--grpc-server-addr", f"unix:{self.grpc_socket}"],
+                ["ip", "netns", "exec", self.netns, "simple_switch_grpc", "--device-id", str(self.device_id),
+                 "--no-p4", *interfaces, "--", "--grpc-server-addr", f"unix:{self.grpc_socket}"],
                 stdout=log_file, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while not self.grpc_socket.exists():
@@ -314,19 +368,17 @@ class Bmv2Harness(Harness):
             return "(no log)"
 
     def reset(self) -> None:
+        # Whether BMv2 keeps multicast groups across a pipeline push depends on its version:
+        # delete those its server reports (older PI versions cannot read the PRE), and tests
+        # take fresh group ids (Env.mgid) anyway.
+        try:
+            for mgid in self.p4rt.read_multicast_groups():
+                self.p4rt.delete_multicast_group(mgid, ())
+        except P4RuntimeError as exc:
+            log.debug("not clearing multicast groups: %s", exc)
         self.p4rt.set_pipeline(self.device_config)
 
-    def make_host(self, index: int) -> Host:
-        port = index + 1
-        return RawHost(self.netns, f"h{port}", f"10.0.0.{port}", f"02:00:00:00:00:{port:02x}", 40000 + port, port)
-
-    def make_stranger(self) -> Host:
-        return RawHost(self.netns, "h1", "10.0.0.99", "02:00:00:00:00:63", 41000, 1)
-
-    def close(self) -> None:
-        p4rt = getattr(self, "p4rt", None)
-        if p4rt is not None:
-            p4rt.close()
+    def _stop_switch(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -334,8 +386,72 @@ class Bmv2Harness(Harness):
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
-        # deleting the namespace deletes the veth pairs in it
-        subprocess.run(["ip", "netns", "del", self.netns], capture_output=True, timeout=30)
+
+
+class VethSoftwareHarness(NetnsHarness):
+    """The software switch behind the same veth pairs as BMv2, through a small L2 shim.
+
+    The shim reads frames on the switch's ends, hands each switchml UDP payload and its
+    sender to ``SoftwareSwitch.process`` and sends the replies as Ethernet/IPv4/UDP frames
+    out of the port where the destination was last seen. It runs the BMv2 harness's packet
+    I/O (namespace, raw sockets, frames, filters, timing) against the reference switch, so
+    that I/O is known to work before it meets BMv2.
+    """
+
+    name = "software-veth"
+    update_sizes = frozenset(protocol.SIZE_TO_K)
+    forwards_plain_ipv4 = False
+
+    def _start_switch(self) -> None:
+        self.switch = SoftwareSwitch(pool_size=POOL_SIZE)
+        self.ports: dict[int, socket.socket] = {}
+        with in_netns(self.netns):
+            for port in range(1, self.max_hosts + 1):
+                sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+                sock.bind((f"s{port}", ETH_P_ALL))
+                self.ports[port] = sock
+        self._where: dict[str, tuple[int, str]] = {}  # ip -> (port, mac), learned from senders
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._forward, name="veth-shim", daemon=True)
+        self._thread.start()
+        self.p4runtime = P4RuntimeServer(self.switch, "127.0.0.1", 0).start()
+        self.p4rt = P4RuntimeTarget(self.p4runtime.grpc_address, supported_k=tuple(protocol.SIZE_TO_K.values()))
+
+    def _forward(self) -> None:
+        by_fd = {sock.fileno(): (port, sock) for port, sock in self.ports.items()}
+        while not self._stop.is_set():
+            ready, _, _ = select.select(list(by_fd), [], [], 0.1)
+            for fd in ready:
+                port, sock = by_fd[fd]
+                data, address = sock.recvfrom(65536)
+                if address[2] == PACKET_OUTGOING:
+                    continue
+                frame = Ether(data)
+                if IP not in frame or UDP not in frame:
+                    continue
+                src = (frame[IP].src, frame[UDP].sport)
+                self._where[src[0]] = (port, frame.src)
+                if frame[UDP].dport & 0xFFF0 != protocol.UDP_PORT:
+                    continue
+                for payload, (ip, udp_port) in self.switch.process(bytes(frame[UDP].payload), src):
+                    out_port, mac = self._where.get(ip, (None, None))
+                    if out_port is None:
+                        log.warning("veth shim: no port known for %s", ip)
+                        continue
+                    self.ports[out_port].send(bytes(Ether(src=SWITCH_MAC, dst=mac) / IP(src=SWITCH_IP, dst=ip)
+                                                    / UDP(sport=protocol.UDP_PORT, dport=udp_port) / Raw(payload)))
+
+    def reset(self) -> None:
+        self.p4rt.set_pipeline(b"")
+
+    def _stop_switch(self) -> None:
+        if hasattr(self, "_thread"):
+            self._stop.set()
+            self._thread.join(timeout=5)
+        if hasattr(self, "p4runtime"):
+            self.p4runtime.stop()
+        for sock in getattr(self, "ports", {}).values():
+            sock.close()
 
 
 # --------------------------------------------------------------------------------------
@@ -344,9 +460,12 @@ class Bmv2Harness(Harness):
 class Env:
     """One test's view of the switch: its P4Runtime target, hosts and counter helpers."""
 
+    _tests = itertools.count()
+
     def __init__(self, switch: Harness) -> None:
         self.switch = switch
         self.p4rt = switch.p4rt
+        self._mgid_base = 1 + 8 * (next(self._tests) % 8000)
         self._hosts: dict[int, Host] = {}
         self._others: list[Host] = []
 
@@ -360,6 +479,10 @@ class Env:
         if index not in self._hosts:
             self._hosts[index] = self.switch.make_host(index)
         return self._hosts[index]
+
+    def mgid(self, job: int = 0) -> int:
+        """A multicast group id no earlier test used (0 is "no multicast" on v1model)."""
+        return self._mgid_base + job
 
     def stranger(self) -> Host:
         host = self.switch.make_stranger()
