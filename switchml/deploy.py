@@ -191,6 +191,9 @@ def plan(args) -> DeployPlan:
     hosts = load_ports(args.ports) if args.ports else {}
     if not hosts and target != "emulator":
         raise DeployError(f"--target {target} needs --ports: the switch port and MAC of every worker host")
+    if args.switch_address is None and target != "emulator":
+        raise DeployError(f"--target {target} needs --switch-address: the IP workers send to (any unused address "
+                          "of their subnet, with a static ARP entry on each host; see docs/deploy.md)")
     return DeployPlan(target, args.grpc, args.device_id, args.election_id, p4info_path, config, supported, k,
                       hosts, str(args.ports))
 
@@ -236,10 +239,11 @@ def deploy(args, ready: threading.Event | None = None, stop: threading.Event | N
         pool_size = args.pool_size or p4info.counter("SwitchIngress.results_multicast").size
         controller = Controller(target, ControllerOptions(
             bind=f"tcp://{args.control_host}:{args.control_port}",
-            switch_address=parse_address(args.switch_address, defaults.SWITCH_PORT),
+            switch_address=parse_address(args.switch_address or defaults.SWITCH_HOST, defaults.SWITCH_PORT),
             pool_size=pool_size, window=args.window, k=p.k, port_of=port_of, mac_of=mac_of)).start()
         log.info("switchml deployed on %s (%s, device %d): controller %s, switch data address %s, k=%d, "
-                 "window %d, pool %d", p.target, p.grpc, p.device_id, controller.endpoint, args.switch_address, p.k,
+                 "window %d, pool %d", p.target, p.grpc, p.device_id, controller.endpoint,
+                 "{}:{}".format(*controller.options.switch_address), p.k,
                  args.window, pool_size)
         stop = stop or threading.Event()
         if threading.current_thread() is threading.main_thread():

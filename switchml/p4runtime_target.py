@@ -120,9 +120,8 @@ class P4RuntimeConnection:
         self.address, self.device_id, self.election_id, self.timeout = address, device_id, election_id, timeout
         self.is_primary = False
         self.primary_election_id: int | None = None
-        self._requests: queue.Queue = queue.Queue()
-        self._arbitration: queue.Queue = queue.Queue()
         self._closed = threading.Event()
+        self._require_primary = require_primary
         self.channel = grpc.insecure_channel(address)
         try:
             grpc.channel_ready_future(self.channel).result(timeout=timeout)
@@ -131,11 +130,8 @@ class P4RuntimeConnection:
             raise P4RuntimeError(f"no P4Runtime server answers at {address} (waited {timeout:g} s): is the switch "
                                  "running, and is this its gRPC address?", grpc.StatusCode.UNAVAILABLE) from None
         self.stub = p4runtime_pb2_grpc.P4RuntimeStub(self.channel)
-        self._stream = self.stub.StreamChannel(self._request_iterator())
-        self._reader = threading.Thread(target=self._read_stream, name="p4runtime-stream", daemon=True)
-        self._reader.start()
         try:
-            self._arbitrate(require_primary)
+            self._open_stream()
         except BaseException:
             self.close()
             raise
@@ -144,18 +140,37 @@ class P4RuntimeConnection:
         return f"P4RuntimeConnection({self.address}, device {self.device_id}, election id {self.election_id})"
 
     # ------------------------------------------------------------ stream
-    def _request_iterator(self):
+    def _open_stream(self) -> None:
+        """Open a StreamChannel and do arbitration on it."""
+        self._requests: queue.Queue = queue.Queue()
+        self._arbitration: queue.Queue = queue.Queue()
+        self._stream = self.stub.StreamChannel(self._request_iterator(self._requests), wait_for_ready=True)
+        self._reader = threading.Thread(target=self._read_stream, args=(self._stream, self._arbitration),
+                                        name="p4runtime-stream", daemon=True)
+        self._reader.start()
+        self._arbitrate(self._require_primary)
+
+    def _ensure_stream(self) -> None:
+        """A switch that restarted (or a network that broke) ends the stream, and with it
+        this client's mastership: open a new one before writing, so a long-running controller
+        survives a switch restart instead of failing every later job."""
+        if not self._reader.is_alive() and not self._closed.is_set():
+            log.warning("%s: StreamChannel lost; doing arbitration again", self)
+            self._open_stream()
+
+    @staticmethod
+    def _request_iterator(requests: queue.Queue):
         while True:
-            item = self._requests.get()
+            item = requests.get()
             if item is None:
                 return
             yield item
 
-    def _read_stream(self) -> None:
+    def _read_stream(self, stream, arbitration: queue.Queue) -> None:
         try:
-            for response in self._stream:
+            for response in stream:
                 if response.HasField("arbitration"):
-                    self._on_arbitration(response.arbitration)
+                    self._on_arbitration(response.arbitration, arbitration)
                 elif response.HasField("error"):
                     log.warning("%s: stream error %s: %s", self, code_name(response.error.canonical_code),
                                 response.error.message)
@@ -163,19 +178,19 @@ class P4RuntimeConnection:
                     log.debug("%s: ignoring a %s stream message", self, response.WhichOneof("update"))
         except grpc.RpcError as exc:
             if not self._closed.is_set():
-                self._arbitration.put(exc)
+                arbitration.put(exc)
                 log.warning("%s: StreamChannel ended: %s: %s", self, exc.code().name, exc.details())
         finally:
             self.is_primary = False
-            self._arbitration.put(None)
+            arbitration.put(None)
 
-    def _on_arbitration(self, update: p4runtime_pb2.MasterArbitrationUpdate) -> None:
+    def _on_arbitration(self, update: p4runtime_pb2.MasterArbitrationUpdate, arbitration: queue.Queue) -> None:
         was_primary = self.is_primary
         self.primary_election_id = _from_uint128(update.election_id) if update.HasField("election_id") else None
         self.is_primary = update.status.code == code_pb2.OK
         if was_primary and not self.is_primary:
             log.warning("%s: no longer primary: election id %s took over", self, self.primary_election_id)
-        self._arbitration.put(update)
+        arbitration.put(update)
 
     def _arbitrate(self, require_primary: bool) -> None:
         request = p4runtime_pb2.StreamMessageRequest()
@@ -206,10 +221,11 @@ class P4RuntimeConnection:
 
     def write(self, updates: Sequence[p4runtime_pb2.Update], what: Sequence[str] | None = None) -> None:
         """One Write of ``updates``; ``what`` names each update for the error message."""
+        self._ensure_stream()
         request = p4runtime_pb2.WriteRequest(device_id=self.device_id, election_id=_uint128(self.election_id),
                                              updates=updates)
         try:
-            self.stub.Write(request, timeout=self.timeout)
+            self.stub.Write(request, timeout=self.timeout, wait_for_ready=True)
         except grpc.RpcError as exc:
             errors = write_errors(exc)
             names = list(what or [])
@@ -224,7 +240,8 @@ class P4RuntimeConnection:
         """All entities a Read of ``entities`` returns."""
         request = p4runtime_pb2.ReadRequest(device_id=self.device_id, entities=entities)
         try:
-            return [e for response in self.stub.Read(request, timeout=self.timeout) for e in response.entities]
+            return [e for response in self.stub.Read(request, timeout=self.timeout, wait_for_ready=True)
+                    for e in response.entities]
         except grpc.RpcError as exc:
             raise self._rpc_error(what, exc) from None
 
@@ -233,6 +250,7 @@ class P4RuntimeConnection:
                      cookie: int | None = None) -> None:
         """SetForwardingPipelineConfig: push ``p4info`` and the target's binary (BMv2 JSON,
         Tofino pipeline config; nothing for the software switch)."""
+        self._ensure_stream()
         request = p4runtime_pb2.SetForwardingPipelineConfigRequest(
             device_id=self.device_id, election_id=_uint128(self.election_id), action=action)
         request.config.p4info.CopyFrom(p4info)
@@ -240,7 +258,7 @@ class P4RuntimeConnection:
         if cookie is not None:
             request.config.cookie.cookie = cookie
         try:
-            self.stub.SetForwardingPipelineConfig(request, timeout=self.timeout)
+            self.stub.SetForwardingPipelineConfig(request, timeout=self.timeout, wait_for_ready=True)
         except grpc.RpcError as exc:
             raise self._rpc_error(f"SetForwardingPipelineConfig ({len(device_config)}-byte device config)",
                                   exc) from None
@@ -250,7 +268,7 @@ class P4RuntimeConnection:
         request = p4runtime_pb2.GetForwardingPipelineConfigRequest(device_id=self.device_id,
                                                                    response_type=response_type)
         try:
-            return self.stub.GetForwardingPipelineConfig(request, timeout=self.timeout).config
+            return self.stub.GetForwardingPipelineConfig(request, timeout=self.timeout, wait_for_ready=True).config
         except grpc.RpcError as exc:
             raise self._rpc_error("GetForwardingPipelineConfig", exc) from None
 
@@ -267,9 +285,10 @@ class P4RuntimeConnection:
         if self._closed.is_set():
             return
         self._closed.set()
-        self._requests.put(None)
-        self._stream.cancel()
-        self._reader.join(timeout=self.timeout)
+        if hasattr(self, "_stream"):
+            self._requests.put(None)
+            self._stream.cancel()
+            self._reader.join(timeout=self.timeout)
         self.channel.close()
 
 

@@ -81,6 +81,10 @@ def test_deploy_explains_what_it_is_missing(capsys, tmp_path):
     code, err = run_main(capsys, "--target", "bmv2", "--grpc", grpc, "--config", str(config), "--ports",
                          str(tmp_path / "missing.csv"))
     assert code == 1 and "missing.csv" in err
+    ports = tmp_path / "ports.csv"
+    ports.write_text("10.0.0.1,1,02:00:00:00:00:01\n")
+    code, err = run_main(capsys, "--target", "bmv2", "--grpc", grpc, "--config", str(config), "--ports", str(ports))
+    assert code == 1 and "--switch-address" in err
     code, err = run_main(capsys, "--target", "emulator", "--grpc", grpc, "-k", "100")
     assert code == 1 and "-k 100" in err
     code, err = run_main(capsys, "--target", "emulator", "--grpc", grpc, "--timeout", "1")

@@ -365,6 +365,27 @@ def test_no_server_is_a_clear_error():
     assert exc.value.code == grpc.StatusCode.UNAVAILABLE and address in str(exc.value)
 
 
+def test_the_target_does_arbitration_again_after_a_switch_restart():
+    switch = SoftwareSwitch(pool_size=64)
+    first = P4RuntimeServer(switch, "127.0.0.1", 0).start()
+    port = first.port
+    target = P4RuntimeTarget(first.grpc_address, timeout=5)
+    try:
+        target.add_controller("10.0.0.9", 9000)
+        first.stop()  # the switch restarts: its stream and this client's mastership are gone
+        assert wait_for(lambda: not target.connection.is_primary)
+        second = P4RuntimeServer(switch, "127.0.0.1", port).start()
+        try:
+            target.add_worker(WorkerEntry("10.0.0.1", 4000, 1, 0, 1, 1, 0, 4))
+            assert target.connection.is_primary
+            assert second.device.switch.admission_entries()[("10.0.0.1", 4000)].job == 1
+        finally:
+            target.close()
+            second.stop()
+    finally:
+        target.close()
+
+
 def test_a_taken_port_is_an_error(server):
     with pytest.raises(OSError, match="taken"):
         P4RuntimeServer(SoftwareSwitch(pool_size=8), "127.0.0.1", server.port)
