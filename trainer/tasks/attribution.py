@@ -9,7 +9,7 @@ wouaf
     WOUAF (Kim et al. 2023). A mapping network turns a fingerprint ``f`` in {0,1}^bits into one
     scale per input channel of every convolution of a frozen copy of ``G0``; the scaled
     weights are demodulated (StyleGAN2) *relative to the root weights*, so that all-ones
-    scales give back ``G0`` exactly. A fingerprint decoder CNN reads ``f`` back from the image.
+    scales give back ``G0`` (up to float rounding). A fingerprint decoder CNN reads ``f`` back from the image.
     Both are trained together: BCE on the bits (clean and after a random post-process) plus a
     quality loss against ``G0(z)``. ``finish`` writes ``wouaf.pt``.
 baseline
@@ -61,10 +61,16 @@ def _float_metrics(d: dict[str, Any]) -> dict[str, float]:
     return {k: float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in d.items()}
 
 
-def psnr_from_mse(mse: float | Tensor) -> float:
-    """PSNR in dB of images in [0, 1] with mean squared error ``mse`` (inf for 0)."""
+def psnr_from_mse(mse: float | Tensor, cap: float | None = None) -> float:
+    """PSNR in dB of images in [0, 1] with mean squared error ``mse`` (inf for 0, or ``cap``)."""
     m = float(mse.detach()) if isinstance(mse, Tensor) else float(mse)
-    return math.inf if m <= 0 else -10.0 * math.log10(m)
+    p = math.inf if m <= 0 else -10.0 * math.log10(m)
+    return min(p, cap) if cap is not None else p
+
+
+#: Training metrics cap PSNR here, so that a step with an unchanged image (the first,
+#: say) does not turn an average of logged values into infinity.
+PSNR_LOG_CAP = 100.0
 
 
 # =========================================================================== models
@@ -76,7 +82,7 @@ class ModConv2d(nn.Module):
     With style ``s`` (B, in): ``w'[b,o,i] = w[o,i] * s[b,i]``, then demodulated so that every
     output filter keeps the root filter's norm: ``w''[b,o] = w'[b,o] * |w[o]| / |w'[b,o]|``.
     StyleGAN2 normalises to unit norm; normalising to the root's norm instead makes ``s = 1``
-    reproduce the (plainly trained) root layer exactly. It is computed as "scale the input,
+    reproduce the (plainly trained) root layer, up to float rounding. It is computed as "scale the input,
     convolve with the shared weight, scale the output" (StyleGAN2's non-fused form), which is
     the same function and much cheaper than per-sample grouped convolutions on a CPU.
     """
@@ -596,7 +602,7 @@ class WouafStage(Stage):
             acc_aug = ((out["logits_aug"] > 0) == (bits > 0.5)).float().mean()
         return loss, _float_metrics(
             {
-                "bce": bce_clean, "bce_aug": bce_aug, "mse": mse, "psnr": psnr_from_mse(mse),
+                "bce": bce_clean, "bce_aug": bce_aug, "mse": mse, "psnr": psnr_from_mse(mse, PSNR_LOG_CAP),
                 "psnr_budget": budget_db, "bit_acc": acc, "bit_acc_aug": acc_aug,
             }
         )  # fmt: skip
@@ -662,7 +668,7 @@ class BaselineStage(Stage):
         mse = (out["image"] - out["root"]).pow(2).mean()
         loss = hinge + self.args.baseline_gamma * mse
         pos = (out["score"] > 0).float().mean()
-        return loss, _float_metrics({"hinge": hinge, "mse": mse, "psnr": psnr_from_mse(mse), "positive": pos})
+        return loss, _float_metrics({"hinge": hinge, "mse": mse, "psnr": psnr_from_mse(mse, PSNR_LOG_CAP), "positive": pos})
 
     def evaluate(self, model: nn.Module, ctx: StageContext) -> dict[str, float]:
         m = _unwrap(model).eval()
