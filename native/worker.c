@@ -1,0 +1,523 @@
+/* switchml._native: the worker engine's per-packet loop and the exponent quantizer in C.
+ *
+ * switchml/quantize.py and Worker._allreduce_flat (switchml/worker.py) stay the reference;
+ * tests/test_native.py checks this module against them bit for bit. Only the buffer
+ * protocol is used (no numpy headers), so the build needs nothing but a C compiler.
+ *
+ * Quantizer (DESIGN.md, "Quantization"): local exponent e = biased_exponent(max|x|) - 126
+ * clamped to -126..127 (127: NaN/Inf); f = 2^(30 - c - E); q = rint(x * f) in float64;
+ * result = sum / f, cast to float32. f is a power of two, so x * f and sum * (1/f) are
+ * exact and the only rounding is rint's (ties to even, as numpy's rint).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "switchml_native.h"
+
+#include <arpa/inet.h>
+#include <math.h>
+#include <stdlib.h>
+
+#define RX_BATCH 64
+
+enum { ST_SENT = 0, ST_RETRANS = 1, ST_RESULTS = 2, ST_STALE = 3, NUM_STATS = 4 };
+enum { RC_DONE = 0, RC_ABORT = 1, RC_CLOSED = 2, RC_TIMEOUT = 3 };
+enum { FLAG_ABORT = 1, FLAG_CLOSED = 2 };
+
+/* ------------------------------------------------------------------ quantizer kernels */
+static int sum_bits(int n) {
+    int c = 0;
+    while ((1L << c) < (long)n) c++;
+    return c;
+}
+
+/* Local exponent of x[0..m): integer max of |x|'s bit patterns (for non-negative floats
+ * the order of the bits is the order of the values, and NaN/Inf sort above every finite
+ * value), then the exponent field: |x| < 2^(biased - 126). */
+SML_HOT static int block_exponent(const float *restrict x, Py_ssize_t m) {
+    uint32_t peak = 0;
+    for (Py_ssize_t i = 0; i < m; i++) {
+        uint32_t b;
+        memcpy(&b, x + i, 4);
+        b &= 0x7FFFFFFFU;
+        peak = b > peak ? b : peak;
+    }
+    if (peak >= 0x7F800000U) return SML_EXP_NAN; /* NaN or Inf */
+    int e = (int)(peak >> 23) - 126;               /* zero and denormals give <= -126 */
+    if (e < SML_EXP_MIN) e = SML_EXP_MIN;
+    if (e > SML_EXP_NAN) e = SML_EXP_NAN; /* |x| >= 2^126 */
+    return e;
+}
+
+/* rint for |v| < 2^51 without SSE4.1's roundpd: adding 1.5 * 2^52 rounds at the units place
+ * (ties to even) in the default rounding mode, which is what numpy's rint does. Out of
+ * int32 range, NaN included, gives INT32_MIN: what numpy's float64 -> int32 cast gives on x86. */
+static inline int32_t rint_i32(double v) {
+    const double magic = 6755399441055744.0;
+    double r = (v + magic) - magic;
+    return (r >= -2147483648.0 && r <= 2147483647.0) ? (int32_t)r : INT32_MIN;
+}
+
+/* Scale, round and byte-swap x[0..m) into big-endian int32, zero-filling out to k. */
+SML_HOT static void quantize_be(const float *restrict x, Py_ssize_t m, Py_ssize_t k, double f, uint8_t *restrict out) {
+    for (Py_ssize_t i = 0; i < m; i++) sml_store_be32(out + 4 * i, (uint32_t)rint_i32((double)x[i] * f));
+    if (k > m) memset(out + 4 * m, 0, (size_t)(k - m) * 4);
+}
+
+SML_HOT static void dequantize_be(const uint8_t *restrict in, Py_ssize_t m, double inv_f, float *restrict out) {
+    for (Py_ssize_t i = 0; i < m; i++) out[i] = (float)((double)(int32_t)sml_load_be32(in + 4 * i) * inv_f);
+}
+
+SML_HOT static void ints_to_be(const int32_t *restrict x, Py_ssize_t m, Py_ssize_t k, uint8_t *restrict out) {
+    for (Py_ssize_t i = 0; i < m; i++) sml_store_be32(out + 4 * i, (uint32_t)x[i]);
+    if (k > m) memset(out + 4 * m, 0, (size_t)(k - m) * 4);
+}
+
+SML_HOT static void ints_from_be(const uint8_t *restrict in, Py_ssize_t m, int32_t *restrict out) {
+    for (Py_ssize_t i = 0; i < m; i++) out[i] = (int32_t)sml_load_be32(in + 4 * i);
+}
+
+/* Block b's packet payload: quantized with global exponent e (zeros for the NaN sentinel). */
+static void quantize_block(const float *x, Py_ssize_t m, Py_ssize_t k, int e, int n, uint8_t *out) {
+    if (e == SML_EXP_NAN) {
+        memset(out, 0, (size_t)k * 4);
+        return;
+    }
+    quantize_be(x, m, k, ldexp(1.0, SML_QUANT_BITS - sum_bits(n) - e), out);
+}
+
+static void dequantize_block(const uint8_t *in, Py_ssize_t m, int e, int n, float *out) {
+    if (e == SML_EXP_NAN) {
+        for (Py_ssize_t i = 0; i < m; i++) out[i] = NAN;
+        return;
+    }
+    dequantize_be(in, m, ldexp(1.0, e + sum_bits(n) - SML_QUANT_BITS), out);
+}
+
+/* ------------------------------------------------------------------ Python: quantizer */
+static int check_n(int n) {
+    if (n < 1) {
+        PyErr_Format(PyExc_ValueError, "num_workers=%d; expected >= 1", n);
+        return -1;
+    }
+    return 0;
+}
+
+/* block_exponents(x: float32 buffer, k, out: int8 buffer of ceil(len/k)) */
+static PyObject *py_block_exponents(PyObject *Py_UNUSED(m), PyObject *args) {
+    Py_buffer x, out;
+    Py_ssize_t k;
+    if (!PyArg_ParseTuple(args, "y*nw*", &x, &k, &out)) return NULL;
+    Py_ssize_t n_el = x.len / 4, blocks = k > 0 ? (n_el + k - 1) / k : -1;
+    if (k < 1 || x.len % 4 || out.len != blocks) {
+        PyErr_SetString(PyExc_ValueError, "block_exponents: x must hold float32, k >= 1, out ceil(len/k) bytes");
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t b = 0; b < blocks; b++) {
+            Py_ssize_t m = (b + 1) * k <= n_el ? k : n_el - b * k;
+            ((int8_t *)out.buf)[b] = (int8_t)block_exponent((const float *)x.buf + b * k, m);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&out);
+    if (PyErr_Occurred()) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* quantize(x: float32 buffer, e, n, out: 4*len bytes, big-endian int32) */
+static PyObject *py_quantize(PyObject *Py_UNUSED(m), PyObject *args) {
+    Py_buffer x, out;
+    int e, n;
+    if (!PyArg_ParseTuple(args, "y*iiw*", &x, &e, &n, &out)) return NULL;
+    if (check_n(n) == 0) {
+        if (x.len % 4 || out.len != x.len)
+            PyErr_SetString(PyExc_ValueError, "quantize: x must hold float32 and out as many bytes");
+        else {
+            Py_BEGIN_ALLOW_THREADS quantize_block(x.buf, x.len / 4, x.len / 4, e, n, out.buf);
+            Py_END_ALLOW_THREADS
+        }
+    }
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&out);
+    if (PyErr_Occurred()) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* dequantize(q: big-endian int32 bytes, e, n, out: float32 buffer) */
+static PyObject *py_dequantize(PyObject *Py_UNUSED(m), PyObject *args) {
+    Py_buffer q, out;
+    int e, n;
+    if (!PyArg_ParseTuple(args, "y*iiw*", &q, &e, &n, &out)) return NULL;
+    if (check_n(n) == 0) {
+        if (q.len % 4 || out.len != q.len)
+            PyErr_SetString(PyExc_ValueError, "dequantize: q must hold int32 and out as many bytes");
+        else {
+            Py_BEGIN_ALLOW_THREADS dequantize_block(q.buf, q.len / 4, e, n, out.buf);
+            Py_END_ALLOW_THREADS
+        }
+    }
+    PyBuffer_Release(&q);
+    PyBuffer_Release(&out);
+    if (PyErr_Occurred()) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* quantize_blocks(x, k, n, out, exps): per block, the exponent scan and the quantization
+ * with that exponent in one visit of the block (what one rank does when it is the only
+ * contributor); the kernel `switchml-bench pps --quantize` times. */
+static PyObject *py_quantize_blocks(PyObject *Py_UNUSED(m), PyObject *args) {
+    Py_buffer x, out, exps;
+    Py_ssize_t k;
+    int n;
+    if (!PyArg_ParseTuple(args, "y*niw*w*", &x, &k, &n, &out, &exps)) return NULL;
+    Py_ssize_t n_el = x.len / 4, blocks = k > 0 ? (n_el + k - 1) / k : -1;
+    if (check_n(n) == 0) {
+        if (k < 1 || x.len % 4 || out.len != blocks * k * 4 || exps.len != blocks)
+            PyErr_SetString(PyExc_ValueError, "quantize_blocks: out needs ceil(len/k)*k int32, exps ceil(len/k)");
+        else {
+            Py_BEGIN_ALLOW_THREADS
+            for (Py_ssize_t b = 0; b < blocks; b++) {
+                Py_ssize_t mm = (b + 1) * k <= n_el ? k : n_el - b * k;
+                const float *xb = (const float *)x.buf + b * k;
+                int e = block_exponent(xb, mm);
+                ((int8_t *)exps.buf)[b] = (int8_t)e;
+                quantize_block(xb, mm, k, e, n, (uint8_t *)out.buf + b * k * 4);
+            }
+            Py_END_ALLOW_THREADS
+        }
+    }
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&exps);
+    if (PyErr_Occurred()) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* dequantize_blocks(q, k, n, exps, out): the inverse of quantize_blocks. */
+static PyObject *py_dequantize_blocks(PyObject *Py_UNUSED(m), PyObject *args) {
+    Py_buffer q, exps, out;
+    Py_ssize_t k;
+    int n;
+    if (!PyArg_ParseTuple(args, "y*niy*w*", &q, &k, &n, &exps, &out)) return NULL;
+    Py_ssize_t n_el = out.len / 4, blocks = k > 0 ? (n_el + k - 1) / k : -1;
+    if (check_n(n) == 0) {
+        if (k < 1 || out.len % 4 || q.len != blocks * k * 4 || exps.len != blocks)
+            PyErr_SetString(PyExc_ValueError, "dequantize_blocks: q needs ceil(len/k)*k int32, exps ceil(len/k)");
+        else {
+            Py_BEGIN_ALLOW_THREADS
+            for (Py_ssize_t b = 0; b < blocks; b++) {
+                Py_ssize_t mm = (b + 1) * k <= n_el ? k : n_el - b * k;
+                dequantize_block((const uint8_t *)q.buf + b * k * 4, mm, ((const int8_t *)exps.buf)[b], n,
+                                 (float *)out.buf + b * k);
+            }
+            Py_END_ALLOW_THREADS
+        }
+    }
+    PyBuffer_Release(&q);
+    PyBuffer_Release(&exps);
+    PyBuffer_Release(&out);
+    if (PyErr_Occurred()) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* copy(src, dst): memcpy, the baseline of the quantizer's throughput. */
+static PyObject *py_copy(PyObject *Py_UNUSED(m), PyObject *args) {
+    Py_buffer src, dst;
+    if (!PyArg_ParseTuple(args, "y*w*", &src, &dst)) return NULL;
+    if (src.len != dst.len)
+        PyErr_SetString(PyExc_ValueError, "copy: src and dst differ in length");
+    else {
+        Py_BEGIN_ALLOW_THREADS memcpy(dst.buf, src.buf, (size_t)src.len);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    if (PyErr_Occurred()) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------ Python: the engine */
+typedef struct {
+    /* the call */
+    const void *src;
+    void *out;
+    Py_ssize_t n_el, k, n_blocks, w, n_packets;
+    int is_float, job, pool_base, n, size;
+    uint32_t tsi0;
+    const uint8_t *parity;
+    int8_t *gexp;
+    size_t plen;
+} call_t;
+
+/* Packet i into p (Worker._allreduce_flat's make_packet): block i-w quantized with its
+ * global exponent (the first window: zeros) and block i's local exponent; int32: block i. */
+static void build_packet(const call_t *c, Py_ssize_t i, uint8_t *p) {
+    Py_ssize_t rel = i % c->w;
+    int set = (c->parity[rel] + (int)((i / c->w) & 1)) & 1;
+    unsigned pidx = (unsigned)(c->pool_base + rel) | (set ? SML_SET_BIT : 0);
+    int e0;
+    uint8_t *payload = p + SML_PREAMBLE_BYTES;
+    if (c->is_float) {
+        const float *x = c->src;
+        if (i >= c->w) {
+            Py_ssize_t b = i - c->w, m = (b + 1) * c->k <= c->n_el ? c->k : c->n_el - b * c->k;
+            quantize_block(x + b * c->k, m, c->k, c->gexp[b], c->n, payload);
+        } else {
+            memset(payload, 0, (size_t)c->k * 4);
+        }
+        if (i < c->n_blocks) {
+            Py_ssize_t m = (i + 1) * c->k <= c->n_el ? c->k : c->n_el - i * c->k;
+            e0 = block_exponent(x + i * c->k, m);
+        } else {
+            e0 = SML_EXP_MIN;
+        }
+    } else {
+        const int32_t *x = c->src;
+        Py_ssize_t m = (i + 1) * c->k <= c->n_el ? c->k : c->n_el - i * c->k;
+        ints_to_be(x + i * c->k, m, c->k, payload);
+        e0 = 0;
+    }
+    p[0] = (uint8_t)c->size; /* msg_type UPDATE (0) | size */
+    p[1] = (uint8_t)c->job;
+    sml_store_be32(p + 2, (uint32_t)(c->tsi0 + (uint32_t)i));
+    p[6] = (uint8_t)(pidx >> 8);
+    p[7] = (uint8_t)pidx;
+    p[8] = (uint8_t)(int8_t)e0;
+    p[9] = 0;
+}
+
+/* The RESULT of packet i (already matched): global exponent, and the sum it carries. */
+static void take_result(const call_t *c, Py_ssize_t i, const uint8_t *d) {
+    int8_t e0 = (int8_t)d[8];
+    const uint8_t *payload = d + SML_PREAMBLE_BYTES;
+    if (c->is_float) {
+        if (i < c->n_blocks) c->gexp[i] = e0;
+        if (i >= c->w) {
+            Py_ssize_t b = i - c->w, m = (b + 1) * c->k <= c->n_el ? c->k : c->n_el - b * c->k;
+            dequantize_block(payload, m, c->gexp[b], c->n, (float *)c->out + b * c->k);
+        }
+    } else {
+        Py_ssize_t m = (i + 1) * c->k <= c->n_el ? c->k : c->n_el - i * c->k;
+        ints_from_be(payload, m, (int32_t *)c->out + i * c->k);
+    }
+}
+
+static inline double rto_of(double srtt, double rto0, double rto_max) {
+    double r = 3 * srtt > rto0 ? 3 * srtt : rto0;
+    return r < rto_max ? r : rto_max;
+}
+
+/* allreduce(fd, ip, port, src, out, is_float, k, window, job, pool_base, num_workers, tsi0,
+ *           parity, rto0, rto_max, timeout, scan_interval, srtt, stats, flags, outstanding)
+ *   -> (code, done, n_packets, silent_for)
+ *
+ * One Worker._allreduce_flat call with the GIL released. src/out: the flat float32 or
+ * int32 input and output (same length). parity[rel]: the set bit of window slot rel's
+ * first use. srtt: float64[1], read and written back. stats: int64[4] (sent,
+ * retransmissions, results, stale), incremented live. flags: int32[1] polled every
+ * scan_interval (1: the job failed, 2: the worker is closing). outstanding: int64[window],
+ * written on return (-1: slot done). code: 0 done, 1 abort, 2 closed, 3 progress timeout. */
+static PyObject *py_allreduce(PyObject *Py_UNUSED(m), PyObject *args) {
+    int fd, is_float, job, pool_base, n;
+    unsigned long ip;
+    int port;
+    Py_ssize_t k, window;
+    unsigned long tsi0;
+    double rto0, rto_max, timeout, scan;
+    Py_buffer src, out, parity, srtt_b, stats_b, flags_b, outst_b;
+    if (!PyArg_ParseTuple(args, "ikiy*w*pnniiiky*ddddw*w*w*w*", &fd, &ip, &port, &src, &out, &is_float, &k, &window,
+                          &job, &pool_base, &n, &tsi0, &parity, &rto0, &rto_max, &timeout, &scan, &srtt_b, &stats_b,
+                          &flags_b, &outst_b))
+        return NULL;
+    call_t c = {0};
+    PyObject *result = NULL;
+    uint8_t *pkts = NULL, *rx_buf = NULL;
+    Py_ssize_t *outstanding = NULL;
+    double *sent_at = NULL, *rto = NULL;
+    char *resent = NULL;
+    struct mmsghdr *rx = NULL, *tx = NULL;
+    struct iovec *rx_iov = NULL, *tx_iov = NULL;
+    int size = -1, code = RC_DONE, err = 0;
+    double silent_for = 0;
+    Py_ssize_t done = 0;
+    for (int s = 0; s < 8; s++)
+        if (sml_k_of_size(s) == k) size = s;
+    c.n_el = src.len / 4;
+    if (size < 0 || src.len % 4 || out.len != src.len || window < 1 || check_n(n) || parity.len < window ||
+        srtt_b.len != 8 || stats_b.len != 8 * NUM_STATS || flags_b.len != 4 || outst_b.len != 8 * window ||
+        c.n_el == 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "allreduce: inconsistent arguments");
+        goto cleanup;
+    }
+    c.src = src.buf, c.out = out.buf, c.k = k, c.is_float = is_float, c.job = job, c.pool_base = pool_base, c.n = n;
+    c.size = size, c.tsi0 = (uint32_t)tsi0, c.parity = parity.buf;
+    c.n_blocks = (c.n_el + k - 1) / k;
+    c.w = window < c.n_blocks ? window : c.n_blocks;
+    c.n_packets = is_float ? c.n_blocks + c.w : c.n_blocks;
+    c.plen = SML_PREAMBLE_BYTES + 4 * (size_t)k;
+    size_t rx_len = c.plen + 64; /* a longer datagram arrives truncated: its length marks it stale */
+    c.gexp = calloc((size_t)c.n_blocks, 1);
+    pkts = malloc((size_t)c.w * c.plen);
+    outstanding = malloc(sizeof(Py_ssize_t) * (size_t)c.w);
+    sent_at = malloc(sizeof(double) * (size_t)c.w);
+    rto = malloc(sizeof(double) * (size_t)c.w);
+    resent = calloc((size_t)c.w, 1);
+    rx = calloc(RX_BATCH, sizeof(struct mmsghdr));
+    rx_iov = calloc(RX_BATCH, sizeof(struct iovec));
+    rx_buf = malloc(RX_BATCH * rx_len);
+    tx = calloc((size_t)c.w + RX_BATCH, sizeof(struct mmsghdr));
+    tx_iov = calloc((size_t)c.w + RX_BATCH, sizeof(struct iovec));
+    if (!c.gexp || !pkts || !outstanding || !sent_at || !rto || !resent || !rx || !rx_iov || !rx_buf || !tx || !tx_iov) {
+        PyErr_NoMemory();
+        goto cleanup;
+    }
+    double *srtt = srtt_b.buf;
+    int64_t *stats = stats_b.buf;
+    volatile int32_t *flags = flags_b.buf;
+    struct sockaddr_in dst = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port), .sin_addr.s_addr = htonl((uint32_t)ip)};
+    const size_t expected = c.plen;
+
+    Py_BEGIN_ALLOW_THREADS
+    unsigned ntx = 0;
+#define QUEUE(rel)                                                                                          \
+    do {                                                                                                    \
+        tx_iov[ntx] = (struct iovec){pkts + (size_t)(rel) * c.plen, c.plen};                               \
+        tx[ntx].msg_hdr = (struct msghdr){.msg_name = &dst, .msg_namelen = sizeof dst, .msg_iov = &tx_iov[ntx], \
+                                          .msg_iovlen = 1};                                                 \
+        ntx++;                                                                                              \
+    } while (0)
+    double now = sml_now();
+    for (Py_ssize_t rel = 0; rel < c.w; rel++) {
+        build_packet(&c, rel, pkts + (size_t)rel * c.plen);
+        outstanding[rel] = rel;
+        rto[rel] = rto_of(*srtt, rto0, rto_max);
+    }
+    now = sml_now();
+    for (Py_ssize_t rel = 0; rel < c.w; rel++) {
+        QUEUE(rel);
+        sent_at[rel] = now;
+    }
+    sml_send_all(fd, tx, ntx);
+    stats[ST_SENT] += c.w;
+    ntx = 0;
+    double last_progress = now, last_scan = now;
+    while (done < c.n_packets) {
+        for (int i = 0; i < RX_BATCH; i++) {
+            rx_iov[i] = (struct iovec){rx_buf + (size_t)i * rx_len, rx_len};
+            rx[i].msg_hdr = (struct msghdr){.msg_iov = &rx_iov[i], .msg_iovlen = 1};
+        }
+        int r = recvmmsg(fd, rx, RX_BATCH, MSG_DONTWAIT, NULL);
+        if (r < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+                err = errno;
+                break;
+            }
+            double left = scan - (sml_now() - last_scan);
+            sml_wait(fd, POLLIN, left > 0 ? left : 0);
+            r = 0;
+        }
+        now = sml_now();
+        for (int m = 0; m < r; m++) {
+            const uint8_t *d = rx_iov[m].iov_base;
+            Py_ssize_t rel = (Py_ssize_t)((((unsigned)d[6] << 8) | d[7]) & SML_SLOT_MASK) - pool_base;
+            /* Worker._match: stale, duplicate or foreign results are counted and ignored */
+            if (rx[m].msg_len != expected || (d[0] >> 4) != SML_MSG_RESULT || d[1] != (uint8_t)job || rel < 0 ||
+                rel >= c.w || outstanding[rel] < 0 ||
+                sml_load_be32(d + 2) != (uint32_t)(c.tsi0 + (uint32_t)outstanding[rel])) {
+                stats[ST_STALE]++;
+                continue;
+            }
+            Py_ssize_t i = outstanding[rel];
+            take_result(&c, i, d);
+            done++;
+            stats[ST_RESULTS]++;
+            last_progress = now;
+            if (!resent[rel]) *srtt += (now - sent_at[rel] - *srtt) / 8; /* Karn: first transmissions only */
+            Py_ssize_t nxt = i + c.w;
+            if (nxt < c.n_packets) {
+                outstanding[rel] = nxt;
+                build_packet(&c, nxt, pkts + (size_t)rel * c.plen);
+                QUEUE(rel);
+                sent_at[rel] = now;
+                rto[rel] = rto_of(*srtt, rto0, rto_max);
+                resent[rel] = 0;
+                stats[ST_SENT]++;
+            } else {
+                outstanding[rel] = -1;
+            }
+        }
+        if (ntx) {
+            sml_send_all(fd, tx, ntx);
+            ntx = 0;
+        }
+        if (now - last_scan >= scan) {
+            last_scan = now;
+            int32_t f = *flags;
+            silent_for = now - last_progress;
+            if (f & FLAG_ABORT) { code = RC_ABORT; break; }
+            if (f & FLAG_CLOSED) { code = RC_CLOSED; break; }
+            if (silent_for > timeout) { code = RC_TIMEOUT; break; }
+            for (Py_ssize_t rel = 0; rel < c.w; rel++) {
+                if (outstanding[rel] >= 0 && now - sent_at[rel] >= rto[rel]) {
+                    QUEUE(rel);
+                    sent_at[rel] = now;
+                    resent[rel] = 1;
+                    rto[rel] = rto[rel] * 2 < rto_max ? rto[rel] * 2 : rto_max; /* backoff, capped */
+                    stats[ST_RETRANS]++; /* as in Python, not counted in packets_sent */
+                }
+            }
+            if (ntx) {
+                sml_send_all(fd, tx, ntx);
+                ntx = 0;
+            }
+        }
+    }
+#undef QUEUE
+    Py_END_ALLOW_THREADS
+
+    for (Py_ssize_t rel = 0; rel < window; rel++) ((int64_t *)outst_b.buf)[rel] = rel < c.w ? outstanding[rel] : -1;
+    if (err) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto cleanup;
+    }
+    result = Py_BuildValue("(innd)", code, done, c.n_packets, silent_for);
+cleanup:
+    free(c.gexp), free(pkts), free(outstanding), free(sent_at), free(rto), free(resent);
+    free(rx), free(rx_iov), free(rx_buf), free(tx), free(tx_iov);
+    PyBuffer_Release(&src), PyBuffer_Release(&out), PyBuffer_Release(&parity), PyBuffer_Release(&srtt_b);
+    PyBuffer_Release(&stats_b), PyBuffer_Release(&flags_b), PyBuffer_Release(&outst_b);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"block_exponents", py_block_exponents, METH_VARARGS, "block_exponents(x, k, out): local exponent per block."},
+    {"quantize", py_quantize, METH_VARARGS, "quantize(x, e, n, out): float32 -> big-endian int32 (scale, round, swap)."},
+    {"dequantize", py_dequantize, METH_VARARGS, "dequantize(q, e, n, out): big-endian int32 -> float32."},
+    {"quantize_blocks", py_quantize_blocks, METH_VARARGS,
+     "quantize_blocks(x, k, n, out, exps): exponent scan and quantization per block, one visit each."},
+    {"dequantize_blocks", py_dequantize_blocks, METH_VARARGS, "dequantize_blocks(q, k, n, exps, out)."},
+    {"copy", py_copy, METH_VARARGS, "copy(src, dst): memcpy (the throughput baseline)."},
+    {"allreduce", py_allreduce, METH_VARARGS, "One allreduce call of the worker engine, GIL released."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "switchml._native",
+                                       "The worker engine and quantizer in C (see switchml/native.py).", -1, methods};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    PyObject *m = PyModule_Create(&moduledef);
+    if (!m) return NULL;
+    PyObject *c = Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}", "PREAMBLE_BYTES",
+                                SML_PREAMBLE_BYTES, "MAX_K", SML_MAX_K, "RESULT", SML_MSG_RESULT, "EXP_NAN",
+                                SML_EXP_NAN, "EXP_MIN", SML_EXP_MIN, "QUANT_BITS", SML_QUANT_BITS, "RC_DONE", RC_DONE,
+                                "RC_ABORT", RC_ABORT, "RC_CLOSED", RC_CLOSED, "RC_TIMEOUT", RC_TIMEOUT, "FLAG_ABORT",
+                                FLAG_ABORT, "FLAG_CLOSED", FLAG_CLOSED, "NUM_STATS", NUM_STATS);
+    if (!c || PyModule_AddObject(m, "CONSTANTS", c) < 0) {
+        Py_XDECREF(c);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
