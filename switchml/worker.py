@@ -19,6 +19,11 @@ One call on a float32 tensor of B blocks of k elements, window w = min(W, B):
 
 RESULTs whose job number, slot or tsi (the packet id) do not match an outstanding packet
 are stale or duplicate and are ignored.
+
+``_allreduce_flat`` below is the reference. With ``dataplane="native"`` the same loop runs
+in C (``native/worker.c``: recvmmsg/sendmmsg batches, the quantizer fused into packet
+building, the GIL released) with the same window, set bits, tsi, RTO, backoff, stale
+filtering, progress timeout and abort; ``_allreduce_flat_native`` hands it the call.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import queue
+import socket
 import struct
 import threading
 import time
@@ -35,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from switchml import defaults, quantize
+from switchml import defaults, native, quantize
 from switchml.control import ControlClient
 from switchml.errors import AllreduceTimeout, ControllerError, ControllerTimeout, JobFailed, SwitchMLError, WorkerClosed
 from switchml.net import local_ip_towards, open_udp_socket
@@ -46,6 +52,7 @@ log = logging.getLogger(__name__)
 _HEADER = struct.Struct(">BBIHbb")
 _TSI_MOD = 1 << 32
 _SCAN_INTERVAL_S = 0.002  # how often outstanding slots are checked for a due retransmission
+_FLAG_ABORT, _FLAG_CLOSED = 1, 2  # bits of Worker._flags, which the native loop polls
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,9 @@ class Worker:
         retransmit_timeout: first retransmission timeout of a slot; it doubles up to
             ``defaults.RETRANSMIT_TIMEOUT_MAX_S``.
         heartbeat_interval: seconds between heartbeats to the controller.
+        dataplane: the engine's data path: "native" (C), "python" (the reference) or None:
+            native where its extension is built, unless ``$SWITCHML_DATAPLANE`` says otherwise
+            (``switchml.native``).
     """
 
     def __init__(
@@ -100,9 +110,12 @@ class Worker:
         control_timeout: float = defaults.CONTROL_TIMEOUT_S,
         retransmit_timeout: float = defaults.RETRANSMIT_TIMEOUT_S,
         heartbeat_interval: float = defaults.HEARTBEAT_INTERVAL_S,
+        dataplane: str | None = None,
     ) -> None:
         if k is not None:
             k_to_size(k)  # raises a clear error for a k the wire format lacks
+        self.dataplane = native.resolve_worker(dataplane)
+        self._native = native.worker_module()[0] if self.dataplane == native.NATIVE else None
         self.job, self.rank, self.world_size = job, rank, world_size
         self.timeout, self.retransmit_timeout = timeout, retransmit_timeout
         self.stats = WorkerStats()
@@ -128,6 +141,11 @@ class Worker:
         self._calls: queue.Queue[tuple[Any, Future] | None] = queue.Queue()
         self._closing = threading.Event()
         self._abort: str | None = None  # set by the heartbeat thread when the job failed
+        # _abort and _closing as bits the native loop can poll without the GIL
+        self._flags = np.zeros(1, dtype=np.int32)
+        self._flags_lock = threading.Lock()
+        if self._native is not None:
+            self._sock.setblocking(True)  # the native loop polls before it receives; sends wait for buffer space
         self._broken: BaseException | None = None
         self._engine = threading.Thread(target=self._run_engine, name=f"switchml-engine-{rank}", daemon=True)
         self._heartbeat = threading.Thread(target=self._run_heartbeat, args=(controller, heartbeat_interval),
@@ -163,6 +181,7 @@ class Worker:
         if self._closing.is_set():
             return
         self._closing.set()
+        self._raise_flag(_FLAG_CLOSED)
         self._calls.put(None)
         self._engine.join(timeout=max(self.timeout, 1.0) + 5)
         self._heartbeat.join(timeout=5)
@@ -216,6 +235,7 @@ class Worker:
                     client.request({"op": "heartbeat", "job": self.job, "rank": self.rank})
                 except ControllerError as exc:
                     self._abort = str(exc)
+                    self._raise_flag(_FLAG_ABORT)
                     log.error("rank %d: %s", self.rank, exc)
                     return
                 except ControllerTimeout as exc:
@@ -223,8 +243,14 @@ class Worker:
         finally:
             client.close()
 
+    def _raise_flag(self, bit: int) -> None:
+        with self._flags_lock:
+            self._flags[0] |= bit
+
     def _allreduce_flat(self, flat: np.ndarray) -> np.ndarray:
         """Sum a 1-D float32 or int32 array over the job; the engine's one call."""
+        if self._native is not None:
+            return self._allreduce_flat_native(flat)
         info = self.info
         n_el, k = flat.size, info.k
         if n_el == 0:
@@ -318,6 +344,43 @@ class Worker:
             self._slot_uses[i % w] += 1
         self._next_tsi = (tsi0 + n_packets) % _TSI_MOD
         return out.reshape(-1)[:n_el]
+
+    def _allreduce_flat_native(self, flat: np.ndarray) -> np.ndarray:
+        """``_allreduce_flat`` through ``switchml._native.allreduce`` (same packets, same state after)."""
+        info = self.info
+        n_el, k = flat.size, info.k
+        if n_el == 0:
+            return flat.copy()
+        is_float = flat.dtype == np.float32
+        n_blocks = math.ceil(n_el / k)
+        w = min(info.window, n_blocks)
+        flat = np.ascontiguousarray(flat)
+        out = np.empty(n_el, dtype=flat.dtype)
+        parity = bytes(u & 1 for u in self._slot_uses[:w])
+        srtt = np.array([self._srtt], dtype=np.float64)
+        counts = np.zeros(4, dtype=np.int64)  # sent, retransmissions, results, stale
+        outstanding = np.full(w, -1, dtype=np.int64)
+        host, port = info.switch
+        ip = int.from_bytes(socket.inet_aton(socket.gethostbyname(host)), "big")
+        tsi0 = self._next_tsi
+        try:
+            code, done, n_packets, silent_for = self._native.allreduce(
+                self._sock.fileno(), ip, port, flat, out, is_float, k, w, info.job_number, info.pool_base,
+                info.num_workers, tsi0, parity, self.retransmit_timeout, defaults.RETRANSMIT_TIMEOUT_MAX_S,
+                self.timeout, _SCAN_INTERVAL_S, srtt, counts, self._flags, outstanding)
+        finally:
+            self._srtt = float(srtt[0])
+            self.stats.packets_sent += int(counts[0])
+            self.stats.retransmissions += int(counts[1])
+            self.stats.results += int(counts[2])
+            self.stats.stale_results += int(counts[3])
+        if code != 0:  # stopped early: the same errors, in the same order, as the Python loop
+            self._check_alive(silent_for, done, n_packets, outstanding.tolist())
+            raise SwitchMLError(f"rank {self.rank}: the native engine stopped early (code {code})")
+        for rel in range(w):
+            self._slot_uses[rel] += len(range(rel, n_packets, w))
+        self._next_tsi = (tsi0 + n_packets) % _TSI_MOD
+        return out
 
     def _rto(self) -> float:
         """Retransmission timeout of a fresh packet: 3 smoothed round trips, at least the configured one."""
