@@ -11,6 +11,7 @@ import threading
 
 from switchml import defaults
 from switchml.errors import SwitchMLError
+from switchml.native import DATAPLANES, ENV_VAR, NativeUnavailable
 from switchml.protocol import K_TO_SIZE
 
 log = logging.getLogger("switchml.switch")
@@ -52,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     emu.add_argument("--no-controller", action="store_true",
                      help="run the switch and its P4Runtime server only; a controller elsewhere programs it "
                      "(switchml-switch deploy --target emulator)")
+    emu.add_argument("--dataplane", choices=DATAPLANES, default=None,
+                     help="the switch's data path: native (C extension: batched UDP, GIL released) or python "
+                     "(the reference); default: native where the extension is built, else python "
+                     f"(or ${ENV_VAR})")
+    emu.add_argument("--threads", type=int, default=1,
+                     help="native data path: threads receiving on the switch's socket")
     emu.add_argument("-v", "--verbose", action="store_true", help="log every control event")
 
     dep = sub.add_parser("deploy", help="push switchml to a P4Runtime switch (BMv2, Tofino, the software switch) "
@@ -95,15 +102,16 @@ def emulate(args: argparse.Namespace, ready: threading.Event | None = None, stop
         raise OSError("--no-controller needs --p4runtime-port: nothing could program the switch")
     runner = SoftwareSwitchRunner(args.host, args.port, args.control_port, args.pool_size, args.drop_probability,
                                   args.seed, p4runtime_port=args.p4runtime_port, device_id=args.device_id,
-                                  with_controller=not args.no_controller, window=args.window, k=args.k,
+                                  with_controller=not args.no_controller, dataplane=args.dataplane,
+                                  threads=args.threads, window=args.window, k=args.k,
                                   heartbeat_timeout=args.heartbeat_timeout)
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-    log.info("switchml software switch: data %s:%d, controller %s, k=%d, window %d, pool %d, loss %.4g",
+    log.info("switchml software switch: data %s:%d, controller %s, k=%d, window %d, pool %d, loss %.4g, %s data path",
              *runner.server.address, runner.endpoint if runner.controller else "none (--no-controller)", args.k,
-             args.window, args.pool_size, args.drop_probability)
+             args.window, args.pool_size, args.drop_probability, runner.switch.dataplane)
     if runner.p4runtime is not None:
         log.info("P4Runtime: %s, device %d", runner.p4runtime.grpc_address, args.device_id)
     if ready is not None:
@@ -123,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "emulate":
         try:
             emulate(args)
-        except OSError as exc:
+        except (OSError, NativeUnavailable) as exc:
             print(f"switchml-switch: cannot start: {exc}", file=sys.stderr)
             return 1
         return 0

@@ -40,15 +40,20 @@ class SoftwareSwitchRunner:
         device_id: the P4Runtime device id of the switch.
         with_controller: False runs the switch alone (its P4Runtime server then waits for a
             controller elsewhere: ``switchml-switch deploy --target emulator``).
+        dataplane: the switch's data path: "native" (C), "python" (the reference) or None
+            (native where built; ``switchml.native``).
+        threads: native data path only: threads receiving on the switch's socket.
         **options: further ``ControllerOptions`` (window, k, heartbeat_timeout, ...).
     """
 
     def __init__(self, host: str = defaults.SWITCH_HOST, port: int = defaults.SWITCH_PORT,
                  control_port: int = defaults.CONTROL_PORT, pool_size: int = defaults.POOL_SIZE,
                  drop_probability: float = 0.0, seed: int | None = None, p4runtime_port: int | None = None,
-                 device_id: int = 0, with_controller: bool = True, **options) -> None:
-        self.switch = SoftwareSwitch(pool_size=pool_size, drop_probability=drop_probability, seed=seed)
-        self.server = SwitchServer(self.switch, host, port).start()
+                 device_id: int = 0, with_controller: bool = True, dataplane: str | None = None, threads: int = 1,
+                 **options) -> None:
+        self.switch = SoftwareSwitch(pool_size=pool_size, drop_probability=drop_probability, seed=seed,
+                                     dataplane=dataplane)
+        self.server = SwitchServer(self.switch, host, port, threads=threads).start()
         self.p4runtime: P4RuntimeServer | None = None
         self.target: SwitchTarget | None = None
         self.controller: Controller | None = None

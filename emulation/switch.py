@@ -1,7 +1,10 @@
 """The software switch's data plane: DESIGN.md's switch semantics, packet by packet.
 
 This pure-Python (numpy for the vector add) implementation is the reference: any faster
-data plane and every P4 program is tested against its replies and counters. It knows
+data plane and every P4 program is tested against its replies and counters. The native
+data path (``dataplane="native"``: ``emulation.native`` and ``native/switch.c``) sits
+beside it, chosen at construction; it keeps these tables, accessors and counters and
+replaces only ``process`` and the UDP loop. It knows
 nothing of sockets: ``process(data, src)`` takes one UDP payload and its sender and returns
 the packets to send, so tests can drive it packet by packet and the UDP server
 (``emulation.server``) is a thin loop around it.
@@ -19,6 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from emulation import native
 from switchml import defaults
 from switchml.pipeline import (
     DROP_PROBABILITY_SCALE,
@@ -54,7 +58,11 @@ class SoftwareSwitch:
         pool_size: slots in the pool (all jobs together), at most 16384.
         sizes: size enums accepted (default: all of wire format v1, 32..4096 elements).
         drop_probability: loss applied to every port without its own loss entry (0..1).
-        seed: seeds the loss generator, so a lossy run can be replayed.
+        seed: seeds the loss generator, so a lossy run can be replayed (the same draws on both
+            data paths).
+        dataplane: "native" (C), "python" (this reference) or None: native where its
+            extension is built, unless ``$SWITCHML_DATAPLANE`` says otherwise
+            (``switchml.native``).
     """
 
     def __init__(
@@ -63,7 +71,9 @@ class SoftwareSwitch:
         sizes: Sequence[int] = tuple(SIZE_TO_K),
         drop_probability: float = 0.0,
         seed: int | None = None,
+        dataplane: str | None = None,
     ) -> None:
+        dataplane = native.resolve(dataplane)
         if not 1 <= pool_size <= MAX_SLOTS:
             raise ValueError(f"pool_size={pool_size}; expected 1..{MAX_SLOTS}")
         self.pool_size = pool_size
@@ -90,6 +100,9 @@ class SoftwareSwitch:
             PACKETS_COUNTER: [0] * NUM_PACKET_COUNTERS,
         }
         self._lock = threading.Lock()
+        self.dataplane = dataplane
+        # Native: slot state, counters and the lock move onto the C state; tables stay here.
+        self._native = native.attach(self, seed) if dataplane == native.NATIVE else None
 
     # ---------------------------------------------------------------- tables
     def add_admission(self, ip: str, udp_port: int, entry: WorkerEntry | None) -> None:
@@ -191,12 +204,16 @@ class SoftwareSwitch:
     # ------------------------------------------------------------ data plane
     def process(self, data: bytes | bytearray | memoryview, src: Address) -> list[tuple[bytes, Address]]:
         """Handle one UDP payload from ``src``; return the (payload, destination) pairs to send."""
+        if self._native is not None:
+            return self._native.process(data, src)
         with self._lock:
             return self._process(data, src)
 
     def _lost(self, address: Address) -> bool:
         threshold = self._loss.get(self._port_of.get(address, 0), self._default_loss)
-        return threshold > 0 and self._rng.randrange(DROP_PROBABILITY_SCALE) < threshold
+        # getrandbits(15): uniform over 0..32767 like randrange(32768), and one MT19937 word
+        # per draw on every Python version, which the native path reproduces draw for draw.
+        return threshold > 0 and self._rng.getrandbits(15) < threshold
 
     def _drop(self, reason: DropReason) -> list[tuple[bytes, Address]]:
         self.counters[DROPS_COUNTER][reason] += 1
