@@ -1,4 +1,10 @@
-"""Fixtures shared by the tests: a software switch with its controller on loopback."""
+"""Fixtures shared by the tests: a software switch with its controller on loopback.
+
+``make_switch`` (and every test that asks for ``dataplane``) runs once per data path:
+``python`` (the reference) and ``native`` (the C extensions; skipped where they did not
+build). The fixture sets ``$SWITCHML_DATAPLANE``, so workers in this process and in the
+processes the test spawns use the same data path as the switch.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +13,39 @@ from collections.abc import Iterator
 
 import pytest
 
+from emulation import native as switch_native
 from emulation.runner import SoftwareSwitchRunner
+from switchml import native
+
+DATAPLANES = ("python", "native")
+
+
+def native_missing() -> str | None:
+    """Why the native data path cannot run here (None: it can)."""
+    for module, why_not in (native.worker_module(), switch_native.switch_module()):
+        if module is None:
+            return why_not
+    return None
+
+
+@pytest.fixture(params=DATAPLANES)
+def dataplane(request, monkeypatch) -> str:
+    """The data path of this run of the test (see the module docstring)."""
+    if request.param == "native" and (why_not := native_missing()) is not None:
+        pytest.skip(f"native data path not built: {why_not}")
+    monkeypatch.setenv(native.ENV_VAR, request.param)
+    return request.param
 
 
 @pytest.fixture
-def make_switch() -> Iterator:
+def make_switch(dataplane: str) -> Iterator:
     """Factory: ``make_switch(drop_probability=..., window=..., k=..., ...)`` -> a running
     SoftwareSwitchRunner on free loopback ports; all are stopped after the test."""
     runners: list[SoftwareSwitchRunner] = []
 
     def factory(drop_probability: float = 0.0, pool_size: int = 1024, seed: int = 7, **options) -> SoftwareSwitchRunner:
-        runner = SoftwareSwitchRunner("127.0.0.1", 0, 0, pool_size, drop_probability, seed, **options)
+        runner = SoftwareSwitchRunner("127.0.0.1", 0, 0, pool_size, drop_probability, seed, dataplane=dataplane,
+                                      **options)
         runners.append(runner)
         return runner
 

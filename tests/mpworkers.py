@@ -75,7 +75,8 @@ def expected_sum(n: int, size: int, seed: int, dtype: str = "float32") -> np.nda
 
 def slow_worker(queue, endpoint: str, job: str, rank: int, n: int, size: int, die_after: float | None,
                 worker_kwargs: dict) -> None:
-    """Start an allreduce; with ``die_after``, kill this process mid-call (SIGKILL, no goodbye)."""
+    """Start an allreduce; with ``die_after``, kill this process that many seconds into the call
+    (SIGKILL, no goodbye). Keep it short: the native data path sums 1M floats in ~0.2 s here."""
     from switchml import Worker
 
     try:
@@ -83,6 +84,8 @@ def slow_worker(queue, endpoint: str, job: str, rank: int, n: int, size: int, di
             x = make_input(0, rank, size)
             if die_after is not None:
                 fut = w.allreduce_async(x)
+                while not (fut.running() or fut.done()):  # count from the start of the call, not of the queue
+                    time.sleep(0.001)
                 time.sleep(die_after)
                 if not fut.done():
                     os.kill(os.getpid(), signal.SIGKILL)

@@ -116,7 +116,7 @@ def test_killed_worker_fails_the_others_in_bounded_time_and_switch_serves_next_j
     kwargs = {"timeout": 30.0, "heartbeat_interval": 0.2}
     queue = CTX.Queue()
     procs = [CTX.Process(target=slow_worker, args=(queue, env.endpoint, "doomed", r, 3, 1_000_000,
-                                                   0.5 if r == 2 else None, kwargs), daemon=True) for r in range(3)]
+                                                   0.05 if r == 2 else None, kwargs), daemon=True) for r in range(3)]
     for p in procs:
         p.start()
     reports = sorted(queue.get(timeout=60) for _ in range(2))  # rank 2 dies without a word

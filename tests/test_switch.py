@@ -10,6 +10,8 @@ from switchml import protocol
 from switchml.pipeline import DROPS_COUNTER, RESULTS_COUNTER, RETRANSMISSIONS_COUNTER, DropReason, Replica, WorkerEntry
 from switchml.protocol import MsgType
 
+pytestmark = pytest.mark.usefixtures("dataplane")  # both data paths (conftest.py)
+
 K = 64
 CTRL = ("127.0.0.9", 9000)
 JOB, BASE, POOL = 5, 10, 4

@@ -8,9 +8,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from switchml import Worker
 from trainer.launch import free_port
+
+pytestmark = pytest.mark.usefixtures("dataplane")  # both data paths (conftest.py)
 
 PY = sys.executable
 
