@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from trainer.eval.attribution_metrics import evaluate_attribution, format_results
+from trainer.eval.attribution_metrics import format_results
 from trainer.tasks.attribution import (
     BASELINE_FILE,
     ROOT_FILE,
@@ -236,7 +236,13 @@ def test_keys_are_data_compliant(run):
 
 
 def test_evaluate_attribution_end_to_end(run):
-    res = evaluate_attribution(run["out"], n_samples=128, pool_size=200, n_per_user=16, fid_steps=20, grid_samples=4)
+    # Through the task's switchml-eval entry point, as `switchml-eval attribution --ckpt` calls it.
+    p = argparse.ArgumentParser()
+    p.add_argument("--ckpt")
+    AttributionTask.add_eval_arguments(p)
+    args = p.parse_args(["--ckpt", str(run["out"] / ROOT_FILE), "--samples", "128", "--pool-size", "200",
+                         "--per-user", "16", "--fid-steps", "20"])  # fmt: skip
+    res = AttributionTask().evaluate_checkpoint(args)
     w, s = res["wouaf"], res["side_by_side"]
     for name in ("clean", "jpeg50", "jpeg75", "jpeg90", "blur", "noise", "crop", "brightness"):
         assert 0 <= w[name]["bit_acc"] <= 1 and 0 <= w[name]["attribution_acc"] <= 1

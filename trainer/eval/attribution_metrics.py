@@ -1,7 +1,7 @@
 """Metrics of attributable generators: bits, attribution, quality, robustness.
 
 ``evaluate_attribution(out_dir)`` loads what the attribution stages wrote
-(``root_generator.pt``, ``wouaf.pt``, ``baseline.pt``) and measures, for WOUAF and the
+(``root_generator.pt``, ``wouaf_model.pt``, ``baseline_models.pt``) and measures, for WOUAF and the
 decentralized-attribution baseline side by side, clean and under every evaluation
 post-process of :mod:`trainer.postprocess`:
 
@@ -339,7 +339,7 @@ def evaluate_attribution(
 ) -> dict[str, Any]:
     """Evaluate everything the attribution stages wrote to ``out_dir`` (or beside a file in it).
 
-    Reads ``root_generator.pt`` (required), ``wouaf.pt`` and ``baseline.pt`` (each optional:
+    Reads ``root_generator.pt`` (required), ``wouaf_model.pt`` and ``baseline_models.pt`` (each optional:
     a part whose file is missing is reported as ``None``). With ``write``, writes
     ``attribution_metrics.json`` and ``attribution_grid.png`` to ``out_dir``. Returns::
 
@@ -354,7 +354,7 @@ def evaluate_attribution(
     from trainer.tasks.attribution import BASELINE_FILE, ROOT_FILE, WOUAF_FILE, load_baseline, load_root, load_wouaf
 
     out_dir = Path(out_dir)
-    if out_dir.is_file():
+    if out_dir.is_file() or out_dir.suffix == ".pt":  # a checkpoint in the run folder
         out_dir = out_dir.parent
     device = torch.device(device)
     root, root_ckpt = load_root(out_dir / ROOT_FILE, map_location=device)

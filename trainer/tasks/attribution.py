@@ -11,14 +11,14 @@ wouaf
     weights are demodulated (StyleGAN2) *relative to the root weights*, so that all-ones
     scales give back ``G0`` (up to float rounding). A fingerprint decoder CNN reads ``f`` back from the image.
     Both are trained together: BCE on the bits (clean and after a random post-process) plus a
-    quality loss against ``G0(z)``. ``finish`` writes ``wouaf.pt``.
+    quality loss against ``G0(z)``. ``finish`` writes ``wouaf_model.pt``.
 baseline
     Decentralized attribution (Kim, Ren, Yang 2020). ``--users`` keys ``phi_k``: unit vectors
     in image space, data-compliant (``phi_k . x <= -1`` for root outputs ``x`` in [-1, 1]) and
     mutually orthogonal. User model ``G_k`` (fine-tuned from ``G0``) minimises
     ``max(0, margin - phi_k . G_k(z)) + gamma * ||G_k(z) - G0(z)||^2``; an image is attributed
     to the key with the largest score if that score is positive. ``finish`` writes
-    ``baseline.pt``.
+    ``baseline_models.pt``.
 
 The trainer wraps each stage's ``build_model`` result in DDP and calls ``loss`` with the
 wrapped module; every stage therefore does all its trainable work in one ``forward`` call.
@@ -48,8 +48,9 @@ log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 
 ROOT_FILE = "root_generator.pt"
-WOUAF_FILE = "wouaf.pt"
-BASELINE_FILE = "baseline.pt"
+# Not "<stage>.pt": those are the trainer's per-stage checkpoints (model, optimiser, step).
+WOUAF_FILE = "wouaf_model.pt"
+BASELINE_FILE = "baseline_models.pt"
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -441,7 +442,8 @@ class LatentDataset(Dataset):
 
 def save_root(vae: VAE, path: Path, data_config: dict[str, Any]) -> None:
     """Write the root generator (with its VAE encoder and the data it was trained on)."""
-    torch.save({"kind": "root", "generator": vae.decoder.config(), "data": data_config, "state_dict": vae.state_dict()}, path)
+    state = {k: v.detach().cpu() for k, v in vae.state_dict().items()}
+    torch.save({"kind": "root", "generator": vae.decoder.config(), "data": data_config, "state_dict": state}, path)
 
 
 def load_root(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Generator, dict[str, Any]]:
@@ -453,7 +455,7 @@ def load_root(path: str | Path, map_location: str | torch.device = "cpu") -> tup
 
 
 def load_wouaf(path: str | Path, root: Generator, map_location: str | torch.device = "cpu") -> tuple[WouafModel, dict[str, Any]]:
-    """The WOUAF model (eval mode, on ``root``) from ``wouaf.pt`` and its metadata."""
+    """The WOUAF model (eval mode, on ``root``) from ``wouaf_model.pt`` and its metadata."""
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     cfg = ckpt["config"]
     model = WouafModel(root, cfg["bits"], cfg["mapping_hidden"], cfg["decoder_width"])
@@ -463,7 +465,7 @@ def load_wouaf(path: str | Path, root: Generator, map_location: str | torch.devi
 
 
 def load_baseline(path: str | Path, root: Generator, map_location: str | torch.device = "cpu") -> tuple[BaselineModel, dict[str, Any]]:
-    """The baseline (keys and user generators, eval mode) from ``baseline.pt``."""
+    """The baseline (keys and user generators, eval mode) from ``baseline_models.pt``."""
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     model = BaselineModel(root, ckpt["keys"])
     model.users.load_state_dict(ckpt["users"])
@@ -546,8 +548,7 @@ class RootStage(Stage):
 
     def finish(self, model: nn.Module, ctx: StageContext) -> None:
         path = Path(ctx.out_dir) / ROOT_FILE
-        save_root(_unwrap(model).cpu() if ctx.device.type != "cpu" else _unwrap(model), path, self.data)
-        _unwrap(model).to(ctx.device)
+        save_root(_unwrap(model), path, self.data)
         log.info("root generator written to %s", path)
 
 
@@ -739,6 +740,37 @@ class AttributionTask(Task):
         g.add_argument("--baseline-augment", action=argparse.BooleanOptionalAction, default=True)
         g.add_argument("--baseline-steps", type=int, default=BaselineStage.default_steps)
         g.add_argument("--latent-samples", type=int, default=100_000, help="size of the seeded latent data sets")
+
+    @classmethod
+    def add_eval_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("attribution evaluation")
+        g.add_argument("--samples", type=int, default=1000, help="WOUAF images, one per pool user")
+        g.add_argument("--pool-size", type=int, default=1000, help="users (random fingerprints) to attribute among")
+        g.add_argument("--per-user", type=int, default=100, help="images per baseline user (side-by-side)")
+        g.add_argument("--postprocesses", nargs="*", default=None, help="subset of the post-processes (default: all)")
+        g.add_argument("--eval-seed", type=int, default=0)
+        g.add_argument("--fid-steps", type=int, default=300, help="training steps of the FID feature network (0 = no FID)")
+        g.add_argument("--no-grid", action="store_true", help="do not write attribution_grid.png")
+        g.add_argument("--eval-device", default="cpu")
+
+    def evaluate_checkpoint(self, args: argparse.Namespace) -> dict[str, Any]:
+        """``switchml-eval attribution --ckpt RUN``: :func:`evaluate_attribution` on the run folder."""
+        from trainer.eval.attribution_metrics import evaluate_attribution, format_results
+
+        res = evaluate_attribution(
+            args.ckpt,
+            n_samples=args.samples,
+            pool_size=args.pool_size,
+            n_per_user=args.per_user,
+            postprocesses=args.postprocesses,
+            seed=args.eval_seed,
+            fid=args.fid_steps > 0,
+            fid_steps=max(1, args.fid_steps),
+            grid=not args.no_grid,
+            device=args.eval_device,
+        )
+        log.info("attribution results:\n%s", format_results(res))
+        return res
 
     def stages(self, args: argparse.Namespace) -> list[Stage]:
         """The stages ``--stage`` names, in order."""
