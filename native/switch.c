@@ -40,7 +40,6 @@ enum {
 enum { PKT_RECEIVED = 0, PKT_AGGREGATED = 1, PKT_RESETS = 2, NUM_PKTS = 3 };
 
 #define MAX_BATCH 1024
-#define RX_BUFFER (SML_MAX_PACKET + 64) /* longer datagrams arrive truncated: still MALFORMED */
 
 /* ------------------------------------------------------------------ MT19937 (as CPython's) */
 #define MT_N 624
@@ -612,77 +611,88 @@ done:
     return result;
 }
 
-/* Buffers of one serving thread. */
+/* One serving thread's buffers: received datagrams, the RESULTs built for up to CHUNK of
+ * them, their destinations and the send queue. */
+#define CHUNK 256 /* datagrams processed per hold of the mutex */
+
 typedef struct {
-    unsigned batch;
-    struct mmsghdr *rx;
-    struct iovec *rx_iov;
-    struct sockaddr_in *rx_addr;
-    uint8_t *rx_buf;
-    uint8_t *out; /* one RESULT per received packet */
-    reply_t *replies;
-    addr_t *dst; /* batch x max_dst */
+    struct sockaddr_in dst;
+    const uint8_t *payload;
+    size_t len;
+    uint32_t seq;
+} out_t;
+
+typedef struct {
+    sml_rx_t rx;
+    sml_tx_t tx;
+    uint8_t *out;      /* CHUNK x SML_MAX_PACKET */
+    reply_t *replies;  /* CHUNK */
+    addr_t *dst;       /* CHUNK x max_dst */
+    out_t *outs;       /* CHUNK x max_dst */
     size_t max_dst;
-    struct mmsghdr *tx;
-    struct iovec *tx_iov;
-    struct sockaddr_in *tx_addr;
+    unsigned n;        /* replies pending */
+    unsigned nres;     /* RESULTs built in `out` (about one per n replies: the arena stays warm) */
+    int gso;
 } serve_bufs_t;
 
 static void bufs_free(serve_bufs_t *b) {
-    free(b->rx), free(b->rx_iov), free(b->rx_addr), free(b->rx_buf), free(b->out), free(b->replies), free(b->dst);
-    free(b->tx), free(b->tx_iov), free(b->tx_addr);
+    sml_rx_free(&b->rx);
+    sml_tx_free(&b->tx);
+    free(b->out), free(b->replies), free(b->dst), free(b->outs);
 }
 
+/* Room for `max_dst` destinations per reply; only while no reply is pending. */
 static int bufs_dst(serve_bufs_t *b, size_t max_dst) {
     if (max_dst <= b->max_dst) return 0;
-    size_t n = (size_t)b->batch * max_dst;
-    free(b->dst), free(b->tx), free(b->tx_iov), free(b->tx_addr);
-    b->dst = malloc(sizeof(addr_t) * n);
-    b->tx = calloc(n, sizeof(struct mmsghdr));
-    b->tx_iov = calloc(n, sizeof(struct iovec));
-    b->tx_addr = calloc(n, sizeof(struct sockaddr_in));
+    free(b->dst), free(b->outs);
+    sml_tx_free(&b->tx);
+    b->dst = malloc(sizeof(addr_t) * CHUNK * max_dst);
+    b->outs = malloc(sizeof(out_t) * CHUNK * max_dst);
     b->max_dst = max_dst;
-    return (b->dst && b->tx && b->tx_iov && b->tx_addr) ? 0 : -1;
+    if (!b->dst || !b->outs || sml_tx_init(&b->tx, (unsigned)(CHUNK * max_dst), &b->gso) < 0) return -1;
+    return 0;
 }
 
-static int bufs_init(serve_bufs_t *b, unsigned batch) {
+static int bufs_init(serve_bufs_t *b, unsigned batch, int offload) {
     memset(b, 0, sizeof *b);
-    b->batch = batch;
-    b->rx = calloc(batch, sizeof(struct mmsghdr));
-    b->rx_iov = calloc(batch, sizeof(struct iovec));
-    b->rx_addr = calloc(batch, sizeof(struct sockaddr_in));
-    b->rx_buf = malloc((size_t)batch * RX_BUFFER);
-    b->out = malloc((size_t)batch * SML_MAX_PACKET);
-    b->replies = calloc(batch, sizeof(reply_t));
-    if (!b->rx || !b->rx_iov || !b->rx_addr || !b->rx_buf || !b->out || !b->replies) return -1;
+    b->gso = offload;
+    b->out = malloc((size_t)CHUNK * SML_MAX_PACKET);
+    b->replies = calloc(CHUNK, sizeof(reply_t));
+    if (sml_rx_init(&b->rx, batch) < 0 || !b->out || !b->replies) return -1;
     return bufs_dst(b, 32);
 }
 
-static void rx_arm(serve_bufs_t *b) {
-    for (unsigned i = 0; i < b->batch; i++) {
-        b->rx_iov[i].iov_base = b->rx_buf + (size_t)i * RX_BUFFER;
-        b->rx_iov[i].iov_len = RX_BUFFER;
-        memset(&b->rx[i].msg_hdr, 0, sizeof(struct msghdr));
-        b->rx[i].msg_hdr.msg_iov = &b->rx_iov[i];
-        b->rx[i].msg_hdr.msg_iovlen = 1;
-        b->rx[i].msg_hdr.msg_name = &b->rx_addr[i];
-        b->rx[i].msg_hdr.msg_namelen = sizeof(struct sockaddr_in);
-    }
+static int out_cmp(const void *pa, const void *pb) {
+    const out_t *a = pa, *b = pb;
+    uint32_t ia = ntohl(a->dst.sin_addr.s_addr), ib = ntohl(b->dst.sin_addr.s_addr);
+    if (ia != ib) return ia < ib ? -1 : 1;
+    if (a->dst.sin_port != b->dst.sin_port) return ntohs(a->dst.sin_port) < ntohs(b->dst.sin_port) ? -1 : 1;
+    return a->seq < b->seq ? -1 : (a->seq > b->seq);
 }
 
-static unsigned tx_add(serve_bufs_t *b, unsigned ntx, const uint8_t *payload, size_t len, addr_t dst) {
-    b->tx_iov[ntx].iov_base = (void *)payload;
-    b->tx_iov[ntx].iov_len = len;
-    memset(&b->tx_addr[ntx], 0, sizeof(struct sockaddr_in));
-    b->tx_addr[ntx].sin_family = AF_INET;
-    b->tx_addr[ntx].sin_addr.s_addr = htonl(dst.ip);
-    b->tx_addr[ntx].sin_port = htons(dst.port);
-    memset(&b->tx[ntx].msg_hdr, 0, sizeof(struct msghdr));
-    b->tx[ntx].msg_hdr.msg_iov = &b->tx_iov[ntx];
-    b->tx[ntx].msg_hdr.msg_iovlen = 1;
-    b->tx[ntx].msg_hdr.msg_name = &b->tx_addr[ntx];
-    b->tx[ntx].msg_hdr.msg_namelen = sizeof(struct sockaddr_in);
-    return ntx + 1;
+static inline struct sockaddr_in sockaddr_of(addr_t a) {
+    struct sockaddr_in s;
+    memset(&s, 0, sizeof s);
+    s.sin_family = AF_INET;
+    s.sin_addr.s_addr = htonl(a.ip);
+    s.sin_port = htons(a.port);
+    return s;
+}
+
+/* Send the pending replies. With offload, by destination (stable: each destination keeps
+ * its order), so that runs to one worker leave as one segmented message. */
+static unsigned bufs_flush(int fd, serve_bufs_t *b) {
+    unsigned nout = 0;
+    for (unsigned i = 0; i < b->n; i++)
+        for (int j = 0; j < b->replies[i].ndst; j++) {
+            b->outs[nout] = (out_t){sockaddr_of(b->replies[i].dst[j]), b->replies[i].payload, b->replies[i].len, nout};
+            nout++;
+        }
+    b->n = b->nres = 0;
+    if (!nout) return 0;
+    if (b->gso && nout > 1) qsort(b->outs, nout, sizeof(out_t), out_cmp);
+    for (unsigned i = 0; i < nout; i++) sml_tx_add(&b->tx, b->outs[i].payload, b->outs[i].len, &b->outs[i].dst);
+    return sml_tx_flush(fd, &b->tx);
 }
 
 static int parse_flag(PyObject *obj, Py_buffer *flag) {
@@ -697,66 +707,69 @@ static int parse_flag(PyObject *obj, Py_buffer *flag) {
 
 static inline int flag_set(const Py_buffer *flag) { return __atomic_load_n((uint8_t *)flag->buf, __ATOMIC_RELAXED); }
 
-/* serve(fd, batch, stop_flag): receive (recvmmsg), process, send (sendmmsg) until
- * stop_flag[0] != 0, with the GIL released throughout. Several threads may serve the
- * same switch and socket: each holds the mutex only while it processes its batch. */
+/* serve(fd, batch, stop_flag, offload): receive (recvmmsg), process, send (sendmmsg) until
+ * stop_flag[0] != 0, with the GIL released throughout. With offload the socket takes
+ * coalesced receives (UDP_GRO) and sends runs to one destination segmented (UDP_SEGMENT).
+ * Several threads may serve the same switch and socket: each holds the mutex only while
+ * it processes up to CHUNK datagrams. */
 static PyObject *Switch_serve(SwitchObject *self, PyObject *args) {
-    int fd;
+    int fd, offload = 1, err = 0;
     unsigned batch;
     PyObject *flag_obj;
     Py_buffer flag;
     serve_bufs_t b;
-    int err = 0;
-    if (!PyArg_ParseTuple(args, "iIO", &fd, &batch, &flag_obj)) return NULL;
+    if (!PyArg_ParseTuple(args, "iIO|p", &fd, &batch, &flag_obj, &offload)) return NULL;
     if (batch < 1 || batch > MAX_BATCH) {
         PyErr_Format(PyExc_ValueError, "batch=%u; expected 1..%d", batch, MAX_BATCH);
         return NULL;
     }
     if (parse_flag(flag_obj, &flag) < 0) return NULL;
-    if (bufs_init(&b, batch) < 0) {
+    if (bufs_init(&b, batch, offload) < 0) {
         bufs_free(&b);
         PyBuffer_Release(&flag);
         return PyErr_NoMemory();
     }
+    if (offload && sml_enable_gro(fd) < 0) b.gso = 0; /* a kernel without UDP GRO: plain datagrams */
     Py_BEGIN_ALLOW_THREADS
     while (!flag_set(&flag)) {
-        rx_arm(&b);
-        int r = recvmmsg(fd, b.rx, batch, MSG_DONTWAIT, NULL);
+        int r = sml_rx_recv(fd, &b.rx);
         if (r < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) {
-                sml_wait(fd, POLLIN, 0.1); /* so the stop flag is seen within 100 ms */
-                continue;
-            }
             err = errno;
             break;
         }
-        unsigned ntx = 0;
-        pthread_mutex_lock(&self->mu);
-        size_t need = (size_t)max_group(self->tables);
-        if (bufs_dst(&b, need) < 0) {
-            pthread_mutex_unlock(&self->mu);
-            err = ENOMEM;
-            break;
+        if (r == 0) {
+            sml_wait(fd, POLLIN, 0.1); /* so the stop flag is seen within 100 ms */
+            continue;
         }
-        for (int i = 0; i < r; i++) {
-            reply_t *rep = &b.replies[i];
-            rep->dst = b.dst + (size_t)i * b.max_dst;
-            struct sockaddr_in *sa = &b.rx_addr[i];
-            if (b.rx[i].msg_hdr.msg_namelen < sizeof(struct sockaddr_in) || sa->sin_family != AF_INET) {
-                rep->ndst = 0; /* not IPv4: no admission entry could match it */
-                continue;
+        pthread_mutex_lock(&self->mu);
+        for (int m = 0; m < r && !err; m++) {
+            struct sockaddr_in *sa = &b.rx.addr[m];
+            if (b.rx.msgs[m].msg_hdr.msg_namelen < sizeof(struct sockaddr_in) || sa->sin_family != AF_INET)
+                continue; /* not IPv4: no admission entry could match it */
+            size_t offset = 0, len;
+            const uint8_t *d;
+            while (sml_rx_segment(&b.rx, (unsigned)m, &offset, &d, &len) == 0) {
+                if (b.n == CHUNK) {
+                    pthread_mutex_unlock(&self->mu);
+                    unsigned failed = bufs_flush(fd, &b);
+                    if (failed) __atomic_add_fetch(&self->send_failures, failed, __ATOMIC_RELAXED);
+                    pthread_mutex_lock(&self->mu);
+                }
+                if (b.n == 0 && bufs_dst(&b, (size_t)max_group(self->tables)) < 0) {
+                    err = ENOMEM;
+                    break;
+                }
+                reply_t *rep = &b.replies[b.n];
+                rep->dst = b.dst + (size_t)b.n * b.max_dst;
+                uint8_t *slot = b.out + (size_t)b.nres * SML_MAX_PACKET;
+                process_one(self, d, len, ntohl(sa->sin_addr.s_addr), ntohs(sa->sin_port), slot, rep);
+                if (rep->payload == slot) b.nres++; /* a RESET echo points into the receive buffer, alive until the flush */
+                b.n++;
             }
-            process_one(self, b.rx_iov[i].iov_base, b.rx[i].msg_len, ntohl(sa->sin_addr.s_addr), ntohs(sa->sin_port),
-                   b.out + (size_t)i * SML_MAX_PACKET, rep);
         }
         pthread_mutex_unlock(&self->mu);
-        for (int i = 0; i < r; i++)
-            for (int j = 0; j < b.replies[i].ndst; j++)
-                ntx = tx_add(&b, ntx, b.replies[i].payload, b.replies[i].len, b.replies[i].dst[j]);
-        if (ntx) {
-            unsigned failed = sml_send_all(fd, b.tx, ntx);
-            if (failed) __atomic_add_fetch(&self->send_failures, failed, __ATOMIC_RELAXED);
-        }
+        unsigned failed = bufs_flush(fd, &b);
+        if (failed) __atomic_add_fetch(&self->send_failures, failed, __ATOMIC_RELAXED);
     }
     Py_END_ALLOW_THREADS
     bufs_free(&b);
@@ -792,7 +805,7 @@ static PyMethodDef Switch_methods[] = {
     {"process", (PyCFunction)Switch_process, METH_VARARGS,
      "process(data, ip, port) -> [(payload, (ip, port))]: one packet, as SoftwareSwitch.process."},
     {"serve", (PyCFunction)Switch_serve, METH_VARARGS,
-     "serve(fd, batch, stop_flag): the UDP loop, GIL released, until stop_flag[0] != 0."},
+     "serve(fd, batch, stop_flag, offload=True): the UDP loop, GIL released, until stop_flag[0] != 0."},
     {"rng_bits15", (PyCFunction)Switch_rng_bits15, METH_VARARGS, "rng_bits15(count): next loss draws."},
     {NULL, NULL, 0, NULL},
 };
@@ -815,48 +828,58 @@ static PyTypeObject SwitchType = {
 };
 
 /* ------------------------------------------------------------------ benchmark tools */
-/* echo(fd, batch, stop_flag) -> datagrams echoed: a plain UDP echo with the same batching
- * as serve(), the kernel's ceiling for `switchml-bench pps`. */
+/* echo(fd, batch, stop_flag, offload) -> datagrams echoed: a plain UDP echo with the same
+ * batching as serve() (and, with offload, the same UDP_GRO/UDP_SEGMENT), the kernel's
+ * ceiling for `switchml-bench pps`. */
 static PyObject *echo(PyObject *Py_UNUSED(module), PyObject *args) {
-    int fd, err = 0;
+    int fd, err = 0, offload = 0, gso;
     unsigned batch;
     PyObject *flag_obj;
     Py_buffer flag;
-    serve_bufs_t b;
+    sml_rx_t rx;
+    sml_tx_t tx;
     unsigned long long echoed = 0;
-    if (!PyArg_ParseTuple(args, "iIO", &fd, &batch, &flag_obj)) return NULL;
+    if (!PyArg_ParseTuple(args, "iIO|p", &fd, &batch, &flag_obj, &offload)) return NULL;
     if (batch < 1 || batch > MAX_BATCH) {
         PyErr_Format(PyExc_ValueError, "batch=%u; expected 1..%d", batch, MAX_BATCH);
         return NULL;
     }
     if (parse_flag(flag_obj, &flag) < 0) return NULL;
-    if (bufs_init(&b, batch) < 0) {
-        bufs_free(&b);
+    gso = offload;
+    if (sml_rx_init(&rx, batch) < 0 || sml_tx_init(&tx, batch * SML_GSO_MAX_SEGS, &gso) < 0) {
+        sml_rx_free(&rx);
+        sml_tx_free(&tx);
         PyBuffer_Release(&flag);
         return PyErr_NoMemory();
     }
+    if (offload && sml_enable_gro(fd) < 0) gso = 0;
     Py_BEGIN_ALLOW_THREADS
     while (!flag_set(&flag)) {
-        rx_arm(&b);
-        int r = recvmmsg(fd, b.rx, batch, MSG_DONTWAIT, NULL);
+        int r = sml_rx_recv(fd, &rx);
         if (r < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) {
-                sml_wait(fd, POLLIN, 0.1);
-                continue;
-            }
             err = errno;
             break;
         }
-        unsigned ntx = 0;
-        for (int i = 0; i < r; i++) {
-            addr_t a = {ntohl(b.rx_addr[i].sin_addr.s_addr), ntohs(b.rx_addr[i].sin_port)};
-            ntx = tx_add(&b, ntx, b.rx_iov[i].iov_base, b.rx[i].msg_len, a);
+        if (r == 0) {
+            sml_wait(fd, POLLIN, 0.1);
+            continue;
         }
-        sml_send_all(fd, b.tx, ntx);
-        echoed += ntx;
+        for (int m = 0; m < r; m++) {
+            size_t offset = 0, len;
+            const uint8_t *d;
+            while (sml_rx_segment(&rx, (unsigned)m, &offset, &d, &len) == 0) {
+                if (sml_tx_add(&tx, d, len, &rx.addr[m]) < 0) {
+                    sml_tx_flush(fd, &tx);
+                    sml_tx_add(&tx, d, len, &rx.addr[m]);
+                }
+                echoed++;
+            }
+        }
+        sml_tx_flush(fd, &tx);
     }
     Py_END_ALLOW_THREADS
-    bufs_free(&b);
+    sml_rx_free(&rx);
+    sml_tx_free(&tx);
     PyBuffer_Release(&flag);
     if (err) {
         errno = err;
@@ -865,20 +888,21 @@ static PyObject *echo(PyObject *Py_UNUSED(module), PyObject *args) {
     return PyLong_FromUnsignedLongLong(echoed);
 }
 
-/* load(fds, ip, port, k, job, pool_base, window, warmup, duration, rto) -> dict
+/* load(fds, ip, port, k, job, pool_base, window, warmup, duration, rto, offload) -> dict
  *
  * A closed-loop load of UPDATE packets from several sockets (one per emulated worker), in
  * one thread without the GIL: each socket keeps `window` slots busy, and sends a slot's
  * next packet (next tsi, flipped set bit) when a reply with that slot and tsi comes back
  * (a RESULT from the switch, or the packet itself from an echo); a slot silent for `rto`
- * seconds resends. Counts replies after `warmup` seconds, for `duration` seconds. */
+ * seconds resends. Counts replies after `warmup` seconds, for `duration` seconds. With
+ * offload it sends and receives as the native worker engine does (UDP_SEGMENT, UDP_GRO). */
 static PyObject *load(PyObject *Py_UNUSED(module), PyObject *args) {
     PyObject *fd_list;
     unsigned long ip;
-    int port, k, job, pool_base, window;
+    int port, k, job, pool_base, window, offload = 0;
     double warmup, duration, rto;
-    if (!PyArg_ParseTuple(args, "O!kiiiiiddd", &PyList_Type, &fd_list, &ip, &port, &k, &job, &pool_base, &window,
-                          &warmup, &duration, &rto))
+    if (!PyArg_ParseTuple(args, "O!kiiiiiddd|p", &PyList_Type, &fd_list, &ip, &port, &k, &job, &pool_base, &window,
+                          &warmup, &duration, &rto, &offload))
         return NULL;
     int nfd = (int)PyList_GET_SIZE(fd_list);
     int size = -1;
@@ -888,7 +912,7 @@ static PyObject *load(PyObject *Py_UNUSED(module), PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "load: bad k, socket count or window");
         return NULL;
     }
-    int fds[64];
+    int fds[64], gso = offload;
     for (int j = 0; j < nfd; j++) {
         fds[j] = (int)PyLong_AsLong(PyList_GET_ITEM(fd_list, j));
         if (PyErr_Occurred()) return NULL;
@@ -897,27 +921,31 @@ static PyObject *load(PyObject *Py_UNUSED(module), PyObject *args) {
     uint8_t *pkts = calloc(nslots, plen);
     uint32_t *tsi = calloc(nslots, sizeof(uint32_t));
     double *sent_at = calloc(nslots, sizeof(double));
-    unsigned batch = 64;
-    struct mmsghdr *rx = calloc(batch, sizeof(struct mmsghdr)), *tx = calloc(nslots, sizeof(struct mmsghdr));
-    struct iovec *rx_iov = calloc(batch, sizeof(struct iovec)), *tx_iov = calloc(nslots, sizeof(struct iovec));
-    uint8_t *rx_buf = malloc((size_t)batch * RX_BUFFER);
     struct pollfd *pfd = calloc((size_t)nfd, sizeof(struct pollfd));
-    if (!pkts || !tsi || !sent_at || !rx || !tx || !rx_iov || !tx_iov || !rx_buf || !pfd) {
-        free(pkts), free(tsi), free(sent_at), free(rx), free(tx), free(rx_iov), free(tx_iov), free(rx_buf), free(pfd);
+    sml_rx_t rx;
+    sml_tx_t tx;
+    int rx_ok = sml_rx_init(&rx, 32), tx_ok = sml_tx_init(&tx, (unsigned)window + 1, &gso);
+    if (!pkts || !tsi || !sent_at || !pfd || rx_ok < 0 || tx_ok < 0) {
+        free(pkts), free(tsi), free(sent_at), free(pfd);
+        sml_rx_free(&rx);
+        sml_tx_free(&tx);
         return PyErr_NoMemory();
     }
     struct sockaddr_in dst = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port), .sin_addr.s_addr = htonl((uint32_t)ip)};
     unsigned long long replies = 0, sent = 0, resent = 0, stale = 0, all_replies = 0;
     double t0, t_start = 0, t_end = 0, last_scan;
     Py_BEGIN_ALLOW_THREADS
-    for (int j = 0; j < nfd; j++) pfd[j] = (struct pollfd){.fd = fds[j], .events = POLLIN};
+    for (int j = 0; j < nfd; j++) {
+        pfd[j] = (struct pollfd){.fd = fds[j], .events = POLLIN};
+        if (offload && sml_enable_gro(fds[j]) < 0) gso = 0;
+    }
     for (size_t s = 0; s < nslots; s++) {
         uint8_t *p = pkts + s * plen;
         for (int e = 0; e < k; e++) sml_store_be32(p + SML_PREAMBLE_BYTES + 4 * e, 1U);
         tsi[s] = (uint32_t)(s % (size_t)window);
     }
     t0 = last_scan = sml_now();
-    /* build and send packet of slot s (socket s / window, window slot s % window) */
+    /* build the packet of slot s (socket s / window, window slot s % window) */
 #define BUILD(s)                                                                                   \
     do {                                                                                           \
         uint8_t *p_ = pkts + (s) * plen;                                                           \
@@ -932,17 +960,14 @@ static PyObject *load(PyObject *Py_UNUSED(module), PyObject *args) {
         p_[9] = 0;                                                                                 \
     } while (0)
     for (int j = 0; j < nfd; j++) {
-        unsigned ntx = 0;
         for (int r = 0; r < window; r++) {
             size_t s = (size_t)j * (size_t)window + (size_t)r;
             BUILD(s);
-            tx_iov[ntx] = (struct iovec){pkts + s * plen, plen};
-            tx[ntx].msg_hdr = (struct msghdr){.msg_name = &dst, .msg_namelen = sizeof dst, .msg_iov = &tx_iov[ntx], .msg_iovlen = 1};
-            ntx++;
+            sml_tx_add(&tx, pkts + s * plen, plen, &dst);
             sent_at[s] = t0;
         }
-        sml_send_all(fds[j], tx, ntx);
-        sent += ntx;
+        sml_tx_flush(fds[j], &tx);
+        sent += (unsigned)window;
     }
     int measuring = 0;
     for (;;) {
@@ -958,64 +983,63 @@ static PyObject *load(PyObject *Py_UNUSED(module), PyObject *args) {
         if (poll(pfd, (nfds_t)nfd, 1) <= 0) goto scan;
         for (int j = 0; j < nfd; j++) {
             if (!(pfd[j].revents & POLLIN)) continue;
-            for (unsigned i = 0; i < batch; i++) {
-                rx_iov[i] = (struct iovec){rx_buf + (size_t)i * RX_BUFFER, RX_BUFFER};
-                rx[i].msg_hdr = (struct msghdr){.msg_iov = &rx_iov[i], .msg_iovlen = 1};
-            }
-            int r = recvmmsg(fds[j], rx, batch, MSG_DONTWAIT, NULL);
+            int r = sml_rx_recv(fds[j], &rx);
             if (r <= 0) continue;
             now = sml_now();
-            unsigned ntx = 0;
-            for (int i = 0; i < r; i++) {
-                const uint8_t *d = rx_iov[i].iov_base;
-                if (rx[i].msg_len != plen) { stale++; continue; }
-                int rel = (int)((((unsigned)d[6] << 8) | d[7]) & SML_SLOT_MASK) - pool_base;
-                size_t s = (size_t)j * (size_t)window + (size_t)rel;
-                if (rel < 0 || rel >= window || sml_load_be32(d + 2) != tsi[s]) { stale++; continue; }
-                all_replies++;
-                if (measuring) replies++;
-                tsi[s] += (uint32_t)window;
-                BUILD(s);
-                tx_iov[ntx] = (struct iovec){pkts + s * plen, plen};
-                tx[ntx].msg_hdr = (struct msghdr){.msg_name = &dst, .msg_namelen = sizeof dst, .msg_iov = &tx_iov[ntx], .msg_iovlen = 1};
-                ntx++;
-                sent_at[s] = now;
+            for (int m = 0; m < r; m++) {
+                size_t offset = 0, len;
+                const uint8_t *d;
+                while (sml_rx_segment(&rx, (unsigned)m, &offset, &d, &len) == 0) {
+                    if (len != plen) { stale++; continue; }
+                    int rel = (int)((((unsigned)d[6] << 8) | d[7]) & SML_SLOT_MASK) - pool_base;
+                    size_t s = (size_t)j * (size_t)window + (size_t)rel;
+                    if (rel < 0 || rel >= window || sml_load_be32(d + 2) != tsi[s]) { stale++; continue; }
+                    all_replies++;
+                    if (measuring) replies++;
+                    tsi[s] += (uint32_t)window;
+                    BUILD(s);
+                    if (sml_tx_add(&tx, pkts + s * plen, plen, &dst) < 0) {
+                        sml_tx_flush(fds[j], &tx);
+                        sml_tx_add(&tx, pkts + s * plen, plen, &dst);
+                    }
+                    sent_at[s] = now;
+                    sent++;
+                }
             }
-            sml_send_all(fds[j], tx, ntx);
-            sent += ntx;
+            sml_tx_flush(fds[j], &tx);
         }
     scan:
         now = sml_now();
         if (now - last_scan < 0.002) continue;
         last_scan = now;
         for (int j = 0; j < nfd; j++) {
-            unsigned ntx = 0;
             for (int r = 0; r < window; r++) {
                 size_t s = (size_t)j * (size_t)window + (size_t)r;
                 if (now - sent_at[s] < rto) continue;
-                tx_iov[ntx] = (struct iovec){pkts + s * plen, plen};
-                tx[ntx].msg_hdr = (struct msghdr){.msg_name = &dst, .msg_namelen = sizeof dst, .msg_iov = &tx_iov[ntx], .msg_iovlen = 1};
-                ntx++;
+                sml_tx_add(&tx, pkts + s * plen, plen, &dst);
                 sent_at[s] = now;
+                resent++;
+                sent++;
             }
-            if (ntx) {
-                sml_send_all(fds[j], tx, ntx);
-                resent += ntx;
-                sent += ntx;
-            }
+            sml_tx_flush(fds[j], &tx);
         }
     }
 #undef BUILD
     Py_END_ALLOW_THREADS
-    free(pkts), free(tsi), free(sent_at), free(rx), free(tx), free(rx_iov), free(tx_iov), free(rx_buf), free(pfd);
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:d}", "replies", replies, "all_replies", all_replies, "sent", sent,
-                         "retransmissions", resent, "stale", stale, "seconds", t_end - t_start);
+    free(pkts), free(tsi), free(sent_at), free(pfd);
+    sml_rx_free(&rx);
+    sml_tx_free(&tx);
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:d,s:O}", "replies", replies, "all_replies", all_replies, "sent",
+                         sent, "retransmissions", resent, "stale", stale, "seconds", t_end - t_start, "offload",
+                         gso ? Py_True : Py_False);
 }
 
 static PyMethodDef module_methods[] = {
-    {"echo", echo, METH_VARARGS, "echo(fd, batch, stop_flag) -> echoed: plain UDP echo (recvmmsg/sendmmsg)."},
+    {"echo", echo, METH_VARARGS,
+     "echo(fd, batch, stop_flag, offload=False) -> echoed: UDP echo (recvmmsg/sendmmsg)."},
     {"load", load, METH_VARARGS,
-     "load(fds, ip, port, k, job, pool_base, window, warmup, duration, rto) -> dict: closed-loop UPDATE load."},
+     "load(fds, ip, port, k, job, pool_base, window, warmup, duration, rto, offload=False) -> dict: closed-loop "
+     "UPDATE load."},
     {NULL, NULL, 0, NULL},
 };
 

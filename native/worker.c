@@ -18,7 +18,7 @@
 #include <math.h>
 #include <stdlib.h>
 
-#define RX_BATCH 64
+#define RX_BATCH 32 /* messages per recvmmsg; with UDP_GRO each may hold many datagrams */
 
 enum { ST_SENT = 0, ST_RETRANS = 1, ST_RESULTS = 2, ST_STALE = 3, NUM_STATS = 4 };
 enum { RC_DONE = 0, RC_ABORT = 1, RC_CLOSED = 2, RC_TIMEOUT = 3 };
@@ -77,13 +77,26 @@ SML_HOT static void ints_from_be(const uint8_t *restrict in, Py_ssize_t m, int32
     for (Py_ssize_t i = 0; i < m; i++) out[i] = (int32_t)sml_load_be32(in + 4 * i);
 }
 
+/* The same in float32, twice the lanes: when f is a normal float32, x * f is exact wherever
+ * it matters (a product that underflows is below 2^-126 and rounds to 0 either way), and the
+ * float -> int32 conversion (cvtps2dq) rounds to nearest even, as rint; out of range and NaN
+ * give INT32_MIN, as above. */
+SML_HOT static void quantize_be_f32(const float *restrict x, Py_ssize_t m, Py_ssize_t k, float f, uint8_t *restrict out) {
+    for (Py_ssize_t i = 0; i < m; i++) sml_store_be32(out + 4 * i, (uint32_t)__builtin_irintf(x[i] * f));
+    if (k > m) memset(out + 4 * m, 0, (size_t)(k - m) * 4);
+}
+
 /* Block b's packet payload: quantized with global exponent e (zeros for the NaN sentinel). */
 static void quantize_block(const float *x, Py_ssize_t m, Py_ssize_t k, int e, int n, uint8_t *out) {
     if (e == SML_EXP_NAN) {
         memset(out, 0, (size_t)k * 4);
         return;
     }
-    quantize_be(x, m, k, ldexp(1.0, SML_QUANT_BITS - sum_bits(n) - e), out);
+    int shift = SML_QUANT_BITS - sum_bits(n) - e; /* f = 2^shift, shift in -101..156 */
+    if (shift <= 127)
+        quantize_be_f32(x, m, k, ldexpf(1.0f, shift), out);
+    else /* a block below 2^-97: f is no float32, take the float64 path */
+        quantize_be(x, m, k, ldexp(1.0, shift), out);
 }
 
 static void dequantize_block(const uint8_t *in, Py_ssize_t m, int e, int n, float *out) {
@@ -309,7 +322,8 @@ static inline double rto_of(double srtt, double rto0, double rto_max) {
 }
 
 /* allreduce(fd, ip, port, src, out, is_float, k, window, job, pool_base, num_workers, tsi0,
- *           parity, rto0, rto_max, timeout, scan_interval, srtt, stats, flags, outstanding)
+ *           parity, rto0, rto_max, timeout, scan_interval, srtt, stats, flags, outstanding,
+ *           offload=True)
  *   -> (code, done, n_packets, silent_for)
  *
  * One Worker._allreduce_flat call with the GIL released. src/out: the flat float32 or
@@ -317,27 +331,30 @@ static inline double rto_of(double srtt, double rto0, double rto_max) {
  * first use. srtt: float64[1], read and written back. stats: int64[4] (sent,
  * retransmissions, results, stale), incremented live. flags: int32[1] polled every
  * scan_interval (1: the job failed, 2: the worker is closing). outstanding: int64[window],
- * written on return (-1: slot done). code: 0 done, 1 abort, 2 closed, 3 progress timeout. */
+ * written on return (-1: slot done). code: 0 done, 1 abort, 2 closed, 3 progress timeout.
+ * offload: receive coalesced (UDP_GRO) and send each batch of packets as one segmented
+ * message (UDP_SEGMENT); the switch sees the same datagrams either way. */
 static PyObject *py_allreduce(PyObject *Py_UNUSED(m), PyObject *args) {
-    int fd, is_float, job, pool_base, n;
+    int fd, is_float, job, pool_base, n, offload = 1;
     unsigned long ip;
     int port;
     Py_ssize_t k, window;
     unsigned long tsi0;
     double rto0, rto_max, timeout, scan;
     Py_buffer src, out, parity, srtt_b, stats_b, flags_b, outst_b;
-    if (!PyArg_ParseTuple(args, "ikiy*w*pnniiiky*ddddw*w*w*w*", &fd, &ip, &port, &src, &out, &is_float, &k, &window,
-                          &job, &pool_base, &n, &tsi0, &parity, &rto0, &rto_max, &timeout, &scan, &srtt_b, &stats_b,
-                          &flags_b, &outst_b))
+    if (!PyArg_ParseTuple(args, "ikiy*w*pnniiiky*ddddw*w*w*w*|p", &fd, &ip, &port, &src, &out, &is_float, &k,
+                          &window, &job, &pool_base, &n, &tsi0, &parity, &rto0, &rto_max, &timeout, &scan, &srtt_b,
+                          &stats_b, &flags_b, &outst_b, &offload))
         return NULL;
     call_t c = {0};
     PyObject *result = NULL;
-    uint8_t *pkts = NULL, *rx_buf = NULL;
+    uint8_t *pkts = NULL;
     Py_ssize_t *outstanding = NULL;
     double *sent_at = NULL, *rto = NULL;
     char *resent = NULL;
-    struct mmsghdr *rx = NULL, *tx = NULL;
-    struct iovec *rx_iov = NULL, *tx_iov = NULL;
+    sml_rx_t rx = {0};
+    sml_tx_t tx = {0};
+    int gso = offload;
     int size = -1, code = RC_DONE, err = 0;
     double silent_for = 0;
     Py_ssize_t done = 0;
@@ -356,19 +373,14 @@ static PyObject *py_allreduce(PyObject *Py_UNUSED(m), PyObject *args) {
     c.w = window < c.n_blocks ? window : c.n_blocks;
     c.n_packets = is_float ? c.n_blocks + c.w : c.n_blocks;
     c.plen = SML_PREAMBLE_BYTES + 4 * (size_t)k;
-    size_t rx_len = c.plen + 64; /* a longer datagram arrives truncated: its length marks it stale */
     c.gexp = calloc((size_t)c.n_blocks, 1);
     pkts = malloc((size_t)c.w * c.plen);
     outstanding = malloc(sizeof(Py_ssize_t) * (size_t)c.w);
     sent_at = malloc(sizeof(double) * (size_t)c.w);
     rto = malloc(sizeof(double) * (size_t)c.w);
     resent = calloc((size_t)c.w, 1);
-    rx = calloc(RX_BATCH, sizeof(struct mmsghdr));
-    rx_iov = calloc(RX_BATCH, sizeof(struct iovec));
-    rx_buf = malloc(RX_BATCH * rx_len);
-    tx = calloc((size_t)c.w + RX_BATCH, sizeof(struct mmsghdr));
-    tx_iov = calloc((size_t)c.w + RX_BATCH, sizeof(struct iovec));
-    if (!c.gexp || !pkts || !outstanding || !sent_at || !rto || !resent || !rx || !rx_iov || !rx_buf || !tx || !tx_iov) {
+    int rx_ok = sml_rx_init(&rx, RX_BATCH), tx_ok = sml_tx_init(&tx, 2 * (unsigned)c.w + 1, &gso);
+    if (!c.gexp || !pkts || !outstanding || !sent_at || !rto || !resent || rx_ok < 0 || tx_ok < 0) {
         PyErr_NoMemory();
         goto cleanup;
     }
@@ -379,14 +391,8 @@ static PyObject *py_allreduce(PyObject *Py_UNUSED(m), PyObject *args) {
     const size_t expected = c.plen;
 
     Py_BEGIN_ALLOW_THREADS
-    unsigned ntx = 0;
-#define QUEUE(rel)                                                                                          \
-    do {                                                                                                    \
-        tx_iov[ntx] = (struct iovec){pkts + (size_t)(rel) * c.plen, c.plen};                               \
-        tx[ntx].msg_hdr = (struct msghdr){.msg_name = &dst, .msg_namelen = sizeof dst, .msg_iov = &tx_iov[ntx], \
-                                          .msg_iovlen = 1};                                                 \
-        ntx++;                                                                                              \
-    } while (0)
+    if (offload && sml_enable_gro(fd) < 0) gso = 0; /* a kernel without UDP GRO: plain datagrams */
+#define QUEUE(rel) sml_tx_add(&tx, pkts + (size_t)(rel) * c.plen, c.plen, &dst) /* never full: 2w slots */
     double now = sml_now();
     for (Py_ssize_t rel = 0; rel < c.w; rel++) {
         build_packet(&c, rel, pkts + (size_t)rel * c.plen);
@@ -398,31 +404,29 @@ static PyObject *py_allreduce(PyObject *Py_UNUSED(m), PyObject *args) {
         QUEUE(rel);
         sent_at[rel] = now;
     }
-    sml_send_all(fd, tx, ntx);
+    sml_tx_flush(fd, &tx);
     stats[ST_SENT] += c.w;
-    ntx = 0;
     double last_progress = now, last_scan = now;
     while (done < c.n_packets) {
-        for (int i = 0; i < RX_BATCH; i++) {
-            rx_iov[i] = (struct iovec){rx_buf + (size_t)i * rx_len, rx_len};
-            rx[i].msg_hdr = (struct msghdr){.msg_iov = &rx_iov[i], .msg_iovlen = 1};
-        }
-        int r = recvmmsg(fd, rx, RX_BATCH, MSG_DONTWAIT, NULL);
+        int r = sml_rx_recv(fd, &rx);
         if (r < 0) {
-            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
-                err = errno;
-                break;
-            }
+            err = errno;
+            break;
+        }
+        if (r == 0) {
             double left = scan - (sml_now() - last_scan);
             sml_wait(fd, POLLIN, left > 0 ? left : 0);
-            r = 0;
         }
         now = sml_now();
         for (int m = 0; m < r; m++) {
-            const uint8_t *d = rx_iov[m].iov_base;
-            Py_ssize_t rel = (Py_ssize_t)((((unsigned)d[6] << 8) | d[7]) & SML_SLOT_MASK) - pool_base;
+          size_t offset = 0, len;
+          const uint8_t *d;
+          while (sml_rx_segment(&rx, (unsigned)m, &offset, &d, &len) == 0) {
+            Py_ssize_t rel = len >= SML_PREAMBLE_BYTES
+                                 ? (Py_ssize_t)((((unsigned)d[6] << 8) | d[7]) & SML_SLOT_MASK) - pool_base
+                                 : -1;
             /* Worker._match: stale, duplicate or foreign results are counted and ignored */
-            if (rx[m].msg_len != expected || (d[0] >> 4) != SML_MSG_RESULT || d[1] != (uint8_t)job || rel < 0 ||
+            if (len != expected || (d[0] >> 4) != SML_MSG_RESULT || d[1] != (uint8_t)job || rel < 0 ||
                 rel >= c.w || outstanding[rel] < 0 ||
                 sml_load_be32(d + 2) != (uint32_t)(c.tsi0 + (uint32_t)outstanding[rel])) {
                 stats[ST_STALE]++;
@@ -446,11 +450,9 @@ static PyObject *py_allreduce(PyObject *Py_UNUSED(m), PyObject *args) {
             } else {
                 outstanding[rel] = -1;
             }
+          }
         }
-        if (ntx) {
-            sml_send_all(fd, tx, ntx);
-            ntx = 0;
-        }
+        sml_tx_flush(fd, &tx);
         if (now - last_scan >= scan) {
             last_scan = now;
             int32_t f = *flags;
@@ -467,10 +469,7 @@ static PyObject *py_allreduce(PyObject *Py_UNUSED(m), PyObject *args) {
                     stats[ST_RETRANS]++; /* as in Python, not counted in packets_sent */
                 }
             }
-            if (ntx) {
-                sml_send_all(fd, tx, ntx);
-                ntx = 0;
-            }
+            sml_tx_flush(fd, &tx);
         }
     }
 #undef QUEUE
@@ -485,7 +484,8 @@ static PyObject *py_allreduce(PyObject *Py_UNUSED(m), PyObject *args) {
     result = Py_BuildValue("(innd)", code, done, c.n_packets, silent_for);
 cleanup:
     free(c.gexp), free(pkts), free(outstanding), free(sent_at), free(rto), free(resent);
-    free(rx), free(rx_iov), free(rx_buf), free(tx), free(tx_iov);
+    sml_rx_free(&rx);
+    sml_tx_free(&tx);
     PyBuffer_Release(&src), PyBuffer_Release(&out), PyBuffer_Release(&parity), PyBuffer_Release(&srtt_b);
     PyBuffer_Release(&stats_b), PyBuffer_Release(&flags_b), PyBuffer_Release(&outst_b);
     return result;
