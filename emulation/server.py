@@ -12,6 +12,7 @@ import threading
 
 from emulation.switch import SoftwareSwitch
 from switchml import defaults
+from switchml.native import udp_offload
 from switchml.net import open_udp_socket
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,12 @@ class SwitchServer:
         threads: native only: threads receiving on the socket. Each processes its own batch
             under the switch's mutex, so only the system calls run in parallel; on this
             2-core machine one thread measured best (``switchml-bench pps --threads``).
-        batch: native only: datagrams per recvmmsg.
+        batch: native only: messages per recvmmsg.
+        offload: native only: UDP GSO/GRO (None: ``switchml.native.udp_offload()``).
     """
 
     def __init__(self, switch: SoftwareSwitch, host: str = defaults.SWITCH_HOST, port: int = defaults.SWITCH_PORT,
-                 threads: int = 1, batch: int = DEFAULT_BATCH):
+                 threads: int = 1, batch: int = DEFAULT_BATCH, offload: bool | None = None):
         if threads < 1 or not 1 <= batch <= 1024:
             raise ValueError(f"threads={threads}, batch={batch}; expected threads >= 1 and batch 1..1024")
         self.switch = switch
@@ -51,6 +53,7 @@ class SwitchServer:
             self.sock.setblocking(True)  # the native loop polls before it receives; sends wait for buffer space
             self._stop_flag = bytearray(1)  # what the native loop polls: it holds no GIL to look at an Event
             self._batch = batch
+            self._offload = udp_offload() if offload is None else offload
             self._threads = [threading.Thread(target=self._serve_native, name=f"switchml-switch-{i}", daemon=True)
                              for i in range(threads)]
 
@@ -84,7 +87,7 @@ class SwitchServer:
         state = self.switch._native.state
         while not self._stop.is_set():
             try:
-                state.serve(self.sock.fileno(), self._batch, self._stop_flag)  # returns once the flag is set
+                state.serve(self.sock.fileno(), self._batch, self._stop_flag, self._offload)  # until the flag is set
             except OSError:
                 if self._stop.is_set():
                     return

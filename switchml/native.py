@@ -11,6 +11,11 @@ with a data path (``switchml.Worker``, ``emulation.switch.SoftwareSwitch``) take
 - ``"python"``: the reference, always available.
 
 Which one a component got is logged once per process at INFO.
+
+The native loops also use UDP segmentation offload where the kernel has it (UDP_SEGMENT to
+send a run of datagrams to one destination in one message, UDP_GRO to receive such runs in
+one buffer): the same datagrams, less kernel work per datagram. ``$SWITCHML_UDP_OFFLOAD=0``
+turns it off (to measure it, or on a kernel that misbehaves).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ NATIVE = "native"
 PYTHON = "python"
 DATAPLANES = (NATIVE, PYTHON)
 ENV_VAR = "SWITCHML_DATAPLANE"  #: default data path of every component in this process and its children
+OFFLOAD_ENV_VAR = "SWITCHML_UDP_OFFLOAD"  #: "0" turns UDP GSO/GRO off in the native loops
 
 _logged: set[str] = set()
 _log_lock = threading.Lock()
@@ -38,6 +44,11 @@ _modules: dict[str, tuple[ModuleType | None, str | None]] = {}
 
 class NativeUnavailable(SwitchMLError):
     """``dataplane="native"`` was asked for, but its C extension is not built (or does not match)."""
+
+
+def udp_offload() -> bool:
+    """Whether the native loops use UDP GSO/GRO (default yes; ``$SWITCHML_UDP_OFFLOAD=0``: no)."""
+    return os.environ.get(OFFLOAD_ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def load(module_name: str, expected: dict[str, int]) -> tuple[ModuleType | None, str | None]:
@@ -83,8 +94,8 @@ def resolve(requested: str | None, component: str, module: ModuleType | None, wh
         if component not in _logged:
             _logged.add(component)
             detail = "C extension" if chosen == NATIVE else (
-                "pure-Python reference" + (f"; native unavailable: {why_not}" if module is None else ""))
-            log.info("%s data path: %s (%s, %s)", component, chosen, detail, source)
+                "pure-Python reference" + (f", native unavailable: {why_not}" if module is None else ""))
+            log.info("%s data path: %s (%s; %s)", component, chosen, source, detail)
     return chosen
 
 
