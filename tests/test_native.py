@@ -304,6 +304,19 @@ def test_quantize_matches_numpy_bit_for_bit(x, n, headroom):
 
 
 @needs_native
+@pytest.mark.parametrize("n", [1, 3, 32])
+def test_quantize_matches_numpy_at_every_exponent(n):
+    """Every global exponent: f = 2^(30-c-E) is a float32 down to E = -97-c and float64 below."""
+    rng = np.random.default_rng(n)
+    for e in range(protocol.EXP_MIN, protocol.EXP_NAN):
+        x = (rng.uniform(-1, 1, 256) * 2.0**e).astype(np.float32)  # |x| < 2^e, some denormal for small e
+        x[:4] = [0.0, -0.0, np.float32(2.0**e) * np.float32(0.99999994), np.float32(1e-45)]
+        out = bytearray(x.nbytes)
+        _native().quantize(x, e, n, out)
+        assert np.array_equal(np.frombuffer(out, ">i4"), quantize.quantize(x, e, n)), e
+
+
+@needs_native
 def test_quantize_rounds_ties_to_even_and_handles_the_nan_sentinel():
     n, e = 1, 1  # f = 2^29: x * f lands on .5 for these x
     x = (np.array([0.5, 1.5, 2.5, -0.5, -1.5, 3.5], np.float64) / 2**29).astype(np.float32)
@@ -519,7 +532,7 @@ for make in (lambda: SoftwareSwitch(dataplane="native"), lambda: native.resolve_
     env = {k: v for k, v in os.environ.items() if k != native.ENV_VAR}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("data path: python (pure-Python reference; native unavailable") == 2, proc.stdout
+    assert proc.stdout.count("data path: python (default; pure-Python reference, native unavailable") == 2, proc.stdout
     assert proc.stdout.count("refused:") == 2 and "pip install -e ." in proc.stdout
 
 
