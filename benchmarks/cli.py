@@ -3,6 +3,7 @@
     switchml-bench allreduce --workers 4 --size 25MB --backends switchml,gloo --json out.json
     switchml-bench allreduce --net mininet --bw 100 --mtu 9000 --workers 4,8 --size 64MB --plot out.png
     switchml-bench scale --measured benchmarks/results/allreduce_mininet.json --plot scale.png
+    switchml-bench pps --payload 256,1024 --json benchmarks/results/pps.json
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "that made them) and PNG, by convention under benchmarks/results/.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{allreduce,scale,train}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{allreduce,scale,pps,train}")
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     ar = sub.add_parser(
@@ -121,6 +122,30 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--json", metavar="FILE", help="write the model's numbers here")
     sc.add_argument("--plot", metavar="FILE", help="write a PNG plot here")
 
+    pp = sub.add_parser(
+        "pps", formatter_class=fmt,
+        help="the software switch's packets/s against a plain UDP echo, and the quantizer against memcpy",
+        description="Loopback, one process: a closed-loop load generator in C (N worker sockets, WINDOW slots "
+                    "each) against the software switch on each data path and against a UDP echo of the same "
+                    "packets (native: recvmmsg/sendmmsg, the kernel's ceiling here; python: recvfrom/sendto). "
+                    "Then the native quantizer and dequantizer against numpy's and against a memcpy of the same "
+                    "bytes. Needs the native extensions (the generator is one of them).")
+    pp.add_argument("--payload", type=_arg(_ints, "--payload"), default=[256, 1024], metavar="B[,B...]",
+                    help="payload bytes per packet after the 10-byte header (4*k: 256 = k 64, 1024 = k 256)")
+    pp.add_argument("--targets", type=_arg(lambda t: parse_list(t, str.strip), "--targets"),
+                    default=["native", "python", "echo-native", "echo-python"], metavar="T[,T...]",
+                    help="native and python (the switch's data paths), echo-native, echo-python")
+    pp.add_argument("--threads", type=_arg(_ints, "--threads"), default=[1], metavar="N[,N...]",
+                    help="receive threads of the native switch (each value is measured)")
+    pp.add_argument("--workers", type=int, default=4, help="worker sockets (a slot completes when all sent)")
+    pp.add_argument("--window", type=int, default=64, help="slots each worker socket keeps busy")
+    pp.add_argument("--duration", type=float, default=3.0, help="seconds measured per run")
+    pp.add_argument("--warmup", type=float, default=0.5, help="seconds run before measuring")
+    pp.add_argument("--repeats", type=int, default=3, help="runs per point (the median is reported)")
+    pp.add_argument("--quantize-size", type=_arg(parse_size, "--quantize-size"), default=25_000_000,
+                    help="bytes of float32 for the quantizer's throughput (0: skip)")
+    pp.add_argument("--json", metavar="FILE", help="write every run, the machine and the command here")
+
     sub.add_parser(
         "train", formatter_class=fmt,
         help="TODO: not available yet: step time, samples/s and time-to-metric of switchml vs DDP allreduce "
@@ -142,9 +167,34 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import scale
 
         return scale.main(args, command)
+    if args.command == "pps":
+        return _pps(args, command)
     print("switchml-bench train: not implemented yet; it comes with the trainer (switchml-train, the DDP hook). "
           "Use `switchml-bench allreduce` meanwhile.", file=sys.stderr)
     return 2
+
+
+def _pps(args: argparse.Namespace, command: str) -> int:
+    from benchmarks import pps
+
+    unknown = [t for t in args.targets if t not in pps.TARGETS]
+    if unknown:
+        print(f"switchml-bench pps: unknown targets {unknown}; expected some of {', '.join(pps.TARGETS)}",
+              file=sys.stderr)
+        return 2
+    cfg = pps.PpsConfig(payloads=args.payload, targets=args.targets, threads=args.threads, workers=args.workers,
+                        window=args.window, duration=args.duration, warmup=args.warmup, repeats=args.repeats,
+                        quantize_size=args.quantize_size)
+    try:
+        doc = pps.run(cfg, command)
+    except (RuntimeError, ValueError, OSError) as exc:
+        print(f"switchml-bench pps: {exc}", file=sys.stderr)
+        return 1
+    print(pps.format_report(doc))
+    pps.save(doc, args.json)
+    if args.json:
+        print(f"JSON: {args.json}")
+    return 0
 
 
 def _allreduce(args: argparse.Namespace, command: str) -> int:
