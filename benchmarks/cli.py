@@ -133,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--payload", type=_arg(_ints, "--payload"), default=[256, 1024], metavar="B[,B...]",
                     help="payload bytes per packet after the 10-byte header (4*k: 256 = k 64, 1024 = k 256)")
     pp.add_argument("--targets", type=_arg(lambda t: parse_list(t, str.strip), "--targets"),
-                    default=["native", "python", "echo-native", "echo-python"], metavar="T[,T...]",
-                    help="native and python (the switch's data paths), echo-native, echo-python")
+                    default=["native", "native-plain", "python", "echo-native", "echo-offload", "echo-python"],
+                    metavar="T[,T...]", help="the switch: native (UDP GSO/GRO), native-plain (without), python; "
+                    "a UDP echo: echo-native (recvmmsg/sendmmsg), echo-offload (and GSO/GRO), echo-python")
     pp.add_argument("--threads", type=_arg(_ints, "--threads"), default=[1], metavar="N[,N...]",
                     help="receive threads of the native switch (each value is measured)")
     pp.add_argument("--workers", type=int, default=4, help="worker sockets (a slot completes when all sent)")

@@ -8,10 +8,14 @@ against, in turn:
 
 - the software switch (``SoftwareSwitch`` + ``SwitchServer``) on each data path asked for:
   every slot completes when all N workers' packets are in, and its RESULT is multicast
-  back to the N, so the switch sends one packet per packet received;
-- a plain UDP echo of the same packets: the native one (recvmmsg/sendmmsg, the same
-  batching as the native switch) is the ceiling the kernel allows here; a Python
-  ``recvfrom``/``sendto`` echo is there for scale.
+  back to the N, so the switch sends one packet per packet received. ``native`` uses UDP
+  segmentation offload (UDP_GRO receives, UDP_SEGMENT sends), ``native-plain`` does not;
+- a UDP echo of the same packets, the ceiling the kernel allows here: ``echo-native``
+  with recvmmsg/sendmmsg (the batching of the native switch), ``echo-offload`` with
+  UDP_GRO/UDP_SEGMENT on top, and a Python ``recvfrom``/``sendto`` echo for scale.
+
+The generator sends and receives as the native worker engine does (with offload, as a
+native worker would); every target gets the same datagrams on the wire.
 
 The rate is replies per second at the generator (= packets the target sent; it received
 as many). Payloads are the int32 bytes after the 10-byte header: 256 B is k=64, 1 KB k=256.
@@ -41,7 +45,8 @@ from switchml.pipeline import Replica, WorkerEntry
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("native", "python", "echo-native", "echo-python")
+TARGETS = ("native", "native-plain", "python", "echo-native", "echo-offload", "echo-python")
+ECHOES = ("echo-native", "echo-offload")
 
 
 @dataclass
@@ -77,7 +82,7 @@ def _modules():
 def _generate(module, socks: list[socket.socket], target: tuple[str, int], k: int, job: int, cfg: PpsConfig) -> dict:
     ip = int.from_bytes(socket.inet_aton(target[0]), "big")
     return module.load([s.fileno() for s in socks], ip, target[1], k, job, 0, cfg.window, cfg.warmup, cfg.duration,
-                       cfg.rto)
+                       cfg.rto, True)
 
 
 def _worker_sockets(n: int) -> list[socket.socket]:
@@ -87,8 +92,8 @@ def _worker_sockets(n: int) -> list[socket.socket]:
     return socks
 
 
-def run_switch(dataplane: str, payload: int, threads: int, cfg: PpsConfig) -> dict[str, Any]:
-    """One timed run against the software switch."""
+def run_switch(dataplane: str, payload: int, threads: int, cfg: PpsConfig, offload: bool = True) -> dict[str, Any]:
+    """One timed run against the software switch (offload: the native loop's UDP GSO/GRO)."""
     from emulation.server import SwitchServer
     from emulation.switch import SoftwareSwitch
 
@@ -101,7 +106,7 @@ def run_switch(dataplane: str, payload: int, threads: int, cfg: PpsConfig) -> di
     switch.set_multicast_group(mgid, [Replica(w + 1, w, "00:00:00:00:00:00", *a) for w, a in enumerate(addrs)])
     for w, a in enumerate(addrs):
         switch.add_admission(*a, WorkerEntry(*a, job, w, cfg.workers, mgid, 0, cfg.window))
-    server = SwitchServer(switch, "127.0.0.1", 0, threads=threads, batch=cfg.batch).start()
+    server = SwitchServer(switch, "127.0.0.1", 0, threads=threads, batch=cfg.batch, offload=offload).start()
     try:
         out = _generate(module, socks, server.address, k, job, cfg)
     finally:
@@ -114,7 +119,8 @@ def run_switch(dataplane: str, payload: int, threads: int, cfg: PpsConfig) -> di
 
 
 def run_echo(kind: str, payload: int, cfg: PpsConfig) -> dict[str, Any]:
-    """One timed run against a UDP echo (native: recvmmsg/sendmmsg; python: recvfrom/sendto)."""
+    """One timed run against a UDP echo (native: recvmmsg/sendmmsg; offload: and UDP GSO/GRO;
+    python: recvfrom/sendto)."""
     module, _ = _modules()
     k = payload // 4
     socks = _worker_sockets(cfg.workers)
@@ -132,7 +138,7 @@ def run_echo(kind: str, payload: int, cfg: PpsConfig) -> dict[str, Any]:
             echo.sendto(memoryview(buf)[:n], src)
 
     serve: Callable[[], Any] = python_echo if kind == "python" else (
-        lambda: module.echo(echo.fileno(), cfg.batch, stop_flag))
+        lambda: module.echo(echo.fileno(), cfg.batch, stop_flag, kind == "offload"))
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
@@ -212,7 +218,8 @@ def run(cfg: PpsConfig, command: str) -> dict[str, Any]:
                     if target.startswith("echo-"):
                         runs.append(run_echo(target.split("-", 1)[1], payload, cfg))
                     else:
-                        runs.append(run_switch(target, payload, threads, cfg))
+                        runs.append(run_switch(target.split("-")[0], payload, threads, cfg,
+                                               offload=target != "native-plain"))
                 rates = [r["replies"] / r["seconds"] for r in runs]
                 point = {"target": target, "payload_bytes": payload, "k": payload // 4, "threads": threads,
                          "pps": summarize(rates), "runs": runs}
@@ -220,10 +227,9 @@ def run(cfg: PpsConfig, command: str) -> dict[str, Any]:
                 points.append(point)
     doc: dict[str, Any] = {"command": command, "config": asdict(cfg), "machine": machine_info(), "points": points}
     for point in points:
-        echo = next((p for p in points if p["target"] == "echo-native" and p["payload_bytes"] == point["payload_bytes"]),
-                    None)
-        if echo is not None:
-            point["over_native_echo"] = point["pps"]["median"] / echo["pps"]["median"]
+        point["over_echo"] = {}
+        for echo in (p for p in points if p["target"] in ECHOES and p["payload_bytes"] == point["payload_bytes"]):
+            point["over_echo"][echo["target"]] = point["pps"]["median"] / echo["pps"]["median"]
     if cfg.quantize_size:
         doc["quantizer"] = measure_quantizer(cfg)
     return doc
@@ -231,14 +237,15 @@ def run(cfg: PpsConfig, command: str) -> dict[str, Any]:
 
 def format_report(doc: dict[str, Any]) -> str:
     rows = [(p["target"], f"{p['payload_bytes']}B", p["threads"], p["pps"]["median"], p["pps"]["min"],
-             p["pps"]["max"], p.get("over_native_echo")) for p in doc["points"]]
-    text = table(["target", "payload", "threads", "packets/s (median)", "min", "max", "/ native echo"], rows)
+             p["pps"]["max"], *(p["over_echo"].get(e) for e in ECHOES)) for p in doc["points"]]
+    text = table(["target", "payload", "threads", "packets/s (median)", "min", "max", *(f"/ {e}" for e in ECHOES)],
+                 rows)
     if "quantizer" in doc:
         qz = doc["quantizer"]
         text += (f"\n\nquantizer over {format_size(qz['bytes'])} of float32 (k={qz['k']}, n={qz['workers']}), GB/s:\n"
                  + table(["kernel", "GB/s", "median s"], [(name, gbps, qz["seconds"][name]["median"])
                                                          for name, gbps in qz["gb_per_s"].items()])
-                 + f"\nnative quantize+dequantize / one memcpy: {qz['native_roundtrip_over_memcpy']:.2f}"
+                 + f"\nnative quantize+dequantize time / one memcpy's: {qz['native_roundtrip_over_memcpy']:.2f}"
                  f"   / two memcpy: {qz['native_roundtrip_over_two_memcpy']:.2f}"
                  f"   numpy / native: {qz['numpy_roundtrip_over_native']:.1f}x")
     return text
