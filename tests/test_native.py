@@ -567,3 +567,19 @@ def test_build_without_a_compiler_skips_the_extensions_and_succeeds(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "could not build" in proc.stderr and "pure-Python data path" in proc.stderr
     assert not list((tmp_path / "lib").rglob("*.so"))
+
+
+@needs_native
+def test_bench_pps_runs_and_writes_json(tmp_path):
+    out = tmp_path / "pps.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.cli", "pps", "--payload", "256", "--targets",
+                           "native,python,echo-native,echo-offload", "--duration", "0.3", "--warmup", "0.1",
+                           "--repeats", "1", "--quantize-size", "256KB", "--json", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    doc = json.loads(out.read_text())
+    assert {p["target"] for p in doc["points"]} == {"native", "python", "echo-native", "echo-offload"}
+    assert all(p["pps"]["median"] > 0 for p in doc["points"])
+    assert doc["quantizer"]["gb_per_s"]["native_quantize"] > 0 and "switchml-bench pps" in doc["command"]
