@@ -39,8 +39,8 @@ class SwitchServer:
 
     def __init__(self, switch: SoftwareSwitch, host: str = defaults.SWITCH_HOST, port: int = defaults.SWITCH_PORT,
                  threads: int = 1, batch: int = DEFAULT_BATCH, offload: bool | None = None):
-        if threads < 1 or not 1 <= batch <= 1024:
-            raise ValueError(f"threads={threads}, batch={batch}; expected threads >= 1 and batch 1..1024")
+        if threads < 1 or not 1 <= batch <= 256:
+            raise ValueError(f"threads={threads}, batch={batch}; expected threads >= 1 and batch 1..256")
         self.switch = switch
         self.sock = open_udp_socket(host, port)
         self.address: tuple[str, int] = self.sock.getsockname()

@@ -39,7 +39,7 @@ enum {
 };
 enum { PKT_RECEIVED = 0, PKT_AGGREGATED = 1, PKT_RESETS = 2, NUM_PKTS = 3 };
 
-#define MAX_BATCH 1024
+#define MAX_BATCH 256 /* messages per recvmmsg: each has a 64 KB buffer (a coalesced receive) */
 
 /* ------------------------------------------------------------------ MT19937 (as CPython's) */
 #define MT_N 624

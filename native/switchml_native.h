@@ -73,33 +73,6 @@ static inline int sml_wait(int fd, short events, double seconds) {
     return ppoll(&p, 1, &ts, NULL);
 }
 
-/* Send msgs[0..n) with sendmmsg. A full send buffer waits (a non-blocking socket would
- * otherwise lose the packet to EAGAIN); any other error skips that one datagram, as UDP
- * would lose it anyway. Returns the number of datagrams that could not be sent. */
-static inline unsigned sml_send_all(int fd, struct mmsghdr *msgs, unsigned n) {
-    unsigned i = 0, failed = 0;
-    int stalls = 0;
-    while (i < n) {
-        int r = sendmmsg(fd, msgs + i, n - i, 0);
-        if (r > 0) {
-            i += (unsigned)r;
-            stalls = 0;
-            continue;
-        }
-        if (r < 0 && errno == EINTR) continue;
-        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS) && stalls < 100) {
-            stalls++;
-            sml_wait(fd, POLLOUT, 0.001);
-            continue;
-        }
-        failed++; /* ECONNREFUSED and friends, or a send buffer stuck for 100 ms */
-        i++;
-        stalls = 0;
-    }
-    return failed;
-}
-
-
 /* ------------------------------------------------------------------ UDP segmentation offload
  * A sender passes a run of equal-size datagrams to one destination in one message with
  * UDP_SEGMENT (GSO); a receiver with UDP_GRO gets such a run, on loopback, in one buffer with
