@@ -66,6 +66,14 @@ def available() -> bool:
     return switch_module()[0] is not None
 
 
+def why_missing() -> str | None:
+    """Why the native data paths (switch and worker) cannot both run here; None if they can."""
+    for module, why_not in (native.worker_module(), switch_module()):
+        if module is None:
+            return why_not
+    return None
+
+
 def resolve(requested: str | None) -> str:
     """The software switch's data path for ``SoftwareSwitch(dataplane=requested)``."""
     module, why_not = switch_module()

@@ -20,18 +20,10 @@ from switchml import native
 DATAPLANES = ("python", "native")
 
 
-def native_missing() -> str | None:
-    """Why the native data path cannot run here (None: it can)."""
-    for module, why_not in (native.worker_module(), switch_native.switch_module()):
-        if module is None:
-            return why_not
-    return None
-
-
 @pytest.fixture(params=DATAPLANES)
 def dataplane(request, monkeypatch) -> str:
     """The data path of this run of the test (see the module docstring)."""
-    if request.param == "native" and (why_not := native_missing()) is not None:
+    if request.param == "native" and (why_not := switch_native.why_missing()) is not None:
         pytest.skip(f"native data path not built: {why_not}")
     monkeypatch.setenv(native.ENV_VAR, request.param)
     return request.param

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import native_missing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from emulation import native as switch_native
 from emulation.runner import SoftwareSwitchRunner
 from emulation.switch import SoftwareSwitch
 from switchml import AllreduceTimeout, Worker, WorkerClosed, native, protocol, quantize
@@ -45,7 +45,7 @@ from switchml.pipeline import (
 from switchml.protocol import MsgType
 
 REPO = Path(__file__).resolve().parent.parent
-MISSING = native_missing()
+MISSING = switch_native.why_missing()
 needs_native = pytest.mark.skipif(MISSING is not None, reason=f"native data path not built: {MISSING}")
 COUNTERS = (RESULTS_COUNTER, RETRANSMISSIONS_COUNTER, DROPS_COUNTER, PACKETS_COUNTER)
 
