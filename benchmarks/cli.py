@@ -1,9 +1,10 @@
-"""``switchml-bench``: allreduce and scale benchmarks (``train`` comes with the trainer).
+"""``switchml-bench``: allreduce, train, scale and pps benchmarks.
 
     switchml-bench allreduce --workers 4 --size 25MB --backends switchml,gloo --json out.json
     switchml-bench allreduce --net mininet --bw 100 --mtu 9000 --workers 4,8 --size 64MB --plot out.png
     switchml-bench scale --measured benchmarks/results/allreduce_mininet.json --plot scale.png
     switchml-bench pps --payload 256,1024 --json benchmarks/results/pps.json
+    switchml-bench train --task digits --workers 4 --steps 100 --plot train.png -- --width 64
 """
 
 from __future__ import annotations
@@ -147,21 +148,49 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bytes of float32 for the quantizer's throughput (0: skip)")
     pp.add_argument("--json", metavar="FILE", help="write every run, the machine and the command here")
 
-    sub.add_parser(
+    tr = sub.add_parser(
         "train", formatter_class=fmt,
-        help="TODO: not available yet: step time, samples/s and time-to-metric of switchml vs DDP allreduce "
-             "(comes with the trainer, issue 6 item 2)",
-        description="TODO: `switchml-bench train --task T --workers N --backends switchml,allreduce [--net ...]` "
-                    "lands after trainer/ (switchml-train and the DDP hook). Not implemented yet.")
+        help="a training run through SwitchML against DDP's allreduce: step time, samples/s, time to a loss",
+        description="For each worker count and repeat, run `switchml-train TASK --comm switchml` (the software "
+                    "switch on loopback) and `--comm allreduce` (Gloo) in turn, with the same seed, steps and "
+                    "batch. Reports the median step time (after --skip warm-up steps), samples/s, the time until "
+                    "the smoothed training loss reaches the target, the final metrics and the step-time ratio "
+                    "switchml/allreduce. Options after `--` go to switchml-train (e.g. -- --width 64).")
+    tr.add_argument("--task", default="digits", help="a switchml-train task (digits, attribution, clip)")
+    tr.add_argument("--workers", type=_arg(_ints, "--workers"), default=[4], metavar="N[,N...]",
+                    help="worker counts")
+    tr.add_argument("--backends", type=_arg(lambda t: parse_list(t, str.strip), "--backends"),
+                    default=["switchml", "allreduce"], metavar="B[,B...]", help="switchml and/or allreduce")
+    tr.add_argument("--net", choices=["loopback"], default="loopback",
+                    help="where the ranks run; only loopback so far (the Mininet star is allreduce's)")
+    tr.add_argument("--steps", type=int, default=100, help="optimiser steps per run")
+    tr.add_argument("--batch-size", type=int, default=None, help="per-rank batch (default: the task's)")
+    tr.add_argument("--repeats", type=int, default=3, help="runs per backend; medians over them are reported")
+    tr.add_argument("--skip", type=int, default=5, help="warm-up steps left out of the step time")
+    tr.add_argument("--smooth", type=int, default=10, help="steps the training loss is averaged over")
+    tr.add_argument("--target-loss", type=float, default=None,
+                    help="smoothed training loss to time (default: the highest final one of all runs, "
+                         "which every run reached)")
+    tr.add_argument("--timeout", type=float, default=1800.0, help="seconds one training run may take")
+    tr.add_argument("--keep", metavar="DIR", default=None, help="keep every run's output folder under DIR")
+    tr.add_argument("--json", metavar="FILE", help="write every run, the machine and the command here")
+    tr.add_argument("--plot", metavar="FILE", help="write a PNG of loss against training time here")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     raw = sys.argv[1:] if argv is None else list(argv)
+    passthrough: list[str] = []
+    if "--" in raw:  # the rest goes to switchml-train (switchml-bench train -- --width 64)
+        cut = raw.index("--")
+        raw, passthrough = raw[:cut], raw[cut + 1:]
     args = build_parser().parse_args(raw)
+    if passthrough and args.command != "train":
+        build_parser().error(f"options after -- are for `train` only, got {passthrough}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    command = "switchml-bench " + shlex.join(raw)
+    command = "switchml-bench " + shlex.join(raw + (["--", *passthrough] if passthrough else []))
     if args.command == "allreduce":
         return _allreduce(args, command)
     if args.command == "scale":
@@ -170,9 +199,27 @@ def main(argv: list[str] | None = None) -> int:
         return scale.main(args, command)
     if args.command == "pps":
         return _pps(args, command)
-    print("switchml-bench train: not implemented yet; it comes with the trainer (switchml-train, the DDP hook). "
-          "Use `switchml-bench allreduce` meanwhile.", file=sys.stderr)
-    return 2
+    return _train(args, command, passthrough)
+
+
+def _train(args: argparse.Namespace, command: str, passthrough: list[str]) -> int:
+    from benchmarks import train
+
+    cfg = train.TrainBenchConfig(
+        task=args.task, workers=args.workers, backends=args.backends, steps=args.steps, repeats=args.repeats,
+        skip=args.skip, smooth=args.smooth, target_loss=args.target_loss, batch_size=args.batch_size,
+        timeout=args.timeout, task_args=passthrough, keep_dir=args.keep, progress=not args.quiet)
+    try:
+        doc = train.run(cfg, command)
+    except (train.TrainBenchmarkError, ValueError, OSError) as exc:
+        print(f"switchml-bench train: {exc}", file=sys.stderr)
+        return 1
+    print(train.format_report(doc))
+    train.save(doc, args.json, args.plot)
+    for what, path in (("JSON", args.json), ("plot", args.plot)):
+        if path:
+            print(f"{what}: {path}")
+    return 0
 
 
 def _pps(args: argparse.Namespace, command: str) -> int:

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import pytest
 
-from benchmarks import cli, scale, sim, wire
+from benchmarks import cli, scale, sim, train, wire
 from benchmarks.allreduce import AllreduceConfig
 from benchmarks.common import parse_fraction, parse_size, process_cpu_seconds, summarize
 from emulation.mininet import MininetUnavailable, mininet_problem, require_mininet
@@ -92,9 +92,44 @@ def test_allreduce_loopback_smoke(tmp_path):
     assert png.stat().st_size > 0
 
 
-def test_train_is_a_clear_todo(capsys):
-    assert cli.main(["train"]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+@pytest.mark.slow
+def test_train_both_backends_same_run(tmp_path, capsys):
+    out, png = tmp_path / "train.json", tmp_path / "train.png"
+    code = cli.main(["train", "--task", "digits", "--workers", "2", "--steps", "8", "--skip", "2", "--smooth", "3",
+                     "--repeats", "1", "--quiet", "--timeout", "300", "--keep", str(tmp_path / "runs"),
+                     "--json", str(out), "--plot", str(png), "--", "--width", "8"])
+    assert code == 0, capsys.readouterr().err
+    doc = json.loads(out.read_text())
+    assert doc["command"].endswith("-- --width 8") and doc["config"]["task_args"] == ["--width", "8"]
+    (point,) = doc["results"]
+    sw, ar = point["backends"]["switchml"], point["backends"]["allreduce"]
+    for res, comm in ((sw, "switchml"), (ar, "allreduce")):
+        (run,) = res["runs"]
+        assert run["comm_per_step"] == [comm] and len(run["loss"]) == 8
+        assert all(b > a for a, b in zip(run["elapsed_s"], run["elapsed_s"][1:], strict=False))
+        assert run["final"]["steps"] == 8 and run["final"]["world_size"] == 2
+        assert res["samples_per_s"] == pytest.approx(2 * 32 / res["step_s"]["median"])
+        # the default target is the highest final smoothed loss: every run reaches it
+        assert res["runs_reaching_target"] == 1 and res["time_to_target_s"]["median"] <= run["train_seconds"]
+    assert sw["runs"][0]["final"]["buckets_through_switch"] > 0
+    assert point["step_ratio_switchml_over_allreduce"] == pytest.approx(sw["step_s"]["median"] / ar["step_s"]["median"])
+    assert png.stat().st_size > 0
+    assert "step ratio" in capsys.readouterr().out
+
+
+def test_train_helpers_and_bad_options(capsys):
+    steps = [{"time": t, "loss": loss} for t, loss in ((0.5, 4.0), (1.0, 2.0), (2.0, 0.0), (2.5, 2.0))]
+    assert list(train.step_durations(steps)) == [0.5, 0.5, 1.0, 0.5]
+    smooth = train.smoothed_loss(steps, 2)
+    assert list(smooth) == [4.0, 3.0, 1.0, 1.0]
+    assert train.time_to_loss([0.5, 1.0, 2.0, 2.5], smooth, 1.0) == 2.0
+    assert train.time_to_loss([0.5, 1.0, 2.0, 2.5], smooth, 0.5) is None
+    assert cli.main(["train", "--steps", "3", "--skip", "5"]) == 1
+    assert "--steps 3 must be more than --skip 5" in capsys.readouterr().err
+    assert cli.main(["train", "--backends", "nccl,switchml"]) == 1
+    assert "unknown ['nccl']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["scale", "--", "--width", "8"])
 
 
 # ---------------------------------------------------------------- the model

@@ -138,7 +138,8 @@ def train_stage(args: argparse.Namespace, stage: Stage, ctx: StageContext, metri
     result: dict[str, float] = {}
     if ctx.rank == 0:
         model.eval()
-        result = {**stage.evaluate(model, ctx), **summary, "steps": step, "train_seconds": elapsed}
+        result = {**stage.evaluate(model, ctx), **summary, "steps": step, "train_seconds": elapsed,
+                  "batch_size": batch_size, "world_size": ctx.world_size}
         stage.finish(model, ctx)
         metrics.write(stage=stage.name, final=True, **result)
     dist.barrier()
