@@ -19,6 +19,7 @@
 #include <stdlib.h>
 
 #define RX_BATCH 32 /* messages per recvmmsg; with UDP_GRO each may hold many datagrams */
+#define SCAN_DEFER_MAX 2 /* full batches in a row that may postpone a due timer check (Python: 64 receives) */
 
 enum { ST_SENT = 0, ST_RETRANS = 1, ST_RESULTS = 2, ST_STALE = 3, NUM_STATS = 4 };
 enum { RC_DONE = 0, RC_ABORT = 1, RC_CLOSED = 2, RC_TIMEOUT = 3 };
@@ -316,19 +317,23 @@ static void take_result(const call_t *c, Py_ssize_t i, const uint8_t *d) {
     }
 }
 
-static inline double rto_of(double srtt, double rto0, double rto_max) {
-    double r = 3 * srtt > rto0 ? 3 * srtt : rto0;
+/* Worker._rto: 3 smoothed round trips, at least rto0 and the backed-off timeout still in
+ * force (rtt[1]; 0 once a clean sample came), at most rto_max. */
+static inline double rto_of(const double *rtt, double rto0, double rto_max) {
+    double r = 3 * rtt[0] > rto0 ? 3 * rtt[0] : rto0;
+    if (rtt[1] > r) r = rtt[1];
     return r < rto_max ? r : rto_max;
 }
 
 /* allreduce(fd, ip, port, src, out, is_float, k, window, job, pool_base, num_workers, tsi0,
- *           parity, rto0, rto_max, timeout, scan_interval, srtt, stats, flags, outstanding,
+ *           parity, rto0, rto_max, timeout, scan_interval, rtt, stats, flags, outstanding,
  *           offload=True)
  *   -> (code, done, n_packets, silent_for)
  *
  * One Worker._allreduce_flat call with the GIL released. src/out: the flat float32 or
  * int32 input and output (same length). parity[rel]: the set bit of window slot rel's
- * first use. srtt: float64[1], read and written back. stats: int64[4] (sent,
+ * first use. rtt: float64[2] (smoothed round trip, backed-off timeout in force), read
+ * and written back. stats: int64[4] (sent,
  * retransmissions, results, stale), incremented live. flags: int32[1] polled every
  * scan_interval (1: the job failed, 2: the worker is closing). outstanding: int64[window],
  * written on return (-1: slot done). code: 0 done, 1 abort, 2 closed, 3 progress timeout.
@@ -341,9 +346,9 @@ static PyObject *py_allreduce(PyObject *Py_UNUSED(m), PyObject *args) {
     Py_ssize_t k, window;
     unsigned long tsi0;
     double rto0, rto_max, timeout, scan;
-    Py_buffer src, out, parity, srtt_b, stats_b, flags_b, outst_b;
+    Py_buffer src, out, parity, rtt_b, stats_b, flags_b, outst_b;
     if (!PyArg_ParseTuple(args, "ikiy*w*pnniiiky*ddddw*w*w*w*|p", &fd, &ip, &port, &src, &out, &is_float, &k,
-                          &window, &job, &pool_base, &n, &tsi0, &parity, &rto0, &rto_max, &timeout, &scan, &srtt_b,
+                          &window, &job, &pool_base, &n, &tsi0, &parity, &rto0, &rto_max, &timeout, &scan, &rtt_b,
                           &stats_b, &flags_b, &outst_b, &offload))
         return NULL;
     call_t c = {0};
@@ -362,7 +367,7 @@ static PyObject *py_allreduce(PyObject *Py_UNUSED(m), PyObject *args) {
         if (sml_k_of_size(s) == k) size = s;
     c.n_el = src.len / 4;
     if (size < 0 || src.len % 4 || out.len != src.len || window < 1 || check_n(n) || parity.len < window ||
-        srtt_b.len != 8 || stats_b.len != 8 * NUM_STATS || flags_b.len != 4 || outst_b.len != 8 * window ||
+        rtt_b.len != 16 || stats_b.len != 8 * NUM_STATS || flags_b.len != 4 || outst_b.len != 8 * window ||
         c.n_el == 0) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "allreduce: inconsistent arguments");
         goto cleanup;
@@ -384,7 +389,7 @@ static PyObject *py_allreduce(PyObject *Py_UNUSED(m), PyObject *args) {
         PyErr_NoMemory();
         goto cleanup;
     }
-    double *srtt = srtt_b.buf;
+    double *rtt = rtt_b.buf;
     int64_t *stats = stats_b.buf;
     volatile int32_t *flags = flags_b.buf;
     struct sockaddr_in dst = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port), .sin_addr.s_addr = htonl((uint32_t)ip)};
@@ -397,7 +402,7 @@ static PyObject *py_allreduce(PyObject *Py_UNUSED(m), PyObject *args) {
     for (Py_ssize_t rel = 0; rel < c.w; rel++) {
         build_packet(&c, rel, pkts + (size_t)rel * c.plen);
         outstanding[rel] = rel;
-        rto[rel] = rto_of(*srtt, rto0, rto_max);
+        rto[rel] = rto_of(rtt, rto0, rto_max);
     }
     now = sml_now();
     for (Py_ssize_t rel = 0; rel < c.w; rel++) {
@@ -407,6 +412,7 @@ static PyObject *py_allreduce(PyObject *Py_UNUSED(m), PyObject *args) {
     sml_tx_flush(fd, &tx);
     stats[ST_SENT] += c.w;
     double last_progress = now, last_scan = now;
+    int deferred = 0;
     while (done < c.n_packets) {
         int r = sml_rx_recv(fd, &rx);
         if (r < 0) {
@@ -437,14 +443,17 @@ static PyObject *py_allreduce(PyObject *Py_UNUSED(m), PyObject *args) {
             done++;
             stats[ST_RESULTS]++;
             last_progress = now;
-            if (!resent[rel]) *srtt += (now - sent_at[rel] - *srtt) / 8; /* Karn: first transmissions only */
+            if (!resent[rel]) { /* Karn: first transmissions only; a clean sample ends the backoff */
+                rtt[0] += (now - sent_at[rel] - rtt[0]) / 8;
+                rtt[1] = 0;
+            }
             Py_ssize_t nxt = i + c.w;
             if (nxt < c.n_packets) {
                 outstanding[rel] = nxt;
                 build_packet(&c, nxt, pkts + (size_t)rel * c.plen);
                 QUEUE(rel);
                 sent_at[rel] = now;
-                rto[rel] = rto_of(*srtt, rto0, rto_max);
+                rto[rel] = rto_of(rtt, rto0, rto_max);
                 resent[rel] = 0;
                 stats[ST_SENT]++;
             } else {
@@ -453,8 +462,13 @@ static PyObject *py_allreduce(PyObject *Py_UNUSED(m), PyObject *args) {
           }
         }
         sml_tx_flush(fd, &tx);
-        if (now - last_scan >= scan) {
+        /* timers only once the socket is drained: a full batch may have results for due
+         * slots queued behind it; a flood defers them at most SCAN_DEFER_MAX batches */
+        if (now - last_scan >= scan && r == (int)rx.count && deferred < SCAN_DEFER_MAX) {
+            deferred++;
+        } else if (now - last_scan >= scan) {
             last_scan = now;
+            deferred = 0;
             int32_t f = *flags;
             silent_for = now - last_progress;
             if (f & FLAG_ABORT) { code = RC_ABORT; break; }
@@ -466,6 +480,7 @@ static PyObject *py_allreduce(PyObject *Py_UNUSED(m), PyObject *args) {
                     sent_at[rel] = now;
                     resent[rel] = 1;
                     rto[rel] = rto[rel] * 2 < rto_max ? rto[rel] * 2 : rto_max; /* backoff, capped */
+                    if (rto[rel] > rtt[1]) rtt[1] = rto[rel]; /* and for the next packets too */
                     stats[ST_RETRANS]++; /* as in Python, not counted in packets_sent */
                 }
             }
@@ -486,7 +501,7 @@ cleanup:
     free(c.gexp), free(pkts), free(outstanding), free(sent_at), free(rto), free(resent);
     sml_rx_free(&rx);
     sml_tx_free(&tx);
-    PyBuffer_Release(&src), PyBuffer_Release(&out), PyBuffer_Release(&parity), PyBuffer_Release(&srtt_b);
+    PyBuffer_Release(&src), PyBuffer_Release(&out), PyBuffer_Release(&parity), PyBuffer_Release(&rtt_b);
     PyBuffer_Release(&stats_b), PyBuffer_Release(&flags_b), PyBuffer_Release(&outst_b);
     return result;
 }

@@ -13,7 +13,10 @@ One call on a float32 tensor of B blocks of k elements, window w = min(W, B):
    i >= w, is the sum of block i-w, dequantized with E_(i-w). Then send packet i+w:
    block i quantized with E_i, plus block i+w's local exponent (self-clocked).
 4. A slot without its RESULT after the retransmission timeout resends the same packet;
-   the timeout doubles per resend. No progress at all for ``timeout`` fails the call.
+   the timeout doubles per resend. Timers are checked only once the socket is drained
+   (a result still queued behind others is not lost). As in TCP, a backed-off timeout
+   also holds for the slots' next packets until a first transmission is answered (a
+   clean round-trip sample, Karn's rule). No progress at all for ``timeout`` fails the call.
 5. After B + w results the sum is complete. int32 tensors skip 1 and 3's scaling: packet
    i carries block i, B packets in all.
 
@@ -53,6 +56,9 @@ log = logging.getLogger(__name__)
 _HEADER = struct.Struct(">BBIHbb")
 _TSI_MOD = 1 << 32
 _SCAN_INTERVAL_S = 0.002  # how often outstanding slots are checked for a due retransmission
+#: Receives in a row that may postpone a due timer check while results keep arriving: they
+#: may answer the very slots whose timers are due (a resend then would be spurious).
+_SCAN_DEFER_MAX = 64
 _FLAG_ABORT, _FLAG_CLOSED = 1, 2  # bits of Worker._flags, which the native loop polls
 
 
@@ -139,7 +145,9 @@ class Worker:
                  self.info.job_number, self.info.k, self.info.window, self.info.pool_base)
         self._slot_uses = [0] * self.info.window  # per slot: how often it was used (its next set bit)
         self._next_tsi = 0
-        self._srtt = 0.0  # smoothed round trip of a packet, seconds
+        # [smoothed round trip of a packet, backed-off timeout still in force (0: none)], in
+        # seconds; kept across calls, and an array so the native loop updates it in place
+        self._rtt_state = np.zeros(2, dtype=np.float64)
         self._calls: queue.Queue[tuple[Any, Future] | None] = queue.Queue()
         self._closing = threading.Event()
         self._abort: str | None = None  # set by the heartbeat thread when the job failed
@@ -302,6 +310,7 @@ class Worker:
         expected_len = packet_bytes(k)
         buf = bytearray(expected_len + 64)
         last_progress = last_scan = now
+        deferred = 0
         sock.settimeout(_SCAN_INTERVAL_S)
         while done < n_packets:
             try:
@@ -325,8 +334,9 @@ class Worker:
                     done += 1
                     self.stats.results += 1
                     last_progress = now
-                    if not resent[rel]:
-                        self._srtt += (now - sent_at[rel] - self._srtt) / 8
+                    if not resent[rel]:  # Karn's rule: a clean sample; the backoff ends
+                        self._rtt_state[0] += (now - sent_at[rel] - self._rtt_state[0]) / 8
+                        self._rtt_state[1] = 0.0
                     nxt = i + w
                     if nxt < n_packets:
                         outstanding[rel] = nxt
@@ -336,15 +346,19 @@ class Worker:
                         self.stats.packets_sent += 1
                     else:
                         outstanding[rel] = -1
-            if now - last_scan >= _SCAN_INTERVAL_S:
-                last_scan = now
+            # timers only once the socket is drained (a flood defers them a bounded while)
+            if now - last_scan >= _SCAN_INTERVAL_S and (not nbytes or deferred >= _SCAN_DEFER_MAX):
+                last_scan, deferred = now, 0
                 self._check_alive(now - last_progress, done, n_packets, outstanding)
                 for rel in range(w):
                     if outstanding[rel] >= 0 and now - sent_at[rel] >= rto[rel]:
                         sock.sendto(packets[rel], switch)
                         sent_at[rel], resent[rel] = now, True
                         rto[rel] = min(rto[rel] * 2, defaults.RETRANSMIT_TIMEOUT_MAX_S)
+                        self._rtt_state[1] = max(self._rtt_state[1], rto[rel])
                         self.stats.retransmissions += 1
+            elif now - last_scan >= _SCAN_INTERVAL_S:
+                deferred += 1
         for i in range(n_packets):
             self._slot_uses[i % w] += 1
         self._next_tsi = (tsi0 + n_packets) % _TSI_MOD
@@ -362,7 +376,6 @@ class Worker:
         flat = np.ascontiguousarray(flat)
         out = np.empty(n_el, dtype=flat.dtype)
         parity = bytes(u & 1 for u in self._slot_uses[:w])
-        srtt = np.array([self._srtt], dtype=np.float64)
         counts = np.zeros(4, dtype=np.int64)  # sent, retransmissions, results, stale
         outstanding = np.full(w, -1, dtype=np.int64)
         host, port = info.switch
@@ -372,9 +385,8 @@ class Worker:
             code, done, n_packets, silent_for = self._native.allreduce(
                 self._sock.fileno(), ip, port, flat, out, is_float, k, w, info.job_number, info.pool_base,
                 info.num_workers, tsi0, parity, self.retransmit_timeout, defaults.RETRANSMIT_TIMEOUT_MAX_S,
-                self.timeout, _SCAN_INTERVAL_S, srtt, counts, self._flags, outstanding, self._offload)
+                self.timeout, _SCAN_INTERVAL_S, self._rtt_state, counts, self._flags, outstanding, self._offload)
         finally:
-            self._srtt = float(srtt[0])
             self.stats.packets_sent += int(counts[0])
             self.stats.retransmissions += int(counts[1])
             self.stats.results += int(counts[2])
@@ -388,8 +400,10 @@ class Worker:
         return out
 
     def _rto(self) -> float:
-        """Retransmission timeout of a fresh packet: 3 smoothed round trips, at least the configured one."""
-        return min(max(self.retransmit_timeout, 3 * self._srtt), defaults.RETRANSMIT_TIMEOUT_MAX_S)
+        """Retransmission timeout of a fresh packet: 3 smoothed round trips, at least the configured
+        one, and at least a backed-off timeout no clean round trip has ended yet (capped)."""
+        srtt, backed_off = self._rtt_state
+        return float(min(max(self.retransmit_timeout, 3 * srtt, backed_off), defaults.RETRANSMIT_TIMEOUT_MAX_S))
 
     def _match(self, buf: bytearray, nbytes: int, expected_len: int, tsi0: int, w: int, outstanding: list[int]) -> int | None:
         """The window slot a RESULT answers, or None for a stale, duplicate or foreign packet."""

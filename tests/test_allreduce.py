@@ -111,6 +111,26 @@ def test_hostile_traffic_is_dropped_and_the_honest_job_stays_exact(make_switch):
         assert d[reason.name.lower()] > 0, reason
 
 
+def test_backed_off_timeout_holds_until_a_clean_round_trip(make_switch):
+    """TCP-like: after resends, the next packets keep the backed-off timeout (no burst of
+    spurious resends at the base timeout); the first answered first transmission ends it."""
+    env = make_switch(window=4, k=64)
+    with Worker(env.endpoint, "backoff", 0, 1, timeout=20.0, retransmit_timeout=0.01) as w:
+        assert w._rto() == pytest.approx(0.01)
+        env.switch.set_drop_probability(None, 1.0)  # after the job's RESETs went through
+        x = np.arange(40 * 64, dtype=np.int32)
+        fut = w.allreduce_async(x)
+        deadline = time.monotonic() + 10
+        while w.stats.retransmissions < 8 and time.monotonic() < deadline:  # two resends per slot
+            time.sleep(0.01)
+        backed_off = float(w._rtt_state[1])
+        assert backed_off >= 0.02 and w._rto() >= backed_off
+        env.switch.set_drop_probability(None, 0.0)
+        assert np.array_equal(fut.result(timeout=20), x)
+        assert w._rtt_state[1] == 0.0 and w._rto() < backed_off
+        assert np.array_equal(w.allreduce(x), x)
+
+
 def test_killed_worker_fails_the_others_in_bounded_time_and_switch_serves_next_job(make_switch):
     env = make_switch(window=8, k=256, heartbeat_timeout=2.0)
     kwargs = {"timeout": 30.0, "heartbeat_interval": 0.2}
