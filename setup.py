@@ -10,10 +10,13 @@ the install goes on without them and switchml uses its pure-Python data paths
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
+from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 log = logging.getLogger("switchml.setup")
 
@@ -54,6 +57,26 @@ class OptionalBuildExt(build_ext):
         print(f"WARNING: {message}", file=sys.stderr)
 
 
+class BuildPyWithP4(build_py):
+    """build_py that also ships p4/ (programs and P4Info) as ``switchml/p4/`` in the package.
+
+    A checkout or an editable install reads p4/ beside the package; an installed wheel has
+    only the package, and ``switchml.p4info.p4_dir`` finds the copy there.
+    """
+
+    P4_SUFFIXES = (".p4", ".txtpb")
+
+    def run(self) -> None:
+        super().run()
+        source = Path(__file__).resolve().parent / "p4"
+        target = Path(self.build_lib) / "switchml" / "p4"
+        for path in sorted(source.rglob("*")):
+            if path.is_file() and path.suffix in self.P4_SUFFIXES:
+                dest = target / path.relative_to(source)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, dest)
+
+
 def extensions() -> list[Extension]:
     if not sys.platform.startswith("linux"):  # recvmmsg/sendmmsg are Linux calls
         return []
@@ -65,4 +88,4 @@ def extensions() -> list[Extension]:
     ]
 
 
-setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})
+setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt, "build_py": BuildPyWithP4})

@@ -1032,3 +1032,22 @@ def test_tna_compiles(tmp_path):
         ["bf-p4c", "--arch", "tna", "-o", str(tmp_path / "build"), str(PROGRAMS["tna"])],
         capture_output=True, text=True, timeout=280)
     assert result.returncode == 0, result.stderr
+
+
+def test_an_installed_package_ships_the_p4_folder(tmp_path, monkeypatch):
+    """A wheel has no p4/ beside the package: build_py copies it into switchml/p4/, and
+    p4_dir() finds that copy."""
+    import sys
+
+    build = tmp_path / "build"
+    subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(build)], cwd=P4_DIR.parent,
+                   check=True, capture_output=True, timeout=120)
+    shipped = build / "switchml" / "p4"
+    for path in P4_DIR.rglob("*.p4"):
+        assert (shipped / path.relative_to(P4_DIR)).read_bytes() == path.read_bytes()
+    assert (shipped / "switchml_v1model.p4info.txtpb").is_file()
+    found = subprocess.run([sys.executable, "-c", "from switchml.p4info import p4_dir; print(p4_dir())"],
+                           cwd=tmp_path, env={"PYTHONPATH": str(build), "PATH": "/usr/bin:/bin"},
+                           capture_output=True, text=True, timeout=60)
+    assert found.returncode == 0, found.stderr
+    assert Path(found.stdout.strip()) == shipped
