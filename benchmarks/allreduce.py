@@ -409,7 +409,20 @@ def run(cfg: AllreduceConfig, command: str) -> dict[str, Any]:
                 place.close()
     finally:
         bar.close()
+    add_loss_slowdown(doc["results"])
     return doc
+
+
+def add_loss_slowdown(points: list[dict[str, Any]]) -> None:
+    """Each backend's ``slowdown_vs_lossless``: its median time over its own at loss 0 for the
+    same workers and size (where the grid has loss 0)."""
+    lossless = {(p["workers"], p["size_bytes"], name): r["time_s"]["median"]
+                for p in points if p["loss"] == 0 for name, r in p["backends"].items()}
+    for p in points:
+        for name, r in p["backends"].items():
+            base = lossless.get((p["workers"], p["size_bytes"], name))
+            if base:
+                r["slowdown_vs_lossless"] = r["time_s"]["median"] / base
 
 
 def _run_point(place: Any, n: int, size: int, loss: float, cfg: AllreduceConfig, bar: Any) -> dict[str, Any]:
@@ -468,14 +481,15 @@ def format_report(doc: dict[str, Any]) -> str:
                 p["workers"], format_size(p["size_bytes"]), f"{p['loss']:g}", name,
                 t["median"] * 1e3, f"{t['min'] * 1e3:.4g}..{t['max'] * 1e3:.4g}", r["goodput_MBps"]["median"],
                 p.get("ratio_switchml_over_gloo") if name == "switchml" else None,
-                r.get("time_over_bound"), switch.get("busy_fraction"),
+                r.get("time_over_bound"), r.get("slowdown_vs_lossless") if p["loss"] else None,
+                switch.get("busy_fraction"),
                 _verdict(r),
             ])
             if name == "switchml" and r.get("retransmissions"):
                 notes.append(f"n={p['workers']} {format_size(p['size_bytes'])} loss={p['loss']:g}: "
                              f"{r['retransmissions']} retransmissions of {r['packets_sent']} packets")
     headers = ["n", "size", "loss", "backend", "median ms", "min..max ms", "MB/s/worker", "sw/gloo",
-               "time/bound", "switch CPU", "result"]
+               "time/bound", "vs loss 0", "switch CPU", "result"]
     lines = [f"allreduce on {cfg['net']}: k={cfg['k_effective']}, repeats={cfg['repeats']}, warmup={cfg['warmup']}"
              + (f", links {cfg['bw_mbit']:g} Mbit/s, MTU {cfg['mtu']}" if cfg.get("bw_mbit") else ""),
              table(headers, rows), ""]
@@ -485,6 +499,7 @@ def format_report(doc: dict[str, Any]) -> str:
         lines.append("time/bound: median time over the wire bound (SwitchML S_wire/B, ring 2(n-1)/n S_wire/B).")
     else:
         lines.append("time/bound: needs --bw (the link rate the bound is computed for).")
+    lines.append("vs loss 0: median time over the same backend's without loss (the slowdown loss causes).")
     lines.append("result: 'exact' = every element within the quantization bound of the float64 sum "
                  "(SwitchML) or float32 summation error (Gloo), and identical on every rank.")
     lines += notes

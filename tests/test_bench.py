@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import pytest
 
-from benchmarks import cli, scale, sim, train, wire
+from benchmarks import allreduce, cli, scale, sim, train, wire
 from benchmarks.allreduce import AllreduceConfig
 from benchmarks.common import parse_fraction, parse_size, process_cpu_seconds, summarize
 from emulation.mininet import MininetUnavailable, mininet_problem, require_mininet
@@ -133,6 +133,19 @@ def test_train_helpers_and_bad_options(capsys):
 
 
 # ---------------------------------------------------------------- the model
+def test_loss_slowdown_is_against_the_same_backend_without_loss():
+    def point(loss, sw, gl, size=1000):
+        return {"workers": 4, "size_bytes": size, "loss": loss,
+                "backends": {"switchml": {"time_s": {"median": sw}}, "gloo": {"time_s": {"median": gl}}}}
+
+    points = [point(0.0, 2.0, 1.0), point(0.01, 3.0, 1.5), point(0.01, 5.0, 5.0, size=99)]
+    allreduce.add_loss_slowdown(points)
+    assert points[1]["backends"]["switchml"]["slowdown_vs_lossless"] == 1.5
+    assert points[1]["backends"]["gloo"]["slowdown_vs_lossless"] == 1.5
+    assert points[0]["backends"]["switchml"]["slowdown_vs_lossless"] == 1.0
+    assert "slowdown_vs_lossless" not in points[2]["backends"]["switchml"]  # no lossless run of that size
+
+
 def test_des_without_loss_is_the_closed_form():
     lp = sim.LinkParams(ser=88e-9)
     for n in (1, 3, 8):
