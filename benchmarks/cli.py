@@ -13,6 +13,7 @@ import argparse
 import logging
 import shlex
 import sys
+from typing import Any
 
 from benchmarks.common import parse_fraction, parse_list, parse_size
 
@@ -202,6 +203,15 @@ def main(argv: list[str] | None = None) -> int:
     return _train(args, command, passthrough)
 
 
+def _report(module: Any, doc: dict[str, Any], json_path: str | None, plot_path: str | None) -> None:
+    """Print a benchmark's table, write its JSON and plot, and say where they went."""
+    print(module.format_report(doc))
+    module.save(doc, json_path, plot_path)
+    for what, path in (("JSON", json_path), ("plot", plot_path)):
+        if path:
+            print(f"{what}: {path}")
+
+
 def _train(args: argparse.Namespace, command: str, passthrough: list[str]) -> int:
     from benchmarks import train
 
@@ -214,11 +224,7 @@ def _train(args: argparse.Namespace, command: str, passthrough: list[str]) -> in
     except (train.TrainBenchmarkError, ValueError, OSError) as exc:
         print(f"switchml-bench train: {exc}", file=sys.stderr)
         return 1
-    print(train.format_report(doc))
-    train.save(doc, args.json, args.plot)
-    for what, path in (("JSON", args.json), ("plot", args.plot)):
-        if path:
-            print(f"{what}: {path}")
+    _report(train, doc, args.json, args.plot)
     return 0
 
 
@@ -260,11 +266,7 @@ def _allreduce(args: argparse.Namespace, command: str) -> int:
     except RuntimeError as exc:  # MininetUnavailable and friends
         print(f"switchml-bench allreduce: {exc}", file=sys.stderr)
         return 1
-    print(allreduce.format_report(doc))
-    allreduce.save(doc, args.json, args.plot)
-    for what, path in (("JSON", args.json), ("plot", args.plot)):
-        if path:
-            print(f"{what}: {path}")
+    _report(allreduce, doc, args.json, args.plot)
     if not allreduce.all_checks_pass(doc):
         print("switchml-bench allreduce: a result was outside its bound or differed between ranks", file=sys.stderr)
         return 3

@@ -27,6 +27,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,7 +234,7 @@ def _plot(doc: dict[str, Any], path: str) -> None:
         ax.set(title=f"{doc['config']['task']}, {point['workers']} workers", xlabel="training time (s)",
                ylabel="training loss (smoothed)")
         ax.legend()
-    fig.suptitle(doc["command"], fontsize=7)
+    fig.suptitle("\n".join(textwrap.wrap(doc["command"], 100)), fontsize=7)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
