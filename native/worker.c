@@ -464,28 +464,29 @@ static PyObject *py_allreduce(PyObject *Py_UNUSED(m), PyObject *args) {
         sml_tx_flush(fd, &tx);
         /* timers only once the socket is drained: a full batch may have results for due
          * slots queued behind it; a flood defers them at most SCAN_DEFER_MAX batches */
-        if (now - last_scan >= scan && r == (int)rx.count && deferred < SCAN_DEFER_MAX) {
+        if (now - last_scan < scan) continue;
+        if (r == (int)rx.count && deferred < SCAN_DEFER_MAX) {
             deferred++;
-        } else if (now - last_scan >= scan) {
-            last_scan = now;
-            deferred = 0;
-            int32_t f = *flags;
-            silent_for = now - last_progress;
-            if (f & FLAG_ABORT) { code = RC_ABORT; break; }
-            if (f & FLAG_CLOSED) { code = RC_CLOSED; break; }
-            if (silent_for > timeout) { code = RC_TIMEOUT; break; }
-            for (Py_ssize_t rel = 0; rel < c.w; rel++) {
-                if (outstanding[rel] >= 0 && now - sent_at[rel] >= rto[rel]) {
-                    QUEUE(rel);
-                    sent_at[rel] = now;
-                    resent[rel] = 1;
-                    rto[rel] = rto[rel] * 2 < rto_max ? rto[rel] * 2 : rto_max; /* backoff, capped */
-                    if (rto[rel] > rtt[1]) rtt[1] = rto[rel]; /* and for the next packets too */
-                    stats[ST_RETRANS]++; /* as in Python, not counted in packets_sent */
-                }
-            }
-            sml_tx_flush(fd, &tx);
+            continue;
         }
+        last_scan = now;
+        deferred = 0;
+        int32_t f = *flags;
+        silent_for = now - last_progress;
+        if (f & FLAG_ABORT) { code = RC_ABORT; break; }
+        if (f & FLAG_CLOSED) { code = RC_CLOSED; break; }
+        if (silent_for > timeout) { code = RC_TIMEOUT; break; }
+        for (Py_ssize_t rel = 0; rel < c.w; rel++) {
+            if (outstanding[rel] >= 0 && now - sent_at[rel] >= rto[rel]) {
+                QUEUE(rel);
+                sent_at[rel] = now;
+                resent[rel] = 1;
+                rto[rel] = rto[rel] * 2 < rto_max ? rto[rel] * 2 : rto_max; /* backoff, capped */
+                if (rto[rel] > rtt[1]) rtt[1] = rto[rel]; /* and for the next packets too */
+                stats[ST_RETRANS]++; /* as in Python, not counted in packets_sent */
+            }
+        }
+        sml_tx_flush(fd, &tx);
     }
 #undef QUEUE
     Py_END_ALLOW_THREADS

@@ -346,19 +346,20 @@ class Worker:
                         self.stats.packets_sent += 1
                     else:
                         outstanding[rel] = -1
-            # timers only once the socket is drained (a flood defers them a bounded while)
-            if now - last_scan >= _SCAN_INTERVAL_S and (not nbytes or deferred >= _SCAN_DEFER_MAX):
-                last_scan, deferred = now, 0
-                self._check_alive(now - last_progress, done, n_packets, outstanding)
-                for rel in range(w):
-                    if outstanding[rel] >= 0 and now - sent_at[rel] >= rto[rel]:
-                        sock.sendto(packets[rel], switch)
-                        sent_at[rel], resent[rel] = now, True
-                        rto[rel] = min(rto[rel] * 2, defaults.RETRANSMIT_TIMEOUT_MAX_S)
-                        self._rtt_state[1] = max(self._rtt_state[1], rto[rel])
-                        self.stats.retransmissions += 1
-            elif now - last_scan >= _SCAN_INTERVAL_S:
+            if now - last_scan < _SCAN_INTERVAL_S:
+                continue
+            if nbytes and deferred < _SCAN_DEFER_MAX:  # timers wait for the socket to drain, a bounded while
                 deferred += 1
+                continue
+            last_scan, deferred = now, 0
+            self._check_alive(now - last_progress, done, n_packets, outstanding)
+            for rel in range(w):
+                if outstanding[rel] >= 0 and now - sent_at[rel] >= rto[rel]:
+                    sock.sendto(packets[rel], switch)
+                    sent_at[rel], resent[rel] = now, True
+                    rto[rel] = min(rto[rel] * 2, defaults.RETRANSMIT_TIMEOUT_MAX_S)
+                    self._rtt_state[1] = max(self._rtt_state[1], rto[rel])
+                    self.stats.retransmissions += 1
         for i in range(n_packets):
             self._slot_uses[i % w] += 1
         self._next_tsi = (tsi0 + n_packets) % _TSI_MOD

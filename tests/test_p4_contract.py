@@ -24,6 +24,7 @@ import operator
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -1034,11 +1035,9 @@ def test_tna_compiles(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
-def test_an_installed_package_ships_the_p4_folder(tmp_path, monkeypatch):
+def test_an_installed_package_ships_the_p4_folder(tmp_path):
     """A wheel has no p4/ beside the package: build_py copies it into switchml/p4/, and
     p4_dir() finds that copy."""
-    import sys
-
     build = tmp_path / "build"
     subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(build)], cwd=P4_DIR.parent,
                    check=True, capture_output=True, timeout=120)
