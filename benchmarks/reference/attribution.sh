@@ -8,7 +8,9 @@
 #
 # Defaults are the task's (3000 / 6000 / 1500 steps; about 85 minutes on 2 cores). The PSNR
 # curriculum ramps over half the WOUAF steps. Results go to
-# benchmarks/results/attribution_reference[_COMM]/ (metrics JSON, final metrics, grid PNG).
+# benchmarks/results/attribution_reference[_COMM]/ (metrics JSON, final metrics, grid PNG), or to
+# $RESULTS when set. SEED (default 0) seeds model initialisation, data order and training latents,
+# so a second seed measures the run-to-run noise that COMM=allreduce is judged against.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-runs/attribution_reference}
@@ -17,9 +19,10 @@ ROOT_STEPS=${ROOT_STEPS:-3000}
 WOUAF_STEPS=${WOUAF_STEPS:-6000}
 BASELINE_STEPS=${BASELINE_STEPS:-1500}
 COMM=${COMM:-switchml}
-RESULTS=benchmarks/results/attribution_reference$([ "$COMM" = switchml ] || echo "_$COMM")
+SEED=${SEED:-0}
+RESULTS=${RESULTS:-benchmarks/results/attribution_reference$([ "$COMM" = switchml ] || echo "_$COMM")}
 mkdir -p "$OUT" "$RESULTS"
-ARGS=(attribution --workers 4 --comm "$COMM" --seed 0 --no-progress --root-steps "$ROOT_STEPS"
+ARGS=(attribution --workers 4 --comm "$COMM" --seed "$SEED" --no-progress --root-steps "$ROOT_STEPS"
       --wouaf-steps "$WOUAF_STEPS" --psnr-ramp-steps $((WOUAF_STEPS / 2)) --baseline-steps "$BASELINE_STEPS"
       --out "$OUT")
 echo "== switchml-train ${ARGS[*]}"
