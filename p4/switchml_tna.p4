@@ -117,11 +117,28 @@ parser SwitchIngressParser(packet_in pkt,
     state start {
         pkt.extract(ig_intr_md);
         pkt.advance(PORT_METADATA_SIZE);
+        // Tofino does not zero metadata: every field a later stage may read before it writes
+        // starts from a known value here (p4test warns of each one left out).
         ig_md.reset_length_ok = false;
         ig_md.drop_threshold = 0;
+        ig_md.loss_margin = 0;
         ig_md.role = ROLE_NONE;
-        ig_md.dropped = false;
+        ig_md.job = 0;
+        ig_md.worker_id = 0;
+        ig_md.num_workers = 0;
+        ig_md.last_count = 0;
+        ig_md.mgid = 0;
+        ig_md.pool_base = 0;
+        ig_md.pool_size = 0;
+        ig_md.pool_offset = 0;
+        ig_md.pool_margin = 0;
+        ig_md.worker_bit = 0;
+        ig_md.seen_before = 0;
+        ig_md.count_before = 0;
+        ig_md.biased_e0 = 0;
         ig_md.value_op = VALUE_OP_NONE;
+        ig_md.dropped = false;
+        ig_md.drop_reason = 0;
         transition select(ig_intr_md.ingress_port[6:0]) {
             RECIRCULATION_PORT_IN_PIPE: parse_bridge;
             default: parse_ethernet;

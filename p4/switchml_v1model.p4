@@ -201,10 +201,10 @@ control SwitchIngress(inout headers_t hdr,
                       inout standard_metadata_t standard_metadata) {
 
     // Statistics: P4Runtime reads counters (BMv2 answers no register reads).
-    counter(POOL_SIZE, CounterType.packets) results_multicast;         // by slot
-    counter(POOL_SIZE, CounterType.packets) retransmissions_answered;  // by slot
-    counter(NUM_DROP_REASONS, CounterType.packets) drops;              // by DROP_*
-    counter(NUM_PACKET_COUNTERS, CounterType.packets) packets;         // by PACKETS_*
+    counter<bit<32>>(POOL_SIZE, CounterType.packets) results_multicast;         // by slot
+    counter<bit<32>>(POOL_SIZE, CounterType.packets) retransmissions_answered;  // by slot
+    counter<bit<32>>(NUM_DROP_REASONS, CounterType.packets) drops;              // by DROP_*
+    counter<bit<32>>(NUM_PACKET_COUNTERS, CounterType.packets) packets;         // by PACKETS_*
 
     Bookkeeping() bookkeeping;
     Values() values;

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 
+from switchml.protocol import MAX_JOBS, MAX_SLOTS, MAX_WORKERS
+
 # Admission: (ipv4 src, udp src port) -> set_worker(...) | set_controller(), default drop.
 ADMISSION_TABLE = "SwitchIngress.admission"
 ADMISSION_KEYS = ("hdr.ipv4.src_addr", "hdr.udp.src_port")
@@ -83,6 +85,17 @@ class WorkerEntry:
     mgid: int  #: multicast group of the job
     pool_base: int  #: first slot of the job's range
     pool_size: int  #: number of slots in the range
+
+    def __post_init__(self) -> None:
+        # The P4 programs hold num_workers in 6 bits and complete a slot when its count wraps
+        # to 0 mod n: an n of 0 or above the bitmap width would never complete a slot (the
+        # job would hang on every target), so no target is ever handed such an entry.
+        checks = (("num_workers", self.num_workers, 1, MAX_WORKERS), ("worker_id", self.worker_id, 0, self.num_workers - 1),
+                  ("job", self.job, 0, MAX_JOBS - 1), ("pool_base", self.pool_base, 0, MAX_SLOTS - 1),
+                  ("pool_size", self.pool_size, 1, MAX_SLOTS - self.pool_base))
+        for name, value, low, high in checks:
+            if not low <= value <= high:
+                raise ValueError(f"admission entry for {self.ip}:{self.udp_port}: {name}={value} out of range {low}..{high}")
 
 
 @dataclass(frozen=True)

@@ -172,6 +172,8 @@ def test_bad_registration_is_refused_with_the_field_named(make_switch):
         Worker(env.endpoint, "bad", 5, 2, control_timeout=5)
     with pytest.raises(ControllerError, match="world_size=33"):
         Worker(env.endpoint, "bad", 0, 33, control_timeout=5)
+    with pytest.raises(ControllerError, match="world_size=0"):
+        Worker(env.endpoint, "bad", 0, 0, control_timeout=5)
     with pytest.raises(WireFormatError, match="k=100"):
         Worker(env.endpoint, "bad", 0, 1, k=100)
 

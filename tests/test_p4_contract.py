@@ -1018,7 +1018,7 @@ def test_v1model_compiles_and_p4c_writes_the_committed_p4info(p4info, tmp_path):
     p4info_pb2 = pytest.importorskip("p4.config.v1.p4info_pb2")
     from google.protobuf import text_format
 
-    out = tmp_path / "p4info.txt"
+    out = tmp_path / "p4info.txtpb"  # p4c deprecates the .txt suffix
     result = subprocess.run(
         ["p4c-bm2-ss", "--p4runtime-files", str(out), "-o", str(tmp_path / "switchml.json"), str(PROGRAMS["v1model"])],
         capture_output=True, text=True, timeout=240)

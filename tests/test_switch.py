@@ -196,3 +196,15 @@ def test_bad_table_entries_are_refused():
         sw.add_admission("127.0.0.1", 1, WorkerEntry("127.0.0.1", 1, 0, 2, 2, 1, 0, 8))
     with pytest.raises(ValueError, match="fraction"):
         sw.set_drop_probability(None, 1.5)
+
+
+@pytest.mark.parametrize(("field", "args"), [
+    ("num_workers=0", (0, 0, 0)), ("num_workers=33", (0, 0, 33)), ("num_workers=64", (0, 0, 64)),
+    ("worker_id=32", (0, 32, 32)), ("job=256", (256, 0, 2)),
+])
+def test_entries_no_switch_could_complete_are_refused_before_any_target_sees_them(field, args):
+    """The P4 programs complete a slot when its count wraps to 0 mod num_workers (6 bits): an
+    n of 0 or above the 32-bit bitmap would hang every slot, so WorkerEntry itself refuses it."""
+    job, worker_id, n = args
+    with pytest.raises(ValueError, match=field):
+        WorkerEntry("10.0.0.1", 4000, job, worker_id, n, 1, 0, 8)
