@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--window", type=int, default=defaults.WINDOW, help="slots each job gets")
     dep.add_argument("-k", "--elements-per-packet", dest="k", type=int, default=None,
                      help=f"elements per packet (P4 targets: 64; emulator default {defaults.K})")
+    dep.add_argument("--drop-probability", type=_fraction, default=0.0,
+                     help="emulated loss: program the switch's loss table to drop this fraction of the packets "
+                     "arriving on every port of --ports (P4 programs drop on ingress)")
     dep.add_argument("--timeout", type=float, default=10.0, help="deadline of each P4Runtime call, in seconds")
     dep.add_argument("-v", "--verbose", action="store_true", help="log every control event")
 

@@ -235,6 +235,12 @@ def deploy(args, ready: threading.Event | None = None, stop: threading.Event | N
         for host in p.hosts.values():
             target.add_forward(host.ip, host.port, host.mac)
         log.info("programmed forwarding for %d hosts", len(p.hosts))
+        drop_probability = getattr(args, "drop_probability", 0.0)
+        if drop_probability:
+            for port in sorted({host.port for host in p.hosts.values()}):
+                target.set_drop_probability(port, drop_probability)
+            log.info("loss table: dropping %.4g of the packets arriving on each of %d ports", drop_probability,
+                     len(p.hosts))
         port_of, mac_of = port_lookup(p.hosts, p.ports_source) if p.hosts else (None, None)
         pool_size = args.pool_size or p4info.counter("SwitchIngress.results_multicast").size
         controller = Controller(target, ControllerOptions(

@@ -179,3 +179,23 @@ def test_a_worker_missing_from_the_port_map_fails_its_job_clearly(tmp_path):
             Worker(d.endpoint, "lost", 0, 1, control_timeout=30)
     finally:
         d.stop()
+
+
+def test_deploy_programs_the_loss_table_on_every_mapped_port(tmp_path):
+    """``--drop-probability`` reaches the switch through P4Runtime's loss table (the way BMv2 and
+    Tofino get emulated loss), one entry per port of the map, threshold out of 32768."""
+    d = Deployment(tmp_path, "10.0.0.1,3,02:00:00:00:00:03\n10.0.0.2,4,02:00:00:00:00:04\n",
+                   "--drop-probability", "0.25").start()
+    monitor = d.monitor()
+    try:
+        entries = sorted((e["match"]["standard_metadata.ingress_port"], e["params"]["threshold"])
+                         for e in monitor.read_table(pipeline.LOSS_TABLE))
+        assert entries == [(3, pipeline.DROP_PROBABILITY_SCALE // 4), (4, pipeline.DROP_PROBABILITY_SCALE // 4)]
+    finally:
+        monitor.close()
+        d.stop()
+
+
+def test_deploy_refuses_a_drop_probability_outside_0_1():
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["deploy", "--target", "emulator", "--grpc", "x:1", "--drop-probability", "1.5"])
