@@ -45,6 +45,7 @@ from benchmarks.common import (
     write_json,
 )
 from switchml import defaults
+from switchml.deploy import P4_K
 from switchml.protocol import MAX_WORKERS, SIZE_TO_K
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ SWITCH_READY_LINE = "switchml software switch: data"
 #: receive buffer the switch gets (DESIGN.md, "Pitfalls": n * W * packet must fit).
 IN_FLIGHT_BUDGET = 2 * 1024 * 1024
 LOOPBACK_MTU = 65536
+BMV2_WINDOW = 8  #: default window through BMv2 (see AllreduceConfig.window_for)
 
 
 @dataclass
@@ -68,6 +70,7 @@ class AllreduceConfig:
     window: int | None = None
     rto: float | None = None
     net: str = "loopback"
+    switch: str = "software"
     bw_mbit: float | None = None
     mtu: int = 1500
     losses: list[float] = field(default_factory=lambda: [0.0])
@@ -84,7 +87,9 @@ class AllreduceConfig:
         return self.mtu if self.net == "mininet" else LOOPBACK_MTU
 
     def packet_k(self) -> int:
-        """Elements per packet: --k, or the largest packet that fits the MTU unfragmented."""
+        """Elements per packet: --k, BMv2's compiled-in k, or the largest packet that fits the MTU unfragmented."""
+        if self.switch == "bmv2":
+            return self.k or P4_K
         return self.k if self.k else wire.largest_k(self.effective_mtu())
 
     def window_for(self, n: int) -> int:
@@ -97,6 +102,10 @@ class AllreduceConfig:
         """
         if self.window:
             return self.window
+        if self.switch == "bmv2":
+            # BMv2 handles a packet at a time, in about 0.1 ms for this program: a deep window
+            # only queues in front of it, until retransmission timeouts fire.
+            return BMV2_WINDOW
         packet = wire.switchml_packet_bytes(self.packet_k())
         w = min(64, IN_FLIGHT_BUDGET // (n * packet))
         if self.bw_mbit and self.net == "mininet":
@@ -167,8 +176,19 @@ class _Mininet:
         from emulation.mininet import SWITCH_IP, StarNetwork
 
         self.switch_host = SWITCH_IP
-        self.star = StarNetwork(n, cfg.bw_mbit, cfg.mtu).start()
+        self.star = StarNetwork(n, cfg.bw_mbit, cfg.mtu, switch=cfg.switch).start()
         self._gloo_port = 29500
+        self._bmv2_config: tuple[str, str] | None = None
+
+    def deploy_bmv2(self, tmp: Path, window: int, loss: float) -> tuple[subprocess.Popen, str]:
+        """BMv2 and its controller on the star (compiled once per star); (BMv2 process, controller endpoint)."""
+        from switchml.deploy import compile_bmv2
+
+        if self._bmv2_config is None:
+            p4info, config = compile_bmv2(tmp.parent / "p4")
+            self._bmv2_config = (str(p4info), str(config))
+        endpoint = self.star.deploy_bmv2(tmp / "bmv2", window=window, drop_probability=loss, config=self._bmv2_config)
+        return self.star.bmv2_process, endpoint
 
     def start_switch(self, args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
         return self.star.popen(self.star.switch, args, env=env, log_path=str(log_path), cwd=str(REPO_ROOT))
@@ -289,11 +309,15 @@ def run_switchml(place: Any, n: int, elements: int, loss: float, cfg: AllreduceC
                    "--pool-size", str(max(1024, window)), "--drop-probability", repr(switch_loss),
                    "--seed", str(cfg.seed), "--heartbeat-timeout", str(max(10.0, cfg.timeout / 2))]
     switch_log = tmp / "switch.log"
-    switch = place.start_switch(switch_args, _child_env(), switch_log)
-    controller = f"tcp://{place.switch_host}:{control_port}"
+    if cfg.switch == "bmv2":
+        switch, controller = place.deploy_bmv2(tmp, window, switch_loss)
+    else:
+        switch = place.start_switch(switch_args, _child_env(), switch_log)
+        controller = f"tcp://{place.switch_host}:{control_port}"
     try:
         deadline = time.monotonic() + 30
-        while SWITCH_READY_LINE not in (switch_log.read_text(errors="replace") if switch_log.exists() else ""):
+        while cfg.switch != "bmv2" and SWITCH_READY_LINE not in (
+                switch_log.read_text(errors="replace") if switch_log.exists() else ""):
             if switch.poll() is not None or time.monotonic() > deadline:
                 raise BenchmarkError(f"the software switch did not start:\n{switch_log.read_text(errors='replace')[-2000:]}")
             time.sleep(0.05)
@@ -382,10 +406,19 @@ def run(cfg: AllreduceConfig, command: str) -> dict[str, Any]:
         raise ValueError("--repeats must be >= 1 and --warmup >= 0")
     if cfg.k is not None and cfg.k not in SIZE_TO_K.values():
         raise ValueError(f"--k {cfg.k}: expected one of {sorted(SIZE_TO_K.values())}")
+    if cfg.switch == "bmv2":
+        if cfg.net != "mininet":
+            raise ValueError("--switch bmv2 needs --net mininet (BMv2 runs on the star's switch host)")
+        if cfg.packet_k() != P4_K:
+            raise ValueError(f"--k {cfg.k}: BMv2 runs the v1model program, compiled for k={P4_K}")
+        if cfg.loss_at != "switch" and any(cfg.losses):
+            raise ValueError("--switch bmv2 takes its loss from the P4 loss table: use --loss-at switch")
     if cfg.net == "mininet":
-        from emulation.mininet import require_mininet
+        from emulation.mininet import bmv2_problem, mininet_problem
 
-        require_mininet()
+        problem = bmv2_problem() if cfg.switch == "bmv2" else mininet_problem()
+        if problem:
+            raise BenchmarkError(problem)
     elif cfg.loss_at == "hosts" and any(cfg.losses):
         raise ValueError("--loss-at hosts needs --net mininet (nftables rules in the hosts' namespaces)")
     from tqdm import tqdm

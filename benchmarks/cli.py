@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("--net", choices=["loopback", "mininet"], default="loopback",
                     help="loopback: all processes on 127.0.0.1; mininet: a star of shaped links "
                          "(needs root and Mininet, see emulation/mininet.py)")
+    ar.add_argument("--switch", choices=["software", "bmv2"], default="software",
+                    help="software: the software switch; bmv2: BMv2 (simple_switch_grpc) running "
+                         "p4/switchml_v1model.p4, deployed over P4Runtime (needs --net mininet, p4c-bm2-ss and "
+                         "simple_switch_grpc on PATH; k=64)")
     ar.add_argument("--bw", type=float, default=None, metavar="MBIT",
                     help="link rate in Mbit/s: shapes the Mininet links, and is the B of the wire bounds")
     ar.add_argument("--mtu", type=int, default=1500, help="MTU of the Mininet links (1500 or 9000) and of the bounds")
@@ -256,7 +260,7 @@ def _allreduce(args: argparse.Namespace, command: str) -> int:
 
     cfg = allreduce.AllreduceConfig(
         workers=args.workers, sizes=args.size, backends=args.backends, k=args.k, window=args.window, rto=args.rto, net=args.net,
-        bw_mbit=args.bw, mtu=args.mtu, losses=args.loss, loss_at=args.loss_at, repeats=args.repeats,
+        switch=args.switch, bw_mbit=args.bw, mtu=args.mtu, losses=args.loss, loss_at=args.loss_at, repeats=args.repeats,
         warmup=args.warmup, seed=args.seed, timeout=args.timeout, check=args.check, progress=not args.quiet)
     try:
         doc = allreduce.run(cfg, command)

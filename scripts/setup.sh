@@ -7,7 +7,7 @@ PYTHON=${PYTHON:-python3}
 
 # Debian packages for the emulated networks. The core (switch, workers, trainer on
 # loopback) needs none of them, so a machine without root still gets a working install.
-packages="mininet iperf3 bridge-utils nftables"
+packages="mininet iperf3 bridge-utils nftables ethtool"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=$(for p in $packages; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
   if [ -n "$missing" ]; then

@@ -40,6 +40,8 @@ TARGETS = ("bmv2", "tofino", "emulator")
 #: Elements per packet compiled into the P4 programs (DESIGN.md, Targets).
 P4_K = 64
 PORT_BITS = 9  # v1model and TNA port ids
+#: What ``deploy`` logs once its controller serves: launchers wait for this line.
+DEPLOYED_MESSAGE = "switchml deployed on"
 
 
 class DeployError(SwitchMLError):
@@ -247,7 +249,7 @@ def deploy(args, ready: threading.Event | None = None, stop: threading.Event | N
             bind=f"tcp://{args.control_host}:{args.control_port}",
             switch_address=parse_address(args.switch_address or defaults.SWITCH_HOST, defaults.SWITCH_PORT),
             pool_size=pool_size, window=args.window, k=p.k, port_of=port_of, mac_of=mac_of)).start()
-        log.info("switchml deployed on %s (%s, device %d): controller %s, switch data address %s, k=%d, "
+        log.info(DEPLOYED_MESSAGE + " %s (%s, device %d): controller %s, switch data address %s, k=%d, "
                  "window %d, pool %d", p.target, p.grpc, p.device_id, controller.endpoint,
                  "{}:{}".format(*controller.options.switch_address), p.k,
                  args.window, pool_size)

@@ -73,6 +73,18 @@ def expected_sum(n: int, size: int, seed: int, dtype: str = "float32") -> np.nda
     return np.sum([make_input(seed, r, size, dtype).astype(wide) for r in range(n)], axis=0)
 
 
+def assert_within_quantization_bound(got: np.ndarray, n: int, size: int, seed: int, k: int) -> None:
+    """``got`` is the sum of the ranks' ``make_input(seed, r, size)`` within each block's quantization bound."""
+    from switchml import quantize
+
+    inputs = [make_input(seed, r, size) for r in range(n)]
+    exact = np.sum([x.astype(np.float64) for x in inputs], axis=0)
+    pad = (-size) % k
+    exps = np.max([quantize.block_exponents(np.pad(x, (0, pad)).reshape(-1, k)) for x in inputs], axis=0)
+    bound = np.repeat([quantize.error_bound(int(e), n) for e in exps], k)[:size]
+    assert np.all(np.abs(got.astype(np.float64) - exact) <= bound + np.abs(exact) * 2.0**-23)
+
+
 def slow_worker(queue, endpoint: str, job: str, rank: int, n: int, size: int, die_after: float | None,
                 worker_kwargs: dict) -> None:
     """Start an allreduce; with ``die_after``, kill this process that many seconds into the call

@@ -8,20 +8,11 @@ import time
 
 import numpy as np
 import pytest
-from mpworkers import CTX, allreduce_job, expected_sum, make_input, slow_worker
+from mpworkers import CTX, allreduce_job, assert_within_quantization_bound, expected_sum, slow_worker
 
-from switchml import ControllerError, ControllerTimeout, Worker, quantize
+from switchml import ControllerError, ControllerTimeout, Worker
 from switchml.pipeline import DropReason
 from switchml.protocol import MsgType, WireFormatError, encode_packet
-
-
-def assert_within_quantization_bound(got: np.ndarray, n: int, size: int, seed: int, k: int) -> None:
-    inputs = [make_input(seed, r, size) for r in range(n)]
-    exact = np.sum([x.astype(np.float64) for x in inputs], axis=0)
-    pad = (-size) % k
-    exps = np.max([quantize.block_exponents(np.pad(x, (0, pad)).reshape(-1, k)) for x in inputs], axis=0)
-    bound = np.repeat([quantize.error_bound(int(e), n) for e in exps], k)[:size]
-    assert np.all(np.abs(got.astype(np.float64) - exact) <= bound + np.abs(exact) * 2.0**-23)
 
 
 @pytest.mark.parametrize("n", [2, 4, 8])
