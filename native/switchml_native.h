@@ -31,6 +31,7 @@
 #define SML_EXP_NAN 127
 #define SML_EXP_MIN (-126)
 #define SML_QUANT_BITS 30
+#define SML_DESC_DTYPE_BITS 2 /* protocol.DESCRIPTOR_DTYPE_BITS: the call descriptor's dtype code */
 
 /* k of a size enum: 0=32 ... 7=4096 */
 static inline int sml_k_of_size(int size) { return 32 << size; }

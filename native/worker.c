@@ -21,8 +21,8 @@
 #define RX_BATCH 32 /* messages per recvmmsg; with UDP_GRO each may hold many datagrams */
 #define SCAN_DEFER_MAX 2 /* full batches in a row that may postpone a due timer check (Python: 64 receives) */
 
-enum { ST_SENT = 0, ST_RETRANS = 1, ST_RESULTS = 2, ST_STALE = 3, NUM_STATS = 4 };
-enum { RC_DONE = 0, RC_ABORT = 1, RC_CLOSED = 2, RC_TIMEOUT = 3 };
+enum { ST_SENT = 0, ST_RETRANS = 1, ST_RESULTS = 2, ST_STALE = 3, ST_DUP = 4, NUM_STATS = 5 };
+enum { RC_DONE = 0, RC_ABORT = 1, RC_CLOSED = 2, RC_TIMEOUT = 3, RC_MISMATCH = 4 };
 enum { FLAG_ABORT = 1, FLAG_CLOSED = 2 };
 
 /* ------------------------------------------------------------------ quantizer kernels */
@@ -257,40 +257,48 @@ typedef struct {
     const void *src;
     void *out;
     Py_ssize_t n_el, k, n_blocks, w, n_packets;
-    int is_float, job, pool_base, n, size;
-    uint32_t tsi0;
+    int is_float, job, pool_base, n, size, worker_id;
+    uint32_t tsi0, desc;
     const uint8_t *parity;
     int8_t *gexp;
     size_t plen;
 } call_t;
 
-/* Packet i into p (Worker._allreduce_flat's make_packet): block i-w quantized with its
- * global exponent (the first window: zeros) and block i's local exponent; int32: block i. */
-static void build_packet(const call_t *c, Py_ssize_t i, uint8_t *p) {
-    Py_ssize_t rel = i % c->w;
-    int set = (c->parity[rel] + (int)((i / c->w) & 1)) & 1;
+/* Worker.first_window: packets in a call's first window (1 for an empty call: its descriptor). */
+static inline Py_ssize_t first_window(Py_ssize_t window, Py_ssize_t n_el, Py_ssize_t k) {
+    Py_ssize_t blocks = (n_el + k - 1) / k;
+    if (blocks < 1) blocks = 1;
+    return blocks < window ? blocks : window;
+}
+
+/* Packet i of the call into p, with a window of wnd slots (Worker._allreduce_flat's
+ * make_packet; wnd > w only while draining after a shape mismatch): the first window carries
+ * zero payload (packet 0: the descriptor word in lane worker_id) and, for float32, block i's
+ * local exponent; packet i >= wnd carries block i-wnd (float32: quantized with its global
+ * exponent). */
+static void build_packet(const call_t *c, Py_ssize_t i, Py_ssize_t wnd, uint8_t *p) {
+    Py_ssize_t rel = i % wnd;
+    int set = (c->parity[rel] + (int)((i / wnd) & 1)) & 1;
     unsigned pidx = (unsigned)(c->pool_base + rel) | (set ? SML_SET_BIT : 0);
-    int e0;
+    int e0 = 0;
     uint8_t *payload = p + SML_PREAMBLE_BYTES;
+    if (i >= wnd) {
+        Py_ssize_t b = i - wnd, m = (b + 1) * c->k <= c->n_el ? c->k : c->n_el - b * c->k;
+        if (c->is_float)
+            quantize_block((const float *)c->src + b * c->k, m, c->k, c->gexp[b], c->n, payload);
+        else
+            ints_to_be((const int32_t *)c->src + b * c->k, m, c->k, payload);
+    } else {
+        memset(payload, 0, (size_t)c->k * 4);
+        if (i == 0) sml_store_be32(payload + 4 * c->worker_id, c->desc);
+    }
     if (c->is_float) {
-        const float *x = c->src;
-        if (i >= c->w) {
-            Py_ssize_t b = i - c->w, m = (b + 1) * c->k <= c->n_el ? c->k : c->n_el - b * c->k;
-            quantize_block(x + b * c->k, m, c->k, c->gexp[b], c->n, payload);
-        } else {
-            memset(payload, 0, (size_t)c->k * 4);
-        }
         if (i < c->n_blocks) {
             Py_ssize_t m = (i + 1) * c->k <= c->n_el ? c->k : c->n_el - i * c->k;
-            e0 = block_exponent(x + i * c->k, m);
+            e0 = block_exponent((const float *)c->src + i * c->k, m);
         } else {
             e0 = SML_EXP_MIN;
         }
-    } else {
-        const int32_t *x = c->src;
-        Py_ssize_t m = (i + 1) * c->k <= c->n_el ? c->k : c->n_el - i * c->k;
-        ints_to_be(x + i * c->k, m, c->k, payload);
-        e0 = 0;
     }
     p[0] = (uint8_t)c->size; /* msg_type UPDATE (0) | size */
     p[1] = (uint8_t)c->job;
@@ -305,56 +313,79 @@ static void build_packet(const call_t *c, Py_ssize_t i, uint8_t *p) {
 static void take_result(const call_t *c, Py_ssize_t i, const uint8_t *d) {
     int8_t e0 = (int8_t)d[8];
     const uint8_t *payload = d + SML_PREAMBLE_BYTES;
-    if (c->is_float) {
-        if (i < c->n_blocks) c->gexp[i] = e0;
-        if (i >= c->w) {
-            Py_ssize_t b = i - c->w, m = (b + 1) * c->k <= c->n_el ? c->k : c->n_el - b * c->k;
+    if (i >= c->w) {
+        Py_ssize_t b = i - c->w, m = (b + 1) * c->k <= c->n_el ? c->k : c->n_el - b * c->k;
+        if (c->is_float)
             dequantize_block(payload, m, c->gexp[b], c->n, (float *)c->out + b * c->k);
-        }
-    } else {
-        Py_ssize_t m = (i + 1) * c->k <= c->n_el ? c->k : c->n_el - i * c->k;
-        ints_from_be(payload, m, (int32_t *)c->out + i * c->k);
+        else
+            ints_from_be(payload, m, (int32_t *)c->out + b * c->k);
     }
+    if (c->is_float && i < c->n_blocks) c->gexp[i] = e0;
 }
 
-/* Worker._rto: 3 smoothed round trips, at least rto0 and the backed-off timeout still in
- * force (rtt[1]; 0 once a clean sample came), at most rto_max. */
-static inline double rto_of(const double *rtt, double rto0, double rto_max) {
-    double r = 3 * rtt[0] > rto0 ? 3 * rtt[0] : rto0;
+/* Worker's estimator state rtt[3]: smoothed round trip (0: no sample yet), backed-off timeout
+ * in force (0: none), mean deviation. gain[3]: alpha, beta, K (switchml.defaults). */
+
+/* worker.rtt_sample: RFC 6298 with per-sample gains divided by the samples per round trip. */
+static inline void rtt_sample(double *rtt, double sample, Py_ssize_t per_rtt, const double *gain) {
+    if (sample < 1e-9) sample = 1e-9;
+    if (rtt[0] <= 0) {
+        rtt[0] = sample;
+        rtt[2] = sample / 2;
+    } else {
+        double g = 1.0 / (double)(per_rtt > 1 ? per_rtt : 1);
+        rtt[2] += (fabs(rtt[0] - sample) - rtt[2]) * gain[1] * g;
+        rtt[0] += (sample - rtt[0]) * gain[0] * g;
+    }
+    rtt[1] = 0; /* a clean sample ends the backoff */
+}
+
+/* worker.retransmit_timeout: srtt + max(granularity, K * rttvar), at least the floor (also the
+ * RTO before a sample) and the backed-off timeout in force, at most the cap. */
+static inline double rto_of(const double *rtt, double floor_s, double cap, double granularity, const double *gain) {
+    double r = floor_s;
+    if (rtt[0] > 0) {
+        double var = gain[2] * rtt[2];
+        r = rtt[0] + (var > granularity ? var : granularity);
+        if (r < floor_s) r = floor_s;
+    }
     if (rtt[1] > r) r = rtt[1];
-    return r < rto_max ? r : rto_max;
+    return r < cap ? r : cap;
 }
 
 /* allreduce(fd, ip, port, src, out, is_float, k, window, job, pool_base, num_workers, tsi0,
- *           parity, rto0, rto_max, timeout, scan_interval, rtt, stats, flags, outstanding,
- *           offload=True)
+ *           parity, desc, worker_id, lanes, rto_floor, rto_max, (alpha, beta, K), timeout,
+ *           scan_interval, rtt, stats, flags, outstanding, offload=True)
  *   -> (code, done, n_packets, silent_for)
  *
  * One Worker._allreduce_flat call with the GIL released. src/out: the flat float32 or
- * int32 input and output (same length). parity[rel]: the set bit of window slot rel's
- * first use. rtt: float64[2] (smoothed round trip, backed-off timeout in force), read
- * and written back. stats: int64[4] (sent,
- * retransmissions, results, stale), incremented live. flags: int32[1] polled every
- * scan_interval (1: the job failed, 2: the worker is closing). outstanding: int64[window],
- * written on return (-1: slot done). code: 0 done, 1 abort, 2 closed, 3 progress timeout.
- * offload: receive coalesced (UDP_GRO) and send each batch of packets as one segmented
- * message (UDP_SEGMENT); the switch sees the same datagrams either way. */
+ * int32 input and output (same length, may be 0). window: the job's W; parity[rel]: the set
+ * bit of slot rel's next use, for all W slots. desc: this rank's descriptor word, sent in
+ * lane worker_id of packet 0; lanes: uint32[num_workers], written with every rank's word
+ * when packet 0's result comes. rtt: float64[3] (Worker._rtt_state), read and written back.
+ * stats: int64[5] (sent, retransmissions, results, stale, duplicates), incremented live.
+ * flags: int32[1] polled every scan_interval (1: the job failed, 2: the worker is closing).
+ * outstanding: int64[window], written on return (-1: slot done). code: 0 done, 1 abort,
+ * 2 closed, 3 progress timeout, 4 descriptors differ and the first window was drained
+ * (n_packets: the slots it used). offload: receive coalesced (UDP_GRO) and send each batch of
+ * packets as one segmented message (UDP_SEGMENT); the switch sees the same datagrams. */
 static PyObject *py_allreduce(PyObject *Py_UNUSED(m), PyObject *args) {
-    int fd, is_float, job, pool_base, n, offload = 1;
-    unsigned long ip;
+    int fd, is_float, job, pool_base, n, worker_id, offload = 1;
+    unsigned long ip, desc;
     int port;
     Py_ssize_t k, window;
     unsigned long tsi0;
-    double rto0, rto_max, timeout, scan;
-    Py_buffer src, out, parity, rtt_b, stats_b, flags_b, outst_b;
-    if (!PyArg_ParseTuple(args, "ikiy*w*pnniiiky*ddddw*w*w*w*|p", &fd, &ip, &port, &src, &out, &is_float, &k,
-                          &window, &job, &pool_base, &n, &tsi0, &parity, &rto0, &rto_max, &timeout, &scan, &rtt_b,
-                          &stats_b, &flags_b, &outst_b, &offload))
+    double rto0, rto_max, timeout, scan, gain[3];
+    Py_buffer src, out, parity, lanes_b, rtt_b, stats_b, flags_b, outst_b;
+    if (!PyArg_ParseTuple(args, "ikiy*w*pnniiiky*kiw*dd(ddd)ddw*w*w*w*|p", &fd, &ip, &port, &src, &out, &is_float,
+                          &k, &window, &job, &pool_base, &n, &tsi0, &parity, &desc, &worker_id, &lanes_b, &rto0,
+                          &rto_max, &gain[0], &gain[1], &gain[2], &timeout, &scan, &rtt_b, &stats_b, &flags_b,
+                          &outst_b, &offload))
         return NULL;
     call_t c = {0};
     PyObject *result = NULL;
     uint8_t *pkts = NULL;
-    Py_ssize_t *outstanding = NULL;
+    Py_ssize_t *outstanding = NULL, *held = NULL;
     double *sent_at = NULL, *rto = NULL;
     char *resent = NULL;
     sml_rx_t rx = {0};
@@ -367,53 +398,72 @@ static PyObject *py_allreduce(PyObject *Py_UNUSED(m), PyObject *args) {
         if (sml_k_of_size(s) == k) size = s;
     c.n_el = src.len / 4;
     if (size < 0 || src.len % 4 || out.len != src.len || window < 1 || check_n(n) || parity.len < window ||
-        rtt_b.len != 16 || stats_b.len != 8 * NUM_STATS || flags_b.len != 4 || outst_b.len != 8 * window ||
-        c.n_el == 0) {
+        worker_id < 0 || worker_id >= n || n > k || lanes_b.len != 4 * (Py_ssize_t)n || rtt_b.len != 24 ||
+        stats_b.len != 8 * NUM_STATS || flags_b.len != 4 || outst_b.len != 8 * window) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "allreduce: inconsistent arguments");
         goto cleanup;
     }
     c.src = src.buf, c.out = out.buf, c.k = k, c.is_float = is_float, c.job = job, c.pool_base = pool_base, c.n = n;
-    c.size = size, c.tsi0 = (uint32_t)tsi0, c.parity = parity.buf;
+    c.size = size, c.tsi0 = (uint32_t)tsi0, c.parity = parity.buf, c.worker_id = worker_id, c.desc = (uint32_t)desc;
     c.n_blocks = (c.n_el + k - 1) / k;
-    c.w = window < c.n_blocks ? window : c.n_blocks;
-    c.n_packets = is_float ? c.n_blocks + c.w : c.n_blocks;
+    c.w = first_window(window, c.n_el, k);
+    c.n_packets = c.n_blocks + c.w;
     c.plen = SML_PREAMBLE_BYTES + 4 * (size_t)k;
-    c.gexp = calloc((size_t)c.n_blocks, 1);
-    pkts = malloc((size_t)c.w * c.plen);
-    outstanding = malloc(sizeof(Py_ssize_t) * (size_t)c.w);
-    sent_at = malloc(sizeof(double) * (size_t)c.w);
-    rto = malloc(sizeof(double) * (size_t)c.w);
-    resent = calloc((size_t)c.w, 1);
-    int rx_ok = sml_rx_init(&rx, RX_BATCH), tx_ok = sml_tx_init(&tx, 2 * (unsigned)c.w + 1, &gso);
-    if (!c.gexp || !pkts || !outstanding || !sent_at || !rto || !resent || rx_ok < 0 || tx_ok < 0) {
+    c.gexp = calloc((size_t)c.n_blocks + 1, 1);
+    pkts = malloc((size_t)window * c.plen); /* all W slots: a mismatch's drain may use more than w */
+    outstanding = malloc(sizeof(Py_ssize_t) * (size_t)window);
+    held = malloc(sizeof(Py_ssize_t) * (size_t)window);
+    sent_at = calloc((size_t)window, sizeof(double));
+    rto = calloc((size_t)window, sizeof(double));
+    resent = calloc((size_t)window, 1);
+    int rx_ok = sml_rx_init(&rx, RX_BATCH), tx_ok = sml_tx_init(&tx, 2 * (unsigned)window + 1, &gso);
+    if (!c.gexp || !pkts || !outstanding || !held || !sent_at || !rto || !resent || rx_ok < 0 || tx_ok < 0) {
         PyErr_NoMemory();
         goto cleanup;
     }
     double *rtt = rtt_b.buf;
     int64_t *stats = stats_b.buf;
+    uint32_t *lanes = lanes_b.buf;
     volatile int32_t *flags = flags_b.buf;
     struct sockaddr_in dst = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port), .sin_addr.s_addr = htonl((uint32_t)ip)};
     const size_t expected = c.plen;
 
     Py_BEGIN_ALLOW_THREADS
     if (offload && sml_enable_gro(fd) < 0) gso = 0; /* a kernel without UDP GRO: plain datagrams */
-#define QUEUE(rel) sml_tx_add(&tx, pkts + (size_t)(rel) * c.plen, c.plen, &dst) /* never full: 2w slots */
+#define QUEUE(rel) sml_tx_add(&tx, pkts + (size_t)(rel) * c.plen, c.plen, &dst) /* never full: 2W slots */
+    /* send packet i on slot rel (Worker._allreduce_flat's send) */
+#define SEND(rel, i, wnd)                                                   \
+    do {                                                                    \
+        Py_ssize_t rel_ = (rel), i_ = (i);                                  \
+        outstanding[rel_] = i_;                                             \
+        build_packet(&c, i_, (wnd), pkts + (size_t)rel_ * c.plen);          \
+        QUEUE(rel_);                                                        \
+        sent_at[rel_] = now;                                                \
+        rto[rel_] = rto_of(rtt, rto0, rto_max, scan, gain);                 \
+        resent[rel_] = 0;                                                   \
+        if (i_ + 1 > issued) issued = i_ + 1;                               \
+        stats[ST_SENT]++;                                                   \
+    } while (0)
+    /* resend slot rel's packet unchanged (Worker._resend) */
+#define RESEND(rel)                                                                          \
+    do {                                                                                     \
+        QUEUE(rel);                                                                          \
+        sent_at[rel] = now;                                                                  \
+        resent[rel] = 1;                                                                     \
+        rto[rel] = rto[rel] * 2 < rto_max ? rto[rel] * 2 : rto_max; /* backoff, capped */    \
+        if (rto[rel] > rtt[1]) rtt[1] = rto[rel];                  /* and for the next ones */ \
+        stats[ST_RETRANS]++; /* as in Python, not counted in packets_sent */                 \
+    } while (0)
+    Py_ssize_t issued = 0, live = c.w, held_n = 0, n_call = c.n_packets;
+    int checked = 0, mismatch = 0;
+    double newest_answered = -1e300, next_probe = 0;
+    for (Py_ssize_t rel = 0; rel < window; rel++) outstanding[rel] = -1;
     double now = sml_now();
-    for (Py_ssize_t rel = 0; rel < c.w; rel++) {
-        build_packet(&c, rel, pkts + (size_t)rel * c.plen);
-        outstanding[rel] = rel;
-        rto[rel] = rto_of(rtt, rto0, rto_max);
-    }
-    now = sml_now();
-    for (Py_ssize_t rel = 0; rel < c.w; rel++) {
-        QUEUE(rel);
-        sent_at[rel] = now;
-    }
+    for (Py_ssize_t rel = 0; rel < c.w; rel++) SEND(rel, rel, c.w);
     sml_tx_flush(fd, &tx);
-    stats[ST_SENT] += c.w;
     double last_progress = now, last_scan = now;
     int deferred = 0;
-    while (done < c.n_packets) {
+    while (live > 0) {
         int r = sml_rx_recv(fd, &rx);
         if (r < 0) {
             err = errno;
@@ -432,32 +482,64 @@ static PyObject *py_allreduce(PyObject *Py_UNUSED(m), PyObject *args) {
                                  ? (Py_ssize_t)((((unsigned)d[6] << 8) | d[7]) & SML_SLOT_MASK) - pool_base
                                  : -1;
             /* Worker._match: stale, duplicate or foreign results are counted and ignored */
-            if (len != expected || (d[0] >> 4) != SML_MSG_RESULT || d[1] != (uint8_t)job || rel < 0 ||
-                rel >= c.w || outstanding[rel] < 0 ||
-                sml_load_be32(d + 2) != (uint32_t)(c.tsi0 + (uint32_t)outstanding[rel])) {
+            if (len != expected || (d[0] >> 4) != SML_MSG_RESULT || d[1] != (uint8_t)job || rel < 0 || rel >= window) {
                 stats[ST_STALE]++;
                 continue;
             }
+            uint32_t idx = sml_load_be32(d + 2) - c.tsi0;
+            if (outstanding[rel] < 0 || idx != (uint32_t)outstanding[rel]) {
+                stats[(Py_ssize_t)idx < issued ? ST_DUP : ST_STALE]++;
+                continue;
+            }
             Py_ssize_t i = outstanding[rel];
-            take_result(&c, i, d);
             done++;
             stats[ST_RESULTS]++;
             last_progress = now;
-            if (!resent[rel]) { /* Karn: first transmissions only; a clean sample ends the backoff */
-                rtt[0] += (now - sent_at[rel] - rtt[0]) / 8;
-                rtt[1] = 0;
+            if (sent_at[rel] > newest_answered) newest_answered = sent_at[rel];
+            if (!resent[rel]) rtt_sample(rtt, now - sent_at[rel], c.w, gain); /* Karn: first transmissions only */
+            if (i == 0) { /* every rank's descriptor, before any rank sent a payload */
+                int differ = 0;
+                for (int j = 0; j < n; j++) {
+                    lanes[j] = sml_load_be32(d + SML_PREAMBLE_BYTES + 4 * j);
+                    differ |= lanes[j] != c.desc;
+                }
+                if (differ) {
+                    /* bring every slot any rank used in this first window to the same count of
+                     * uses on all ranks: send the first-window packets this rank did not, then
+                     * wait for their results */
+                    Py_ssize_t w_all = c.w;
+                    for (int j = 0; j < n; j++) {
+                        Py_ssize_t fw = first_window(window, (Py_ssize_t)(lanes[j] >> SML_DESC_DTYPE_BITS), k);
+                        if (fw > w_all) w_all = fw;
+                    }
+                    mismatch = 1;
+                    held_n = 0;
+                    outstanding[0] = -1;
+                    for (Py_ssize_t q = c.w; q < w_all; q++) SEND(q, q, w_all);
+                    live = 0;
+                    for (Py_ssize_t q = 0; q < w_all; q++) live += outstanding[q] >= 0;
+                    n_call = w_all;
+                    continue;
+                }
+                checked = 1;
+                for (Py_ssize_t h = 0; h < held_n; h++) SEND(held[h], held[h] + c.w, c.w); /* answered packet held[h] */
+                held_n = 0;
             }
-            Py_ssize_t nxt = i + c.w;
-            if (nxt < c.n_packets) {
-                outstanding[rel] = nxt;
-                build_packet(&c, nxt, pkts + (size_t)rel * c.plen);
-                QUEUE(rel);
-                sent_at[rel] = now;
-                rto[rel] = rto_of(rtt, rto0, rto_max);
-                resent[rel] = 0;
-                stats[ST_SENT]++;
-            } else {
+            if (mismatch) { /* the drain: this slot's first-window packet is back */
                 outstanding[rel] = -1;
+                live--;
+                continue;
+            }
+            take_result(&c, i, d);
+            Py_ssize_t nxt = i + c.w;
+            if (nxt >= c.n_packets) {
+                outstanding[rel] = -1;
+                live--;
+            } else if (checked) {
+                SEND(rel, nxt, c.w);
+            } else { /* payloads wait for the descriptor check */
+                outstanding[rel] = -1;
+                held[held_n++] = rel;
             }
           }
         }
@@ -476,22 +558,28 @@ static PyObject *py_allreduce(PyObject *Py_UNUSED(m), PyObject *args) {
         if (f & FLAG_ABORT) { code = RC_ABORT; break; }
         if (f & FLAG_CLOSED) { code = RC_CLOSED; break; }
         if (silent_for > timeout) { code = RC_TIMEOUT; break; }
-        for (Py_ssize_t rel = 0; rel < c.w; rel++) {
-            if (outstanding[rel] >= 0 && now - sent_at[rel] >= rto[rel]) {
-                QUEUE(rel);
-                sent_at[rel] = now;
-                resent[rel] = 1;
-                rto[rel] = rto[rel] * 2 < rto_max ? rto[rel] * 2 : rto_max; /* backoff, capped */
-                if (rto[rel] > rtt[1]) rtt[1] = rto[rel]; /* and for the next packets too */
-                stats[ST_RETRANS]++; /* as in Python, not counted in packets_sent */
-            }
+        Py_ssize_t oldest = -1;
+        for (Py_ssize_t rel = 0; rel < window; rel++) {
+            if (outstanding[rel] < 0 || now - sent_at[rel] < rto[rel]) continue;
+            if (sent_at[rel] < newest_answered) /* a later packet came back: this one was lost */
+                RESEND(rel);
+            else if (oldest < 0 || sent_at[rel] < sent_at[oldest])
+                oldest = rel;
+        }
+        if (oldest >= 0 && now >= next_probe) { /* nothing came back since: probe with the oldest only */
+            RESEND(oldest);
+            next_probe = now + rto[oldest];
         }
         sml_tx_flush(fd, &tx);
     }
+#undef RESEND
+#undef SEND
 #undef QUEUE
+    if (code == RC_DONE && mismatch) code = RC_MISMATCH;
+    c.n_packets = n_call;
     Py_END_ALLOW_THREADS
 
-    for (Py_ssize_t rel = 0; rel < window; rel++) ((int64_t *)outst_b.buf)[rel] = rel < c.w ? outstanding[rel] : -1;
+    for (Py_ssize_t rel = 0; rel < window; rel++) ((int64_t *)outst_b.buf)[rel] = outstanding[rel];
     if (err) {
         errno = err;
         PyErr_SetFromErrno(PyExc_OSError);
@@ -499,11 +587,11 @@ static PyObject *py_allreduce(PyObject *Py_UNUSED(m), PyObject *args) {
     }
     result = Py_BuildValue("(innd)", code, done, c.n_packets, silent_for);
 cleanup:
-    free(c.gexp), free(pkts), free(outstanding), free(sent_at), free(rto), free(resent);
+    free(c.gexp), free(pkts), free(outstanding), free(held), free(sent_at), free(rto), free(resent);
     sml_rx_free(&rx);
     sml_tx_free(&tx);
-    PyBuffer_Release(&src), PyBuffer_Release(&out), PyBuffer_Release(&parity), PyBuffer_Release(&rtt_b);
-    PyBuffer_Release(&stats_b), PyBuffer_Release(&flags_b), PyBuffer_Release(&outst_b);
+    PyBuffer_Release(&src), PyBuffer_Release(&out), PyBuffer_Release(&parity), PyBuffer_Release(&lanes_b);
+    PyBuffer_Release(&rtt_b), PyBuffer_Release(&stats_b), PyBuffer_Release(&flags_b), PyBuffer_Release(&outst_b);
     return result;
 }
 
@@ -525,11 +613,12 @@ static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "switchml._native"
 PyMODINIT_FUNC PyInit__native(void) {
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;
-    PyObject *c = Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}", "PREAMBLE_BYTES",
+    PyObject *c = Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}", "PREAMBLE_BYTES",
                                 SML_PREAMBLE_BYTES, "MAX_K", SML_MAX_K, "RESULT", SML_MSG_RESULT, "EXP_NAN",
                                 SML_EXP_NAN, "EXP_MIN", SML_EXP_MIN, "QUANT_BITS", SML_QUANT_BITS, "RC_DONE", RC_DONE,
                                 "RC_ABORT", RC_ABORT, "RC_CLOSED", RC_CLOSED, "RC_TIMEOUT", RC_TIMEOUT, "FLAG_ABORT",
-                                FLAG_ABORT, "FLAG_CLOSED", FLAG_CLOSED, "NUM_STATS", NUM_STATS);
+                                FLAG_ABORT, "FLAG_CLOSED", FLAG_CLOSED, "NUM_STATS", NUM_STATS, "RC_MISMATCH",
+                                RC_MISMATCH, "DESCRIPTOR_DTYPE_BITS", SML_DESC_DTYPE_BITS);
     if (!c || PyModule_AddObject(m, "CONSTANTS", c) < 0) {
         Py_XDECREF(c);
         Py_DECREF(m);

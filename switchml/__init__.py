@@ -12,6 +12,7 @@ from switchml.errors import (
     ControllerError,
     ControllerTimeout,
     JobFailed,
+    ShapeMismatch,
     SwitchMLError,
     WorkerClosed,
 )
@@ -19,6 +20,6 @@ from switchml.worker import JobInfo, Worker, WorkerStats
 
 __version__ = "0.1.0"
 __all__ = [
-    "AllreduceTimeout", "ControllerError", "ControllerTimeout", "JobFailed", "JobInfo", "SwitchMLError",
+    "AllreduceTimeout", "ControllerError", "ControllerTimeout", "JobFailed", "JobInfo", "ShapeMismatch", "SwitchMLError",
     "Worker", "WorkerClosed", "WorkerStats", "__version__",
 ]

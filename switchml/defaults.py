@@ -23,9 +23,21 @@ WINDOW = 64
 #: Slots in the switch (all jobs together); pool_index has 14 bits, so at most 16384.
 POOL_SIZE = 1024
 
-#: First retransmission timeout of a slot; it doubles on each resend up to the cap.
+#: Retransmission timeout (RTO) of the worker, as TCP's (RFC 6298): smoothed round trip + 4 x
+#: its mean deviation, measured on first transmissions only (Karn), doubled per resend, and
+#: kept between RETRANSMIT_TIMEOUT_S (the floor, and the RTO before the first sample) and
+#: RETRANSMIT_TIMEOUT_MAX_S. The floor bounds how fast a lost packet is resent, so it stays
+#: at the old fixed timeout's 10 ms (1% loss is recovered no slower); what a descheduled
+#: peer costs beyond it is taken by the estimator's deviation term and by resending only
+#: the oldest packet while nothing at all comes back (switchml.worker, step 5).
 RETRANSMIT_TIMEOUT_S = 0.010
 RETRANSMIT_TIMEOUT_MAX_S = 0.2
+#: RFC 6298's gains per round trip (alpha = 1/8 for the mean, beta = 1/4 for the deviation)
+#: and K = 4 deviations; with w packets in flight a worker gets w samples per round trip, so
+#: each sample gets 1/w of the gain (RFC 7323, appendix G).
+RTT_ALPHA = 1 / 8
+RTT_BETA = 1 / 4
+RTT_K = 4
 #: An allreduce that makes no progress for this long fails (dead peer, dead switch).
 PROGRESS_TIMEOUT_S = 30.0
 #: How long a worker waits for the controller (registration waits for all ranks).

@@ -25,3 +25,21 @@ class JobFailed(SwitchMLError):
 
 class WorkerClosed(SwitchMLError):
     """The worker was closed before the call completed."""
+
+
+class ShapeMismatch(SwitchMLError, ValueError):
+    """Ranks passed different element counts or dtypes to the same allreduce call.
+
+    Attributes:
+        own: this rank's (element count, dtype name).
+        peers: every rank whose (element count, dtype name) differs from ``own``, by rank.
+        in_step: whether the job's slots were left in step, so that the worker's next calls work;
+            False when bringing them back failed too (the worker then refuses later calls).
+    """
+
+    def __init__(self, message: str, own: tuple[int, str] | None = None,
+                 peers: dict[int, tuple[int, str]] | None = None, in_step: bool = True) -> None:
+        super().__init__(message)
+        self.own = own
+        self.peers = peers or {}
+        self.in_step = in_step

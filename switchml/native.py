@@ -101,6 +101,8 @@ def resolve(requested: str | None, component: str, module: ModuleType | None, wh
 
 # --------------------------------------------------------------- worker side
 WORKER_MODULE = "switchml._native"
+WORKER_RC_MISMATCH = 4  #: allreduce's code: the descriptors differed, and the first window was drained
+WORKER_NUM_STATS = 5  #: allreduce's counters: sent, retransmissions, results, stale, duplicates
 
 
 def worker_module() -> tuple[ModuleType | None, str | None]:
@@ -109,7 +111,9 @@ def worker_module() -> tuple[ModuleType | None, str | None]:
 
     return load(WORKER_MODULE, {"PREAMBLE_BYTES": protocol.PREAMBLE_BYTES, "MAX_K": protocol.MAX_K,
                                 "RESULT": int(protocol.MsgType.RESULT), "EXP_NAN": protocol.EXP_NAN,
-                                "EXP_MIN": protocol.EXP_MIN, "QUANT_BITS": quantize.QUANT_BITS})
+                                "EXP_MIN": protocol.EXP_MIN, "QUANT_BITS": quantize.QUANT_BITS,
+                                "DESCRIPTOR_DTYPE_BITS": protocol.DESCRIPTOR_DTYPE_BITS,
+                                "RC_MISMATCH": WORKER_RC_MISMATCH, "NUM_STATS": WORKER_NUM_STATS})
 
 
 def worker_available() -> bool:

@@ -47,6 +47,14 @@ INT8_MIN, INT8_MAX = -128, 127
 MAX_WORKERS = 32  #: width of the switch's worker bitmap
 MAX_JOBS = 256  #: job_number is 8 bits
 
+#: The call descriptor (switchml.worker): packet 0 of every allreduce call carries, in payload
+#: lane ``worker_id`` (one-hot, so the switch's sum returns every rank's word exactly), the word
+#: ``min(elements, DESCRIPTOR_MAX_ELEMENTS) << DESCRIPTOR_DTYPE_BITS | dtype code``. The switch
+#: only sums; the workers compare. Code 0 never occurs, so a zero lane is "no descriptor".
+DESCRIPTOR_DTYPE_BITS = 2
+DESCRIPTOR_MAX_ELEMENTS = (1 << (32 - DESCRIPTOR_DTYPE_BITS)) - 1  #: larger counts saturate (> 4 GB of float32)
+DTYPE_CODES: dict[str, int] = {"float32": 1, "int32": 2}
+
 _HEADER = struct.Struct(">BBIHbb")  # byte0, job, tsi, pool_index, e0, e1
 
 

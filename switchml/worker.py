@@ -4,24 +4,43 @@ One ``Worker`` per rank. It registers with the controller, then a single engine 
 runs allreduce calls one after another, in the order they were made, so every rank's
 k-th call meets the other ranks' k-th call in the same slots.
 
-One call on a float32 tensor of B blocks of k elements, window w = min(W, B):
+One call on an array of B blocks of k elements (float32 or int32), window
+w = min(W, max(B, 1)), B + w packets:
 
-1. Cut the tensor into blocks; compute each block's local exponent (one numpy pass).
-2. Send packets 0..w-1: exponents of blocks 0..w-1, zero payload. Packet i uses slot
-   ``pool_base + i mod w``; each reuse of a slot flips its set bit (the shadow copy).
-3. On the RESULT of packet i: its exponent is block i's global max E_i; its payload, for
-   i >= w, is the sum of block i-w, dequantized with E_(i-w). Then send packet i+w:
-   block i quantized with E_i, plus block i+w's local exponent (self-clocked).
-4. A slot without its RESULT after the retransmission timeout resends the same packet;
-   the timeout doubles per resend. Timers are checked only once the socket is drained
-   (a result still queued behind others is not lost). As in TCP, a backed-off timeout
-   also holds for the slots' next packets until a first transmission is answered (a
-   clean round-trip sample, Karn's rule). No progress at all for ``timeout`` fails the call.
-5. After B + w results the sum is complete. int32 tensors skip 1 and 3's scaling: packet
-   i carries block i, B packets in all.
+1. Cut the array into blocks; for float32, compute each block's local exponent (one numpy pass).
+2. Send packets 0..w-1, the first window: zero payload and, for float32, the local exponents
+   of blocks 0..w-1. Packet 0's payload holds the call descriptor: this rank's element count
+   and dtype (``descriptor_word``) in lane ``worker_id``, zeros elsewhere, so the switch's sum
+   holds every rank's word exactly. Packet i uses slot ``pool_base + i mod w``; each reuse of
+   a slot flips its set bit (the shadow copy).
+3. Packet 0's RESULT comes before this rank sends any payload (results of packets 1..w-1
+   that come first are kept; their next packets wait for it). If a rank's descriptor differs
+   from this one, the call raises ``ShapeMismatch`` naming this rank's and the differing
+   ranks' counts and dtypes, never a result. Before it does, each rank sends the first-window
+   packets of the largest window any rank used (W is the job's, so every rank can tell the
+   others' w from their counts) and waits for their results: every slot of that window was
+   then used once on every rank, and the job's next call meets in step. Every call, even an
+   empty one, sends its descriptor, so every call meets the other ranks' on slot 0.
+4. On the RESULT of packet i: for float32 its exponent is block i's global max E_i; its
+   payload, for i >= w, is the sum of block i-w (float32: dequantized with E_(i-w)). Then
+   send packet i+w: block i (float32: quantized with E_i, with block i+w's local exponent).
+5. Retransmission, as TCP's: the timeout (RTO) is the smoothed round trip plus 4 mean
+   deviations (RFC 6298, ``retransmit_timeout``), sampled on first transmissions only (Karn's
+   rule) with each sample's gain divided by the w samples a round trip brings (RFC 7323,
+   appendix G), between ``retransmit_timeout`` (the floor) and a cap. A packet without its
+   RESULT after its RTO is resent unchanged, and its RTO doubles; a backed-off RTO also holds
+   for the slots' next packets until a first transmission is answered. A due packet is resent
+   at once when a packet sent after it was answered (so it, or its result, was lost: RACK's
+   rule); when nothing sent after it came back (a peer is descheduled, the switch stalls, or
+   all was lost) only the oldest due packet is resent, once per its RTO, as TCP resends only
+   the first unacknowledged segment on a timeout: a slow peer costs one spurious resend, not
+   a window of them. Timers are checked only once the socket is drained (a result still
+   queued behind others is not lost). No progress at all for ``timeout`` fails the call.
+6. After B + w results the sum is complete.
 
 RESULTs whose job number, slot or tsi (the packet id) do not match an outstanding packet
-are stale or duplicate and are ignored.
+are ignored: stale, or duplicates (a result for a packet of this call already answered,
+``WorkerStats.duplicate_results``: a resend of it was spurious).
 
 ``_allreduce_flat`` below is the reference. With ``dataplane="native"`` the same loop runs
 in C (``native/worker.c``: recvmmsg/sendmmsg batches, the quantizer fused into packet
@@ -47,9 +66,28 @@ import numpy as np
 
 from switchml import defaults, native, quantize
 from switchml.control import ControlClient
-from switchml.errors import AllreduceTimeout, ControllerError, ControllerTimeout, JobFailed, SwitchMLError, WorkerClosed
+from switchml.errors import (
+    AllreduceTimeout,
+    ControllerError,
+    ControllerTimeout,
+    JobFailed,
+    ShapeMismatch,
+    SwitchMLError,
+    WorkerClosed,
+)
+from switchml.native import WORKER_NUM_STATS as _NATIVE_STATS
+from switchml.native import WORKER_RC_MISMATCH as _RC_MISMATCH
 from switchml.net import local_ip_towards, open_udp_socket
-from switchml.protocol import EXP_MIN, PREAMBLE_BYTES, MsgType, k_to_size, packet_bytes
+from switchml.protocol import (
+    DESCRIPTOR_DTYPE_BITS,
+    DESCRIPTOR_MAX_ELEMENTS,
+    DTYPE_CODES,
+    EXP_MIN,
+    PREAMBLE_BYTES,
+    MsgType,
+    k_to_size,
+    packet_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +98,56 @@ _SCAN_INTERVAL_S = 0.002  # how often outstanding slots are checked for a due re
 #: may answer the very slots whose timers are due (a resend then would be spurious).
 _SCAN_DEFER_MAX = 64
 _FLAG_ABORT, _FLAG_CLOSED = 1, 2  # bits of Worker._flags, which the native loop polls
+
+
+def first_window(window: int, n_el: int, k: int) -> int:
+    """Packets in a call's first window (one per slot): min(W, blocks), and 1 for an empty call
+    (which still sends its descriptor, so that it meets the other ranks' call)."""
+    return min(window, max(1, -(-n_el // k)))
+
+
+def descriptor_word(n_el: int, dtype: Any) -> int:
+    """This rank's word in the call descriptor (``protocol.DESCRIPTOR_*``): element count
+    (saturated) and dtype code."""
+    return (min(n_el, DESCRIPTOR_MAX_ELEMENTS) << DESCRIPTOR_DTYPE_BITS) | DTYPE_CODES[np.dtype(dtype).name]
+
+
+def describe_word(word: int) -> tuple[int, str]:
+    """(element count, dtype name) of a descriptor word."""
+    code = word & ((1 << DESCRIPTOR_DTYPE_BITS) - 1)
+    name = next((name for name, c in DTYPE_CODES.items() if c == code), None)
+    return word >> DESCRIPTOR_DTYPE_BITS, name or f"no descriptor (dtype code {code}: another switchml version?)"
+
+
+def _count_text(count: int) -> str:
+    return f">= {count}" if count >= DESCRIPTOR_MAX_ELEMENTS else str(count)
+
+
+def rtt_sample(srtt: float, rttvar: float, sample: float, per_rtt: int) -> tuple[float, float]:
+    """RFC 6298's estimator after one round-trip sample: (smoothed RTT, mean deviation).
+
+    ``srtt <= 0`` means no sample yet: the first sets srtt = R, rttvar = R / 2. After that,
+    rttvar += beta * (|srtt - R| - rttvar), then srtt += alpha * (R - srtt), with alpha and
+    beta of ``defaults`` divided by ``per_rtt``, the samples one round trip brings (the
+    window's slots), as RFC 7323 (appendix G) does for per-segment samples: the estimator
+    then forgets a burst of slow round trips over a few round trips, not a few packets.
+    """
+    sample = max(sample, 1e-9)  # a zero would read as "no sample"
+    if srtt <= 0:
+        return sample, sample / 2
+    gain = 1.0 / max(1, per_rtt)
+    rttvar += (abs(srtt - sample) - rttvar) * defaults.RTT_BETA * gain
+    srtt += (sample - srtt) * defaults.RTT_ALPHA * gain
+    return srtt, rttvar
+
+
+def retransmit_timeout(srtt: float, rttvar: float, backed_off: float, floor: float, cap: float,
+                       granularity: float) -> float:
+    """RFC 6298's RTO: srtt + max(granularity, K * rttvar), at least ``floor`` (also the RTO
+    before the first sample) and a backed-off timeout still in force, at most ``cap``."""
+    rto = floor if srtt <= 0 else max(floor, srtt + max(granularity, defaults.RTT_K * rttvar))
+    return min(max(rto, backed_off), cap)
+
 
 
 @dataclass(frozen=True)
@@ -84,6 +172,10 @@ class WorkerStats:
     retransmissions: int = 0
     results: int = 0
     stale_results: int = 0
+    #: results for a packet already answered: a resend of it was spurious (the switch also
+    #: counts, as the drop reason retransmission_incomplete, resends of packets it already has)
+    duplicate_results: int = 0
+
 
 
 class Worker:
@@ -145,9 +237,10 @@ class Worker:
                  self.info.job_number, self.info.k, self.info.window, self.info.pool_base)
         self._slot_uses = [0] * self.info.window  # per slot: how often it was used (its next set bit)
         self._next_tsi = 0
-        # [smoothed round trip of a packet, backed-off timeout still in force (0: none)], in
-        # seconds; kept across calls, and an array so the native loop updates it in place
-        self._rtt_state = np.zeros(2, dtype=np.float64)
+        # [smoothed round trip of a packet (0: no sample yet), backed-off timeout still in force
+        # (0: none), round trip's mean deviation], in seconds (rtt_sample, retransmit_timeout);
+        # kept across calls, and an array so the native loop updates it in place
+        self._rtt_state = np.zeros(3, dtype=np.float64)
         self._calls: queue.Queue[tuple[Any, Future] | None] = queue.Queue()
         self._closing = threading.Event()
         self._abort: str | None = None  # set by the heartbeat thread when the job failed
@@ -227,8 +320,10 @@ class Worker:
                 future.set_result(staged.restore(total))
                 self.stats.calls += 1
             except BaseException as exc:  # noqa: BLE001 - every failure must reach the Future
-                # Slots of this job are now out of step with the other ranks: no later call can be trusted.
-                self._broken = exc
+                # Slots of this job are now out of step with the other ranks: no later call can be trusted
+                # (except after a shape mismatch that brought them back in step).
+                if not (isinstance(exc, ShapeMismatch) and exc.in_step):
+                    self._broken = exc
                 future.set_exception(exc)
             finally:
                 self._spares.give(staged.flat)  # the result is a separate array: the staged copy is free
@@ -265,159 +360,264 @@ class Worker:
         if self._native is not None:
             return self._allreduce_flat_native(flat)
         info = self.info
-        n_el, k = flat.size, info.k
-        if n_el == 0:
-            return flat.copy()
-        n_blocks = math.ceil(n_el / k)
+        n_el, k, n = flat.size, info.k, info.num_workers
+        n_blocks = -(-n_el // k)
         blocks = np.zeros((n_blocks, k), dtype=flat.dtype)
         blocks.reshape(-1)[:n_el] = flat
         out = np.empty((n_blocks, k), dtype=flat.dtype)
         is_float = flat.dtype == np.float32
-        w = min(info.window, n_blocks)
-        n_packets = n_blocks + w if is_float else n_blocks
+        w = first_window(info.window, n_el, k)
+        n_packets = n_blocks + w
         local_exp = quantize.block_exponents(blocks) if is_float else None
         global_exp = np.zeros(n_blocks, dtype=np.int16)
         size = k_to_size(k)
-        n = info.num_workers
         tsi0 = self._next_tsi
         uses0 = list(self._slot_uses)
+        desc = descriptor_word(n_el, flat.dtype)
         zero_payload = bytes(4 * k)
+        desc_payload = bytearray(zero_payload)  # packet 0: the descriptor in this rank's lane
+        struct.pack_into(">I", desc_payload, 4 * info.worker_id, desc)
 
-        def make_packet(i: int) -> bytes:
-            rel = i % w
-            set_bit = (uses0[rel] + i // w) & 1
-            if is_float:
-                payload = (quantize.quantize(blocks[i - w], int(global_exp[i - w]), n).astype(">i4").tobytes()
-                           if i >= w else zero_payload)
-                e0 = int(local_exp[i]) if i < n_blocks else EXP_MIN
+        def make_packet(i: int, wnd: int) -> bytes:
+            """Packet i of the call with a window of wnd slots (wnd > w only for a mismatch's drain)."""
+            rel = i % wnd
+            set_bit = (uses0[rel] + i // wnd) & 1
+            if i >= wnd:
+                b = i - wnd
+                payload = (quantize.quantize(blocks[b], int(global_exp[b]), n) if is_float else blocks[b]).astype(
+                    ">i4").tobytes()
             else:
-                payload, e0 = blocks[i].astype(">i4").tobytes(), 0
+                payload = desc_payload if i == 0 else zero_payload
+            e0 = (int(local_exp[i]) if i < n_blocks else EXP_MIN) if is_float else 0
             return _HEADER.pack(size, info.job_number, (tsi0 + i) % _TSI_MOD,
                                 (0x8000 if set_bit else 0) | (info.pool_base + rel), e0, 0) + payload
 
         sock, switch = self._sock, info.switch
-        outstanding = list(range(w))  # per slot: index of the packet awaiting its result
-        packets = [make_packet(i) for i in range(w)]
-        sent_at = [0.0] * w
-        resent = [False] * w  # Karn's rule: only first transmissions measure the round trip
-        rto = [self._rto()] * w
+        slots = info.window  # sized for the whole pool range: a mismatch's drain may use more than w
+        outstanding = [-1] * slots  # per slot: index of the packet awaiting its result (-1: none)
+        packets = [b""] * slots
+        sent_at = [0.0] * slots
+        resent = [False] * slots  # Karn's rule: only first transmissions measure the round trip
+        rto = [0.0] * slots
+        issued = 0  # packets 0..issued-1 were sent at least once (a result for one not outstanding is a duplicate)
+
+        def send(rel: int, i: int, wnd: int, at: float) -> None:
+            nonlocal issued
+            outstanding[rel], packets[rel] = i, make_packet(i, wnd)
+            sock.sendto(packets[rel], switch)
+            sent_at[rel], rto[rel], resent[rel] = at, self._rto(), False
+            issued = max(issued, i + 1)
+            self.stats.packets_sent += 1
+
         now = time.monotonic()
         for rel in range(w):
-            sock.sendto(packets[rel], switch)
-            sent_at[rel] = now
-        self.stats.packets_sent += w
+            send(rel, rel, w, now)
+        held: list[int] = []  # slots whose next packet waits for packet 0's result (the descriptor check)
+        checked = False
+        mismatch: ShapeMismatch | None = None
+        live = w  # slots with a packet outstanding or held
         done = 0
         expected_len = packet_bytes(k)
         buf = bytearray(expected_len + 64)
         last_progress = last_scan = now
+        newest_answered = -math.inf  # send time of the newest packet answered: older ones outstanding are lost
+        next_probe = 0.0
         deferred = 0
         sock.settimeout(_SCAN_INTERVAL_S)
-        while done < n_packets:
-            try:
-                nbytes = sock.recv_into(buf)
-            except TimeoutError:
-                nbytes = 0
-            now = time.monotonic()
-            if nbytes:
-                rel = self._match(buf, nbytes, expected_len, tsi0, w, outstanding)
-                if rel is not None:
-                    i = outstanding[rel]
-                    e0 = _HEADER.unpack_from(buf)[4]
-                    if is_float:
-                        if i < n_blocks:
-                            global_exp[i] = e0
+        try:
+            while live:
+                try:
+                    nbytes = sock.recv_into(buf)
+                except TimeoutError:
+                    nbytes = 0
+                now = time.monotonic()
+                if nbytes:
+                    rel = self._match(buf, nbytes, expected_len, tsi0, issued, outstanding)
+                    if rel is not None:
+                        i = outstanding[rel]
+                        done += 1
+                        self.stats.results += 1
+                        last_progress = now
+                        newest_answered = max(newest_answered, sent_at[rel])
+                        if not resent[rel]:  # Karn's rule: a clean sample; the backoff ends
+                            self._sample_rtt(now - sent_at[rel], w)
+                        if i == 0:  # every rank's descriptor, before any rank sent a payload
+                            lanes = np.frombuffer(buf, dtype=">u4", count=n, offset=PREAMBLE_BYTES)
+                            if np.any(lanes != desc):
+                                mismatch = self._shape_mismatch(n_el, flat.dtype, lanes)
+                                # bring every slot any rank used in this call's first window to the
+                                # same count of uses on all ranks: send the first-window packets this
+                                # rank did not (zero payload), then wait for their results
+                                w_all = max(first_window(info.window, int(c) >> DESCRIPTOR_DTYPE_BITS, k)
+                                            for c in lanes)
+                                held.clear()
+                                outstanding[0] = -1
+                                for r in range(w, w_all):
+                                    send(r, r, w_all, now)
+                                live = sum(1 for r in range(w_all) if outstanding[r] >= 0)
+                                n_packets = w_all  # the call's packets, for the bookkeeping below
+                                continue
+                            checked = True
+                            for r in held:
+                                send(r, r + w, w, now)  # held slots answered packet r (first window)
+                            held.clear()
+                        if mismatch is not None:  # the drain: this slot's first-window packet is back
+                            outstanding[rel] = -1
+                            live -= 1
+                            continue
+                        e0 = _HEADER.unpack_from(buf)[4]
                         if i >= w:
                             total = np.frombuffer(buf, dtype=">i4", count=k, offset=PREAMBLE_BYTES)
-                            out[i - w] = quantize.dequantize(total, int(global_exp[i - w]), n)
-                    else:
-                        out[i] = np.frombuffer(buf, dtype=">i4", count=k, offset=PREAMBLE_BYTES)
-                    done += 1
-                    self.stats.results += 1
-                    last_progress = now
-                    if not resent[rel]:  # Karn's rule: a clean sample; the backoff ends
-                        self._rtt_state[0] += (now - sent_at[rel] - self._rtt_state[0]) / 8
-                        self._rtt_state[1] = 0.0
-                    nxt = i + w
-                    if nxt < n_packets:
-                        outstanding[rel] = nxt
-                        packets[rel] = make_packet(nxt)
-                        sock.sendto(packets[rel], switch)
-                        sent_at[rel], rto[rel], resent[rel] = now, self._rto(), False
-                        self.stats.packets_sent += 1
-                    else:
-                        outstanding[rel] = -1
-            if now - last_scan < _SCAN_INTERVAL_S:
-                continue
-            if nbytes and deferred < _SCAN_DEFER_MAX:  # timers wait for the socket to drain, a bounded while
-                deferred += 1
-                continue
-            last_scan, deferred = now, 0
-            self._check_alive(now - last_progress, done, n_packets, outstanding)
-            for rel in range(w):
-                if outstanding[rel] >= 0 and now - sent_at[rel] >= rto[rel]:
-                    sock.sendto(packets[rel], switch)
-                    sent_at[rel], resent[rel] = now, True
-                    rto[rel] = min(rto[rel] * 2, defaults.RETRANSMIT_TIMEOUT_MAX_S)
-                    self._rtt_state[1] = max(self._rtt_state[1], rto[rel])
-                    self.stats.retransmissions += 1
-        for i in range(n_packets):
-            self._slot_uses[i % w] += 1
+                            out[i - w] = quantize.dequantize(total, int(global_exp[i - w]), n) if is_float else total
+                        if is_float and i < n_blocks:
+                            global_exp[i] = e0
+                        nxt = i + w
+                        if nxt >= n_packets:
+                            outstanding[rel] = -1
+                            live -= 1
+                        elif checked:
+                            send(rel, nxt, w, now)
+                        else:
+                            outstanding[rel] = -1
+                            held.append(rel)
+                if now - last_scan < _SCAN_INTERVAL_S:
+                    continue
+                if nbytes and deferred < _SCAN_DEFER_MAX:  # timers wait for the socket to drain, a bounded while
+                    deferred += 1
+                    continue
+                last_scan, deferred = now, 0
+                self._check_alive(now - last_progress, done, n_packets, outstanding)
+                oldest = -1
+                for rel in range(slots):
+                    if outstanding[rel] < 0 or now - sent_at[rel] < rto[rel]:
+                        continue
+                    if sent_at[rel] < newest_answered:  # a later packet came back: this one was lost
+                        self._resend(rel, packets, sent_at, resent, rto, now)
+                    elif oldest < 0 or sent_at[rel] < sent_at[oldest]:
+                        oldest = rel
+                if oldest >= 0 and now >= next_probe:  # nothing came back since: probe with the oldest only
+                    self._resend(oldest, packets, sent_at, resent, rto, now)
+                    next_probe = now + rto[oldest]
+        except SwitchMLError as exc:
+            if mismatch is None:
+                raise
+            raise ShapeMismatch(f"{mismatch}; then the job's slots could not be brought back in step ({exc}), so "
+                                "this worker refuses further calls", mismatch.own, mismatch.peers, in_step=False) from exc
+        if mismatch is not None:
+            for rel in range(n_packets):
+                self._slot_uses[rel] += 1
+            self._next_tsi = (tsi0 + n_packets) % _TSI_MOD
+            raise mismatch
+        for rel in range(w):
+            self._slot_uses[rel] += len(range(rel, n_packets, w))
         self._next_tsi = (tsi0 + n_packets) % _TSI_MOD
         return out.reshape(-1)[:n_el]
 
     def _allreduce_flat_native(self, flat: np.ndarray) -> np.ndarray:
         """``_allreduce_flat`` through ``switchml._native.allreduce`` (same packets, same state after)."""
         info = self.info
-        n_el, k = flat.size, info.k
-        if n_el == 0:
-            return flat.copy()
+        n_el, k, n = flat.size, info.k, info.num_workers
         is_float = flat.dtype == np.float32
-        n_blocks = math.ceil(n_el / k)
-        w = min(info.window, n_blocks)
+        w = first_window(info.window, n_el, k)
         flat = np.ascontiguousarray(flat)
         out = np.empty(n_el, dtype=flat.dtype)
-        parity = bytes(u & 1 for u in self._slot_uses[:w])
-        counts = np.zeros(4, dtype=np.int64)  # sent, retransmissions, results, stale
-        outstanding = np.full(w, -1, dtype=np.int64)
+        parity = bytes(u & 1 for u in self._slot_uses)
+        counts = np.zeros(_NATIVE_STATS, dtype=np.int64)  # sent, retransmissions, results, stale, duplicates
+        outstanding = np.full(info.window, -1, dtype=np.int64)
+        lanes = np.zeros(n, dtype=np.uint32)  # packet 0's result: every rank's descriptor word (0: not back)
+        desc = descriptor_word(n_el, flat.dtype)
         host, port = info.switch
         ip = int.from_bytes(socket.inet_aton(socket.gethostbyname(host)), "big")
         tsi0 = self._next_tsi
         try:
             code, done, n_packets, silent_for = self._native.allreduce(
-                self._sock.fileno(), ip, port, flat, out, is_float, k, w, info.job_number, info.pool_base,
-                info.num_workers, tsi0, parity, self.retransmit_timeout, defaults.RETRANSMIT_TIMEOUT_MAX_S,
+                self._sock.fileno(), ip, port, flat, out, is_float, k, info.window, info.job_number, info.pool_base,
+                n, tsi0, parity, desc, info.worker_id, lanes, self.retransmit_timeout,
+                defaults.RETRANSMIT_TIMEOUT_MAX_S, (defaults.RTT_ALPHA, defaults.RTT_BETA, defaults.RTT_K),
                 self.timeout, _SCAN_INTERVAL_S, self._rtt_state, counts, self._flags, outstanding, self._offload)
         finally:
             self.stats.packets_sent += int(counts[0])
             self.stats.retransmissions += int(counts[1])
             self.stats.results += int(counts[2])
             self.stats.stale_results += int(counts[3])
+            self.stats.duplicate_results += int(counts[4])
+        mismatch = self._shape_mismatch(n_el, flat.dtype, lanes) if lanes[info.worker_id] and np.any(lanes != desc) \
+            else None
+        if code == _RC_MISMATCH and mismatch is not None:  # drained: n_packets first-window slots used once
+            for rel in range(n_packets):
+                self._slot_uses[rel] += 1
+            self._next_tsi = (tsi0 + n_packets) % _TSI_MOD
+            raise mismatch
         if code != 0:  # stopped early: the same errors, in the same order, as the Python loop
-            self._check_alive(silent_for, done, n_packets, outstanding.tolist())
-            raise SwitchMLError(f"rank {self.rank}: the native engine stopped early (code {code})")
+            try:
+                self._check_alive(silent_for, done, n_packets, outstanding.tolist())
+                raise SwitchMLError(f"rank {self.rank}: the native engine stopped early (code {code})")
+            except SwitchMLError as exc:
+                if mismatch is None:
+                    raise
+                raise ShapeMismatch(f"{mismatch}; then the job's slots could not be brought back in step ({exc}), "
+                                    "so this worker refuses further calls", mismatch.own, mismatch.peers,
+                                    in_step=False) from exc
         for rel in range(w):
             self._slot_uses[rel] += len(range(rel, n_packets, w))
         self._next_tsi = (tsi0 + n_packets) % _TSI_MOD
         return out
 
     def _rto(self) -> float:
-        """Retransmission timeout of a fresh packet: 3 smoothed round trips, at least the configured
-        one, and at least a backed-off timeout no clean round trip has ended yet (capped)."""
-        srtt, backed_off = self._rtt_state
-        return float(min(max(self.retransmit_timeout, 3 * srtt, backed_off), defaults.RETRANSMIT_TIMEOUT_MAX_S))
+        """Retransmission timeout of a fresh packet (``retransmit_timeout`` of the estimator's state)."""
+        srtt, backed_off, rttvar = self._rtt_state
+        return retransmit_timeout(float(srtt), float(rttvar), float(backed_off), self.retransmit_timeout,
+                                  defaults.RETRANSMIT_TIMEOUT_MAX_S, _SCAN_INTERVAL_S)
 
-    def _match(self, buf: bytearray, nbytes: int, expected_len: int, tsi0: int, w: int, outstanding: list[int]) -> int | None:
-        """The window slot a RESULT answers, or None for a stale, duplicate or foreign packet."""
+    def _sample_rtt(self, sample: float, per_rtt: int) -> None:
+        """A clean round trip (a first transmission's): update the estimator; the backoff ends."""
+        self._rtt_state[0], self._rtt_state[2] = rtt_sample(float(self._rtt_state[0]), float(self._rtt_state[2]),
+                                                            sample, per_rtt)
+        self._rtt_state[1] = 0.0
+
+    def _resend(self, rel: int, packets: list[bytes], sent_at: list[float], resent: list[bool], rto: list[float],
+                now: float) -> None:
+        """Resend slot rel's packet unchanged; its timeout doubles (capped), and holds for the next packets."""
+        self._sock.sendto(packets[rel], self.info.switch)
+        sent_at[rel], resent[rel] = now, True
+        rto[rel] = min(rto[rel] * 2, defaults.RETRANSMIT_TIMEOUT_MAX_S)
+        self._rtt_state[1] = max(self._rtt_state[1], rto[rel])
+        self.stats.retransmissions += 1
+
+    def _match(self, buf: bytearray, nbytes: int, expected_len: int, tsi0: int, issued: int,
+               outstanding: list[int]) -> int | None:
+        """The window slot a RESULT answers, or None for a stale, duplicate or foreign packet.
+
+        A duplicate is a result of this call's job and slots for a packet already answered
+        (``issued``: packets 0..issued-1 were sent): a resend of it was spurious.
+        """
         if nbytes != expected_len:
             self.stats.stale_results += 1
             return None
         byte0, job, tsi, pidx, _, _ = _HEADER.unpack_from(buf)
         rel = (pidx & 0x3FFF) - self.info.pool_base
-        if (byte0 >> 4 != MsgType.RESULT or job != self.info.job_number or not 0 <= rel < w
-                or outstanding[rel] < 0 or (tsi0 + outstanding[rel]) % _TSI_MOD != tsi):
+        if byte0 >> 4 != MsgType.RESULT or job != self.info.job_number or not 0 <= rel < len(outstanding):
             self.stats.stale_results += 1
             return None
-        return rel
+        i = (tsi - tsi0) % _TSI_MOD
+        if i == outstanding[rel]:
+            return rel
+        if i < issued:
+            self.stats.duplicate_results += 1
+        else:
+            self.stats.stale_results += 1
+        return None
+
+    def _shape_mismatch(self, n_el: int, dtype: np.dtype, lanes: np.ndarray) -> ShapeMismatch:
+        """The error of a call whose descriptor lanes (every rank's word) differ from this rank's."""
+        own = (n_el, np.dtype(dtype).name)
+        desc = descriptor_word(n_el, dtype)
+        peers = {r: describe_word(int(word)) for r, word in enumerate(lanes) if int(word) != desc}
+        shown = "; ".join(f"rank {r} has {_count_text(c)} {d}" for r, (c, d) in list(peers.items())[:4])
+        return ShapeMismatch(
+            f"rank {self.rank} of job {self.job!r}: the ranks passed different arrays to the same allreduce call: "
+            f"this rank has {_count_text(n_el)} {own[1]} elements; {shown}{'; ...' if len(peers) > 4 else ''} "
+            "(every rank must pass the same element count and dtype, call by call)", own, peers)
 
     def _check_alive(self, silent_for: float, done: int, n_packets: int, outstanding: list[int]) -> None:
         if self._abort is not None:
