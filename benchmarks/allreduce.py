@@ -346,6 +346,7 @@ def run_switchml(place: Any, n: int, elements: int, loss: float, cfg: AllreduceC
         "packets_sent": sum(r["packets_sent"] for r in reports),
         "retransmissions": sum(r["retransmissions"] for r in reports),
         "stale_results": sum(r["stale_results"] for r in reports),
+        "duplicate_results": sum(r.get("duplicate_results", 0) for r in reports),
         "switch": {
             "pid": switch.pid, "cpu_s": cpu, "wall_s": wall,
             "cpu_per_allreduce_s": cpu / calls if cpu is not None else None,
@@ -354,7 +355,29 @@ def run_switchml(place: Any, n: int, elements: int, loss: float, cfg: AllreduceC
             "counters": _parse_stats(stats_out),
         },
     })
+    result.update(spurious_retransmissions(result))
     return result
+
+
+def spurious_retransmissions(result: dict[str, Any]) -> dict[str, Any]:
+    """Counts of a SwitchML run's resends whose original was not lost, and their rates.
+
+    A resend is spurious when the switch already had the worker's packet: it drops it as
+    ``retransmission_incomplete`` when the slot still waits for a peer, and answers it
+    again when the slot is complete, which reaches the worker as a duplicate result (the
+    workers' ``duplicate_results``; a resend answered after a lost result is no duplicate).
+    Rates are per packet sent (first transmissions, warm-up calls included, as the counts).
+    """
+    counters = ((result.get("switch") or {}).get("counters") or {}).get("counters") or {}
+    incomplete = counters.get("drop_retransmission_incomplete")
+    spurious = (incomplete or 0) + result.get("duplicate_results", 0)
+    sent = result.get("packets_sent") or 0
+    return {
+        "spurious_retransmissions": spurious if incomplete is not None else None,
+        "spurious_switch_incomplete": incomplete,
+        "retransmission_rate": result.get("retransmissions", 0) / sent if sent else None,
+        "spurious_rate": spurious / sent if sent and incomplete is not None else None,
+    }
 
 
 def run_gloo(place: Any, n: int, elements: int, cfg: AllreduceConfig, tmp: Path) -> dict[str, Any]:
@@ -519,8 +542,10 @@ def format_report(doc: dict[str, Any]) -> str:
                 _verdict(r),
             ])
             if name == "switchml" and r.get("retransmissions"):
+                spurious = (f", {r['spurious_retransmissions']} spurious ({r['spurious_rate']:.2%})"
+                            if r.get("spurious_rate") is not None else "")
                 notes.append(f"n={p['workers']} {format_size(p['size_bytes'])} loss={p['loss']:g}: "
-                             f"{r['retransmissions']} retransmissions of {r['packets_sent']} packets")
+                             f"{r['retransmissions']} retransmissions of {r['packets_sent']} packets{spurious}")
     headers = ["n", "size", "loss", "backend", "median ms", "min..max ms", "MB/s/worker", "sw/gloo",
                "time/bound", "vs loss 0", "switch CPU", "result"]
     lines = [f"allreduce on {cfg['net']}: k={cfg['k_effective']}, repeats={cfg['repeats']}, warmup={cfg['warmup']}"

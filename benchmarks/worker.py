@@ -102,7 +102,8 @@ def run_switchml(args: argparse.Namespace, x: np.ndarray) -> tuple[list[float], 
                 times.append(elapsed)
         w.barrier(timeout=args.timeout)  # nobody leaves (and frees the job's slots) while a peer still sums
         extra = {"k": w.info.k, "window": w.info.window, "packets_sent": w.stats.packets_sent,
-                 "retransmissions": w.stats.retransmissions, "stale_results": w.stats.stale_results}
+                 "retransmissions": w.stats.retransmissions, "stale_results": w.stats.stale_results,
+                 "duplicate_results": w.stats.duplicate_results}
     return times, y, extra
 
 

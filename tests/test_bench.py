@@ -87,6 +87,9 @@ def test_allreduce_loopback_smoke(tmp_path):
         assert res["bound_s"] > 0 and res["time_over_bound"] > 0
     assert sw["check"]["max_error_over_bound"] <= 1.0
     assert sw["k"] == 256 and sw["switch"]["cpu_s"] is not None and sw["switch"]["counters"]
+    # spurious resends (the switch's retransmission_incomplete drops + the workers' duplicate results)
+    assert sw["spurious_retransmissions"] == sw["spurious_switch_incomplete"] + sw["duplicate_results"]
+    assert 0 <= sw["spurious_rate"] <= sw["retransmission_rate"] + 1e-9 or sw["retransmissions"] == 0
     # n=2: ring and SwitchML send the same bytes, but this tiny tensor pays a whole exponent-only window
     assert point["ratio_switchml_over_gloo"] > 0 and 1 < point["bound_ratio_switchml_over_gloo"] < 2.5
     assert png.stat().st_size > 0
