@@ -8,7 +8,8 @@ Requests (all carry ``op``; answers carry ``ok`` and, when not ok, ``error``):
 | register  | job, rank, world_size, addr, k (opt.)   | held until every rank registered: job_number, |
 |           |                                         | worker_id, num_workers, k, window, pool_base  |
 | barrier   | job, rank                               | held until every rank of the job arrived      |
-| heartbeat | job, rank                               | the job's state; an error if it failed        |
+| heartbeat | job, rank                               | the job's state; an error if it failed, with  |
+|           |                                         | failed_ranks (the ranks that went silent)     |
 | leave     | job, rank                               | ok                                            |
 | stats     |                                         | jobs and switch counters                      |
 """
@@ -16,48 +17,97 @@ Requests (all carry ``op``; answers carry ``ok`` and, when not ok, ``error``):
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
-from switchml.errors import ControllerError, ControllerTimeout
+from switchml.errors import ControllerError, ControllerGone, ControllerTimeout
 
 log = logging.getLogger(__name__)
 
 
 class ControlClient:
-    """One REQ socket to the controller; not thread-safe (give each thread its own)."""
+    """One REQ socket to the controller; not thread-safe (give each thread its own).
 
-    def __init__(self, endpoint: str, timeout: float) -> None:
+    With ``watch_connection`` the client also watches its TCP connection (a ZeroMQ socket
+    monitor): when the controller's process ends, its kernel closes the connection, and
+    ``call`` and ``wait_for_disconnect`` raise ``ControllerGone`` at once rather than at a
+    timeout. A controller that hangs, or a host that vanishes, still shows only as a timeout.
+    """
+
+    def __init__(self, endpoint: str, timeout: float, watch_connection: bool = False) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
         self._ctx = zmq.Context.instance()
         self._sock: zmq.Socket | None = None
+        self._watch = watch_connection
+        self._monitor: zmq.Socket | None = None
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
             self._sock = self._ctx.socket(zmq.REQ)
             self._sock.setsockopt(zmq.LINGER, 0)
+            if self._watch:
+                self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             self._sock.connect(self.endpoint)
         return self._sock
 
+    def connect(self) -> None:
+        """Open the connection now (it is otherwise opened by the first request)."""
+        self._socket()
+
+    def wait_for_disconnect(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s; raise ControllerGone if the watched connection closes meanwhile."""
+        self._socket()
+        if self._monitor is None:
+            raise ValueError("wait_for_disconnect needs ControlClient(..., watch_connection=True)")
+        if self._monitor.poll(int(timeout * 1000), zmq.POLLIN):
+            self._raise_if_gone()
+
+    def _raise_if_gone(self) -> None:
+        while self._monitor is not None and self._monitor.poll(0, zmq.POLLIN):
+            event = recv_monitor_message(self._monitor)
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self.close()
+                raise ControllerGone(f"the connection to the controller at {self.endpoint} closed: its process "
+                                     "ended (with it, the software switch it runs)")
+
     def request(self, message: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         """Send ``message`` and wait for the answer; raise ControllerTimeout or ControllerError."""
+        answer = self.call(message, timeout)
+        if not answer.get("ok"):
+            raise ControllerError(f"controller refused {message.get('op')!r}: {answer.get('error', 'no reason given')}")
+        return answer
+
+    def call(self, message: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """Send ``message`` and return the answer as it is, refusals included (their fields, such
+        as a failed job's ``failed_ranks``, are for the caller); raise ControllerTimeout."""
         timeout = self.timeout if timeout is None else timeout
         sock = self._socket()
         sock.send_json(message)
-        if not sock.poll(int(timeout * 1000), zmq.POLLIN):
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
+        deadline = time.monotonic() + timeout
+        while sock not in (ready := dict(poller.poll(max(0, int((deadline - time.monotonic()) * 1000))))):
+            if self._monitor in ready:
+                self._raise_if_gone()  # other events (none are subscribed) fall through
+                continue
             self.close()  # a REQ socket that missed its answer cannot send again
             raise ControllerTimeout(
                 f"no answer from the controller at {self.endpoint} to {message.get('op')!r} within {timeout:g} s "
                 "(is `switchml-switch emulate` running there, and are all ranks started?)"
             )
-        answer = sock.recv_json()
-        if not answer.get("ok"):
-            raise ControllerError(f"controller refused {message.get('op')!r}: {answer.get('error', 'no reason given')}")
-        return answer
+        return sock.recv_json()
 
     def close(self) -> None:
+        if self._monitor is not None:
+            self._sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None

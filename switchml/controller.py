@@ -16,6 +16,7 @@ way its entries are deleted and its slots and job number go back to the pool.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import threading
@@ -71,6 +72,7 @@ class _Job:
     created: float
     k: int
     addresses: dict[int, Address] = field(default_factory=dict)
+    peers: dict[int, str] = field(default_factory=dict)  # the control connection's source IP, per rank
     identities: dict[int, bytes] = field(default_factory=dict)  # pending register answers
     number: int = -1
     mgid: int = 0
@@ -78,6 +80,7 @@ class _Job:
     pool_size: int = 0
     state: str = "registering"  # -> running -> ended | failed
     error: str = ""
+    failed_ranks: list[int] = field(default_factory=list)  # the silent ranks of a failed job
     last_seen: dict[int, float] = field(default_factory=dict)
     left: set[int] = field(default_factory=set)
     barrier: dict[int, bytes] = field(default_factory=dict)
@@ -88,7 +91,7 @@ class _Job:
         return {
             "name": self.name, "state": self.state, "job_number": self.number, "world_size": self.world_size,
             "registered": sorted(self.addresses), "pool_base": self.pool_base, "pool_size": self.pool_size,
-            "k": self.k, "error": self.error,
+            "k": self.k, "error": self.error, "failed_ranks": self.failed_ranks,
         }
 
 
@@ -107,6 +110,8 @@ class Controller:
         self._free_slots = [(0, o.pool_size)]  # (base, size) runs
         self._next_number = 0
         self._virtual_ports: dict[Address, int] = {}
+        self._peer: str | None = None  # source IP of the request being handled
+        self._local: dict[str, bool] = {}  # peer IP -> is it an address of this host
         self._ctx = zmq.Context.instance()
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
@@ -147,7 +152,9 @@ class Controller:
         poller.register(self._router, zmq.POLLIN)
         while not self._stop.is_set():
             if poller.poll(200):
-                identity, _, raw = self._router.recv_multipart()
+                identity, _, frame = self._router.recv_multipart(copy=False)
+                identity, raw = identity.bytes, frame.bytes
+                self._peer = _peer_address(frame)
                 try:
                     self._handle(identity, raw)
                 except Exception as exc:  # noqa: BLE001 - one bad request must not stop the controller
@@ -210,13 +217,60 @@ class Controller:
             return (f"job {name!r}: rank {rank} says world_size={world_size}, k={k} but earlier ranks said "
                     f"world_size={job.world_size}, k={job.k}")
         address = (addr[0], addr[1])
+        if rank in job.addresses:
+            # Replacing the first registration would leave its worker waiting for an answer that
+            # never comes; the second one is the mistake (two processes given the same rank).
+            first = job.peers.get(rank)
+            return (f"job {name!r}: rank {rank} is already registered (UDP {job.addresses[rank][0]}:"
+                    f"{job.addresses[rank][1]}{f', from {first}' if first else ''}); this second registration "
+                    f"is refused and the first stays: do two processes use rank {rank}?")
         if address in (a for r, a in job.addresses.items() if r != rank):
             return f"job {name!r}: address {address} is registered for another rank"
+        if error := self._unreachable_from(self._peer):
+            # the job cannot form without this rank: tell the ranks already waiting now, not
+            # after the registration timeout
+            error = f"job {name!r}, rank {rank}: {error}"
+            log.warning(error)
+            for waiting in job.identities.values():
+                self._answer(waiting, ok=False, error=error)
+            del self._jobs[name]
+            return error
         job.addresses[rank] = address
         job.identities[rank] = identity
+        if self._peer is not None:
+            job.peers[rank] = self._peer
         if len(job.addresses) == world_size:
             self._start_job(job)
         return None
+
+    def _unreachable_from(self, peer: str | None) -> str | None:
+        """Why a worker whose control connection comes from ``peer`` cannot send to the switch's
+        advertised address (a wildcard or loopback address is only reachable on this host), or None."""
+        host, port = self.options.switch_address
+        try:
+            ip = ipaddress.ip_address(socket.gethostbyname(host))
+        except (OSError, ValueError):
+            return None  # a name that does not resolve here is the operator's to check
+        if not (ip.is_unspecified or ip.is_loopback) or peer is None or self._is_local(peer):
+            return None
+        kind = "a wildcard" if ip.is_unspecified else "a loopback"
+        return (f"the switch's data address {host}:{port} is {kind} address, which this worker on {peer} "
+                f"cannot send to: restart the switch with an address of its host that {peer} can reach "
+                "(switchml-switch emulate --advertise-address IP, or deploy --switch-address IP)")
+
+    def _is_local(self, ip: str) -> bool:
+        """Whether ``ip`` is an address of this host (binding to it succeeds only then)."""
+        if ip not in self._local:
+            try:
+                local = ipaddress.ip_address(ip).is_loopback
+                if not local:
+                    with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                        probe.bind((ip, 0))
+                    local = True
+            except (OSError, ValueError):
+                local = False
+            self._local[ip] = local
+        return self._local[ip]
 
     def _start_job(self, job: _Job) -> None:
         error = self._allocate(job)
@@ -330,7 +384,10 @@ class Controller:
         if error:
             return error
         if job.state == "failed":
-            return f"job {job.name!r} failed: {job.error}"
+            # the silent ranks as data, so survivors can name them without parsing the text
+            self._answer(identity, ok=False, error=f"job {job.name!r} failed: {job.error}",
+                         failed_ranks=job.failed_ranks)
+            return None
         job.last_seen[msg["rank"]] = time.monotonic()
         self._answer(identity, ok=True, state=job.state)
         return None
@@ -378,6 +435,7 @@ class Controller:
             elif job.state == "running":
                 silent = [r for r, t in job.last_seen.items() if r not in job.left and now - t > o.heartbeat_timeout]
                 if silent:
+                    job.failed_ranks = silent
                     self._release(job, "failed", f"rank(s) {silent} sent no heartbeat for {o.heartbeat_timeout:g} s")
             elif job.state in ("ended", "failed") and now - job.ended_at > 2 * o.heartbeat_timeout:
                 del self._jobs[job.name]  # kept a while so survivors learn why their job failed
@@ -385,7 +443,7 @@ class Controller:
     def _release(self, job: _Job, state: str, error: str) -> None:
         (log.warning if state == "failed" else log.info)("job %r %s%s", job.name, state, f": {error}" if error else "")
         for waiting in job.barrier.values():
-            self._answer(waiting, ok=False, error=f"job {job.name!r} {state}: {error}")
+            self._answer(waiting, ok=False, error=f"job {job.name!r} {state}: {error}", failed_ranks=job.failed_ranks)
         job.barrier.clear()
         job.state, job.error, job.ended_at = state, error, time.monotonic()
         if job.number < 0:
@@ -398,6 +456,14 @@ class Controller:
             self._free_slots.append((job.pool_base, job.pool_size))
             self._free_slots = _merge_runs(self._free_slots)
             job.pool_size = 0
+
+
+def _peer_address(frame: zmq.Frame) -> str | None:
+    """The source IP of a request (TCP transports; None for inproc, ipc or an old libzmq)."""
+    try:
+        return frame.get("Peer-Address") or None
+    except (zmq.ZMQError, KeyError, AttributeError):
+        return None
 
 
 def _merge_runs(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:

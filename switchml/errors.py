@@ -43,3 +43,19 @@ class ShapeMismatch(SwitchMLError, ValueError):
         self.own = own
         self.peers = peers or {}
         self.in_step = in_step
+
+
+class SwitchUnreachable(SwitchMLError):
+    """No packet came back from the switch's advertised address after registration."""
+
+
+class ControllerGone(ControllerTimeout):
+    """The connection to the controller closed: its process (with the software switch, the switch) ended."""
+
+
+class RanksFailed(JobFailed):
+    """The controller declared ranks of the job failed (they went silent); ``ranks`` names them."""
+
+    def __init__(self, message: str, ranks: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.ranks = tuple(ranks)
