@@ -24,6 +24,22 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _advertised(text: str) -> tuple[str, int | None]:
+    """``IP[:PORT]`` of --advertise-address; a wildcard address is refused (workers cannot send to it)."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, ""
+    try:
+        parsed = (host, int(port) if port else None)
+        if parsed[1] is not None and not 0 < parsed[1] < 65536:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected IP[:PORT]") from None
+    if host in ("0.0.0.0", "::", ""):
+        raise argparse.ArgumentTypeError(f"{text!r} is a wildcard address: workers need one they can send to")
+    return parsed
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="switchml-switch",
@@ -35,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     emu.add_argument("--host", default=defaults.SWITCH_HOST, help="address the switch and controller listen on")
     emu.add_argument("--port", type=int, default=defaults.SWITCH_PORT, help="UDP port of the switch's data plane")
+    emu.add_argument("--advertise-address", type=_advertised, default=None, metavar="IP[:PORT]",
+                     help="the address workers are told to send their packets to (as deploy's --switch-address); "
+                     "needed with a wildcard --host such as 0.0.0.0 when workers run on other hosts "
+                     "(default: --host and --port)")
     emu.add_argument("--control-port", type=int, default=defaults.CONTROL_PORT, help="ZeroMQ port of the controller")
     emu.add_argument("--pool-size", type=int, default=defaults.POOL_SIZE, help="slots in the switch, all jobs together")
     emu.add_argument("--window", type=int, default=defaults.WINDOW, help="slots each job gets (the workers' window)")
@@ -107,7 +127,8 @@ def emulate(args: argparse.Namespace, ready: threading.Event | None = None, stop
                                   args.seed, p4runtime_port=args.p4runtime_port, device_id=args.device_id,
                                   with_controller=not args.no_controller, dataplane=args.dataplane,
                                   threads=args.threads, window=args.window, k=args.k,
-                                  heartbeat_timeout=args.heartbeat_timeout)
+                                  heartbeat_timeout=args.heartbeat_timeout,
+                                  advertise_address=args.advertise_address)
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -115,6 +136,14 @@ def emulate(args: argparse.Namespace, ready: threading.Event | None = None, stop
     log.info("switchml software switch: data %s:%d, controller %s, k=%d, window %d, pool %d, loss %.4g, %s data path",
              *runner.server.address, runner.endpoint if runner.controller else "none (--no-controller)", args.k,
              args.window, args.pool_size, args.drop_probability, runner.switch.dataplane)
+    if runner.controller is not None:
+        advertised = runner.controller.options.switch_address
+        if advertised[0] in ("0.0.0.0", "::"):
+            log.warning("workers are told to send to %s:%d, which only works on this host: workers on other hosts "
+                        "will be refused at registration; give --advertise-address an address of this host they "
+                        "can reach", *advertised)
+        elif advertised != runner.server.address:
+            log.info("workers are told to send to %s:%d", *advertised)
     if runner.p4runtime is not None:
         log.info("P4Runtime: %s, device %d", runner.p4runtime.grpc_address, args.device_id)
     if ready is not None:

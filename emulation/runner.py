@@ -43,6 +43,9 @@ class SoftwareSwitchRunner:
         dataplane: the switch's data path: "native" (C), "python" (the reference) or None
             (native where built; ``switchml.native``).
         threads: native data path only: threads receiving on the switch's socket.
+        advertise_address: (ip, port) the controller tells workers to send to, where ``host``
+            is not reachable from them (a wildcard such as 0.0.0.0, or behind NAT); a port of
+            None is the switch's own. Default: the address the switch is bound to.
         **options: further ``ControllerOptions`` (window, k, heartbeat_timeout, ...).
     """
 
@@ -50,7 +53,7 @@ class SoftwareSwitchRunner:
                  control_port: int = defaults.CONTROL_PORT, pool_size: int = defaults.POOL_SIZE,
                  drop_probability: float = 0.0, seed: int | None = None, p4runtime_port: int | None = None,
                  device_id: int = 0, with_controller: bool = True, dataplane: str | None = None, threads: int = 1,
-                 **options) -> None:
+                 advertise_address: tuple[str, int | None] | None = None, **options) -> None:
         self.switch = SoftwareSwitch(pool_size=pool_size, drop_probability=drop_probability, seed=seed,
                                      dataplane=dataplane)
         self.server = SwitchServer(self.switch, host, port, threads=threads).start()
@@ -70,8 +73,13 @@ class SoftwareSwitchRunner:
 
                     k = tuple(SIZE_TO_K[s] for s in self.switch.sizes)
                     self.target = P4RuntimeTarget(self.p4runtime.grpc_address, device_id, supported_k=k)
+                switch_address = self.server.address
+                if advertise_address is not None:
+                    # the controller's RESETs go there too: a wrong address fails the first job's
+                    # set-up with that address named, rather than stalling its workers
+                    switch_address = (advertise_address[0], advertise_address[1] or self.server.address[1])
                 self.controller = Controller(self.target, ControllerOptions(
-                    bind=f"tcp://{host}:{control_port}", switch_address=self.server.address, pool_size=pool_size,
+                    bind=f"tcp://{host}:{control_port}", switch_address=switch_address, pool_size=pool_size,
                     **options)).start()
         except Exception:
             self._stop_switch()
