@@ -43,11 +43,16 @@ PROGRESS_TIMEOUT_S = 30.0
 #: How long a worker waits for the controller (registration waits for all ranks).
 CONTROL_TIMEOUT_S = 60.0
 #: How often workers tell the controller they are alive, and after how long without a
-#: heartbeat the controller declares a job failed and frees its slots.
+#: heartbeat the controller declares a job failed and frees its slots. Workers learn that
+#: verdict with their next heartbeat, and a dead controller process (with the software
+#: switch, the switch) at once, from its closed connection.
 HEARTBEAT_INTERVAL_S = 1.0
 HEARTBEAT_TIMEOUT_S = 10.0
 #: How long the controller retransmits RESET packets before giving up on a job's set-up.
 RESET_TIMEOUT_S = 5.0
+#: How long a worker waits, right after registration, for the switch to answer its probe
+#: (one aggregation round that every rank makes at once) before it names the address.
+PROBE_TIMEOUT_S = 5.0
 
 #: Socket buffer the worker and the software switch ask for (SO_RCVBUF / SO_SNDBUF).
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024

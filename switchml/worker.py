@@ -64,15 +64,16 @@ from typing import Any
 
 import numpy as np
 
-from switchml import defaults, native, quantize
+from switchml import defaults, native, protocol, quantize
 from switchml.control import ControlClient
 from switchml.errors import (
     AllreduceTimeout,
-    ControllerError,
+    ControllerGone,
     ControllerTimeout,
     JobFailed,
     ShapeMismatch,
     SwitchMLError,
+    SwitchUnreachable,
     WorkerClosed,
 )
 from switchml.native import WORKER_NUM_STATS as _NATIVE_STATS
@@ -98,6 +99,15 @@ _SCAN_INTERVAL_S = 0.002  # how often outstanding slots are checked for a due re
 #: may answer the very slots whose timers are due (a resend then would be spurious).
 _SCAN_DEFER_MAX = 64
 _FLAG_ABORT, _FLAG_CLOSED = 1, 2  # bits of Worker._flags, which the native loop polls
+#: How long the heartbeat thread waits on its connection at a time, between heartbeats, so that
+#: close() is not held up by a long heartbeat interval.
+_HEARTBEAT_SLICE_S = 0.05
+#: tsi of the registration probe (``Worker._probe_switch``): the last a call would reach, after 2^32 packets
+_PROBE_TSI = _TSI_MOD - 1
+#: The probe's first resend and its cap: ranks released by the controller at once probe within
+#: a few ms of each other, and a resend before the last rank's probe arrived is a needless one
+#: (counted by the switch as a retransmission to an incomplete slot)
+_PROBE_RTO_S, _PROBE_RTO_MAX_S = 0.1, 1.0
 
 
 def first_window(window: int, n_el: int, k: int) -> int:
@@ -149,7 +159,6 @@ def retransmit_timeout(srtt: float, rttvar: float, backed_off: float, floor: flo
     return min(max(rto, backed_off), cap)
 
 
-
 @dataclass(frozen=True)
 class JobInfo:
     """What the controller assigned to this worker."""
@@ -177,7 +186,6 @@ class WorkerStats:
     duplicate_results: int = 0
 
 
-
 class Worker:
     """A rank's connection to the switch: ``allreduce`` sums arrays over the job's ranks.
 
@@ -191,10 +199,21 @@ class Worker:
         control_timeout: seconds to wait for the controller (registration waits for all ranks).
         retransmit_timeout: first retransmission timeout of a slot; it doubles up to
             ``defaults.RETRANSMIT_TIMEOUT_MAX_S``.
-        heartbeat_interval: seconds between heartbeats to the controller.
+        heartbeat_interval: seconds between heartbeats to the controller. When the controller's
+            process ends (with the software switch, the switch's), its connection closes and
+            calls fail with ``JobFailed`` at once; a controller's verdict on silent peers
+            reaches them within one interval.
+        probe_timeout: seconds to wait, right after registration, for the switch to answer
+            the probe every rank sends (one aggregation round); without an answer the
+            Worker raises ``SwitchUnreachable`` naming the switch's address.
         dataplane: the engine's data path: "native" (C), "python" (the reference) or None:
             native where its extension is built, unless ``$SWITCHML_DATAPLANE`` says otherwise
             (``switchml.native``).
+
+    Attributes set by the heartbeat thread when the job fails:
+        failed_ranks: the ranks the controller declared silent (its verdict), else ().
+        controller_lost: True when the connection to the controller closed (its process ended).
+        failure: the reason, in words (None while the job runs).
     """
 
     def __init__(
@@ -209,6 +228,7 @@ class Worker:
         control_timeout: float = defaults.CONTROL_TIMEOUT_S,
         retransmit_timeout: float = defaults.RETRANSMIT_TIMEOUT_S,
         heartbeat_interval: float = defaults.HEARTBEAT_INTERVAL_S,
+        probe_timeout: float = defaults.PROBE_TIMEOUT_S,
         dataplane: str | None = None,
     ) -> None:
         if k is not None:
@@ -235,6 +255,18 @@ class Worker:
                             answer["window"], answer["pool_base"], (answer["switch"][0], int(answer["switch"][1])))
         log.info("rank %d of job %r: job number %d, k=%d, window %d, slots from %d", rank, job,
                  self.info.job_number, self.info.k, self.info.window, self.info.pool_base)
+        self.failed_ranks: tuple[int, ...] = ()
+        self.controller_lost = False
+        try:
+            self._probe_switch(probe_timeout)
+        except SwitchMLError:
+            try:  # free the job's slots now rather than after the heartbeat timeout
+                self._control.request({"op": "leave", "job": job, "rank": rank}, timeout=2.0)
+            except SwitchMLError as exc:
+                log.debug("leave: %s", exc)
+            self._sock.close()
+            self._control.close()
+            raise
         self._slot_uses = [0] * self.info.window  # per slot: how often it was used (its next set bit)
         self._next_tsi = 0
         # [smoothed round trip of a packet (0: no sample yet), backed-off timeout still in force
@@ -280,6 +312,11 @@ class Worker:
         """Wait until every rank of the job has called ``barrier``."""
         self._control.request({"op": "barrier", "job": self.job, "rank": self.rank}, timeout)
 
+    @property
+    def failure(self) -> str | None:
+        """Why the job failed, as the heartbeat thread learned it (None while it runs)."""
+        return self._abort
+
     def close(self) -> None:
         """Finish queued calls' failure, leave the job and release sockets; idempotent."""
         if self._closing.is_set():
@@ -289,10 +326,11 @@ class Worker:
         self._calls.put(None)
         self._engine.join(timeout=max(self.timeout, 1.0) + 5)
         self._heartbeat.join(timeout=5)
-        try:
-            self._control.request({"op": "leave", "job": self.job, "rank": self.rank}, timeout=2.0)
-        except SwitchMLError as exc:
-            log.debug("leave: %s", exc)
+        if not self.controller_lost:  # else nobody answers: a fallback step must not wait for it
+            try:
+                self._control.request({"op": "leave", "job": self.job, "rank": self.rank}, timeout=2.0)
+            except SwitchMLError as exc:
+                log.debug("leave: %s", exc)
         self._control.close()
         self._sock.close()
 
@@ -335,21 +373,101 @@ class Worker:
             if item is not None:
                 item[1].set_exception(WorkerClosed("the worker was closed before this call ran"))
 
-    def _run_heartbeat(self, controller: str, interval: float) -> None:
-        client = ControlClient(controller, max(interval * 5, 2.0))
+    def _probe_switch(self, timeout: float) -> None:
+        """Check, right after registration, that packets to the switch's advertised address come back.
+
+        Every rank sends one UPDATE (zero payload) on set 1 of the job's first slot, which no call
+        has used yet, and waits for its RESULT: the switch multicasts it once all ranks' probes
+        are in, so each rank learns that the whole job reaches the switch and back, at the cost
+        of one round trip. Calls start on set 0 of that slot and flip to set 1 only at its
+        second use, when the probe's bitmap bits are cleared as usual (shadow copy), so the
+        probe leaves no state a call can meet. A late duplicate of the probe's RESULT carries
+        ``_PROBE_TSI``, which no call waits for, so calls drop it as stale.
+
+        Raises:
+            SwitchUnreachable: nothing came back within ``timeout``; names the address.
+        """
+        info = self.info
+        packet = (protocol.encode_header(MsgType.UPDATE, k_to_size(info.k), info.job_number, _PROBE_TSI,
+                                         info.pool_base, 1, EXP_MIN)
+                  + bytes(protocol.ELEMENT_BYTES * info.k))
+        buf = bytearray(packet_bytes(info.k) + 64)
+        start = time.monotonic()
+        deadline, rto = start + timeout, _PROBE_RTO_S
         try:
-            while not self._closing.wait(interval):
+            while (now := time.monotonic()) < deadline:
+                self._sock.sendto(packet, info.switch)
+                resend_at = min(now + rto, deadline)
+                rto = min(rto * 2, _PROBE_RTO_MAX_S)
+                while (wait := resend_at - time.monotonic()) > 0:
+                    self._sock.settimeout(wait)
+                    try:
+                        n = self._sock.recv_into(buf)
+                    except TimeoutError:
+                        break
+                    if n < PREAMBLE_BYTES:
+                        continue
+                    h = protocol.decode_header(buf[:n])
+                    if (h.msg_type == MsgType.RESULT and h.job_number == info.job_number and h.tsi == _PROBE_TSI
+                            and h.slot == info.pool_base):
+                        log.debug("rank %d: the switch at %s:%d answered the probe in %.1f ms", self.rank,
+                                  *info.switch, 1e3 * (time.monotonic() - start))
+                        return
+        except OSError as exc:  # e.g. ECONNREFUSED from an ICMP port unreachable: nothing listens there
+            raise SwitchUnreachable(self._unreachable_message(f"sending to it failed ({exc})")) from exc
+        finally:
+            self._sock.settimeout(None)
+        raise SwitchUnreachable(self._unreachable_message(f"no packet came back within {timeout:g} s"))
+
+    def _unreachable_message(self, what: str) -> str:
+        host, port = self.info.switch
+        return (f"rank {self.rank} of job {self.job!r}: probing the switch at {host}:{port} (the address the "
+                f"controller at {self._control.endpoint} advertises) from {self.address[0]}:{self.address[1]}: "
+                f"{what}. This host cannot reach that address, or another rank of the job cannot: check the "
+                "switch's --advertise-address (deploy: --switch-address), routes and firewalls")
+
+    def _run_heartbeat(self, controller: str, interval: float) -> None:
+        """Tell the controller every ``interval`` s that this rank is alive, and learn whether the job is.
+
+        Between heartbeats the thread watches the TCP connection to the controller: when the
+        controller's process dies (with the software switch, the switch's), its kernel closes
+        the connection, and the job's calls fail within milliseconds rather than at the
+        progress timeout. A heartbeat that is merely late is only logged: a loaded controller
+        must not fail a job whose data plane works. A refusal carries the controller's verdict
+        (``failed_ranks``). Either way: ``failed_ranks``/``controller_lost`` first, then the
+        abort the engine checks.
+        """
+        client = ControlClient(controller, max(interval * 5, 2.0), watch_connection=True)
+        try:
+            client.connect()  # watched from now on, before the first heartbeat
+            due = time.monotonic() + interval
+            while not self._closing.is_set():
+                if (wait := due - time.monotonic()) > 0:
+                    client.wait_for_disconnect(min(wait, _HEARTBEAT_SLICE_S))  # short slices: close() is prompt
+                    continue
+                due = time.monotonic() + interval
                 try:
-                    client.request({"op": "heartbeat", "job": self.job, "rank": self.rank})
-                except ControllerError as exc:
-                    self._abort = str(exc)
-                    self._raise_flag(_FLAG_ABORT)
-                    log.error("rank %d: %s", self.rank, exc)
-                    return
+                    answer = client.call({"op": "heartbeat", "job": self.job, "rank": self.rank})
+                except ControllerGone:
+                    raise
                 except ControllerTimeout as exc:
                     log.warning("rank %d: %s", self.rank, exc)
+                    continue
+                if not answer.get("ok"):
+                    self.failed_ranks = tuple(int(r) for r in answer.get("failed_ranks") or ())
+                    self._fail_job(f"controller refused 'heartbeat': {answer.get('error', 'no reason given')}")
+                    return
+        except ControllerGone as exc:
+            self.controller_lost = True
+            self._fail_job(str(exc))
         finally:
             client.close()
+
+    def _fail_job(self, reason: str) -> None:
+        """Make the job's calls fail with ``reason`` (the engine checks the abort flag)."""
+        self._abort = reason
+        self._raise_flag(_FLAG_ABORT)
+        log.error("rank %d: %s", self.rank, reason)
 
     def _raise_flag(self, bit: int) -> None:
         with self._flags_lock:
