@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import traceback
 
 import torch
@@ -26,6 +27,10 @@ class OddNet(nn.Module):
         return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
 
 
+#: The step in progress and when it began, for reports of a failed step (the fault tests bound it).
+_STEP = {"step": -1, "started": 0.0}
+
+
 def _batch(rank: int, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(rank * 100_003 + step * 101 + micro)
     return torch.randn(16, 37, generator=g), torch.randn(16, 3, generator=g)
@@ -43,13 +48,16 @@ def train(rank: int, world_size: int, comm: str, options: dict) -> tuple[torch.T
     if comm == "switchml":
         from trainer.hook import register
 
+        extra = {key: options[key] for key in ("heartbeat_interval",) if key in options}
         state = register(ddp, controller=options["controller"], job=options.get("job", "hooktest"),
                          timeout=options.get("timeout", 30.0), k=options.get("k", 64),
-                         retry_after_steps=options.get("retry_after_steps"),
-                         control_timeout=options.get("control_timeout", 30.0))
+                         retry_after_steps=options.get("retry_after_steps"), fallback=options.get("fallback", True),
+                         control_timeout=options.get("control_timeout", 30.0), **extra)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     accumulate = options.get("accumulate", 1)
+    max_step_s = 0.0
     for step in range(options.get("steps", 5)):
+        _STEP.update(step=step, started=time.monotonic())
         optimizer.zero_grad()
         for micro in range(accumulate):
             x, y = _batch(rank, step, micro)
@@ -59,12 +67,15 @@ def train(rank: int, world_size: int, comm: str, options: dict) -> tuple[torch.T
             else:
                 nn.functional.mse_loss(ddp(x), y).backward()
         optimizer.step()
+        max_step_s = max(max_step_s, time.monotonic() - _STEP["started"])
         if rank == 0 and options.get("kill_pid_at_step") == step:
             os.kill(options["kill_pid"], signal.SIGKILL)
+        if rank == options.get("stop_rank") and options.get("stop_at_step") == step:
+            os.kill(os.getpid(), signal.SIGSTOP)  # hang like a stuck rank: alive, silent
     stats = {}
     if state is not None:
         stats = {"through_switch": state.buckets_through_switch, "on_fallback": state.buckets_on_fallback,
-                 "using_switch": state.using_switch}
+                 "using_switch": state.using_switch, "max_step_s": max_step_s}
         state.close()
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
     return flat, stats
@@ -80,4 +91,6 @@ def ddp_rank(queue, rank: int, world_size: int, port: int, runs: list[tuple[str,
         dist.destroy_process_group()
         queue.put((rank, [(p.numpy(), s) for p, s in results]))
     except BaseException as exc:  # noqa: BLE001 - reported to the test
-        queue.put((rank, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        into = time.monotonic() - _STEP["started"]
+        queue.put((rank, f"{type(exc).__name__}: {exc}\n[failed {into:.3f} s into step {_STEP['step']}]\n"
+                         f"{traceback.format_exc()}"))

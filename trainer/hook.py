@@ -23,8 +23,17 @@ the knobs, ``switchml_hook(state, bucket)`` is the hook. Per bucket:
    hook returns the process group's own allreduce (Gloo on CPU, NCCL on GPU), logged once.
    With ``retry_after_steps`` set, the ranks later try a new switch job together.
 
-A failure always reaches DDP's Future through ``set_exception`` (never a hang) when even
-the fallback fails.
+A rank that hangs (SIGSTOP, a stuck process) would block the agreement of 2. until the
+group's timeout. The controller notices it first (no heartbeats) and fails the job; each
+survivor's Worker hears that verdict with its next heartbeat, and the agreement, which
+waits for the collective while watching for the verdict, gives up at once: every survivor
+fails the step with ``RanksFailed`` naming the silent ranks. No fallback is possible then,
+since the process group's allreduce needs those ranks too.
+
+A failure always reaches DDP's Future (never a hang) when even the fallback fails. DDP
+cannot show a Python exception set on the hook's Future (it reports ``Unable to cast
+... to Tensor``), so the Future the hook returns re-raises it from a ``then`` callback,
+whose error DDP does show: the error's type, message and causes, in one line.
 """
 
 # No `from __future__ import annotations` here: DDP checks the hook's annotations as
@@ -41,11 +50,15 @@ import torch
 import torch.distributed as dist
 
 from switchml import Worker, defaults
-from switchml.errors import SwitchMLError
+from switchml.errors import RanksFailed, SwitchMLError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["SwitchMLState", "register", "switchml_hook"]
+
+#: How often an agreement waiting on the process group checks for the controller's verdict:
+#: a small fraction of the default heartbeat interval, and only while a collective is pending.
+_VERDICT_POLL_S = 0.02
 
 
 @dataclass
@@ -86,6 +99,7 @@ class SwitchMLState:
     _pending: queue.Queue = field(default_factory=queue.Queue, init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
     _world_size: int = field(default=1, init=False)
+    _silent_ranks: tuple[int, ...] = field(default=(), init=False)  # the controller's verdict, once heard
 
     def setup(self) -> None:
         """Collective: make the private group, connect every rank's Worker, agree on the path."""
@@ -116,10 +130,32 @@ class SwitchMLState:
         self._on_failure(f"could not connect to the switch: {self.last_error}")
 
     def _agree(self, ok: bool) -> bool:
-        """True iff ``ok`` holds on every rank (a MAX allreduce of the failure flag)."""
+        """True iff ``ok`` holds on every rank (a MAX allreduce of the failure flag).
+
+        Raises ``RanksFailed`` instead when the controller declared ranks silent: they would
+        never join the collective, which would block until the group's timeout.
+        """
+        self._check_verdict()
         flag = torch.tensor([0 if ok else 1], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._agree_group)
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._agree_group, async_op=True)
+        done = threading.Event()
+        work.get_future().add_done_callback(lambda _: done.set())
+        while not done.wait(_VERDICT_POLL_S):
+            self._check_verdict()  # the collective stays pending; the group is not used again
+        work.wait()  # raises the collective's own error (a peer's connection closed, its timeout)
         return int(flag.item()) == 0
+
+    def _check_verdict(self) -> None:
+        """Raise ``RanksFailed`` if the controller declared ranks of this job silent (sticky)."""
+        if not self._silent_ranks and self.worker is not None and self.worker.failed_ranks:
+            self._silent_ranks = self.worker.failed_ranks
+            self.last_error = self.worker.failure or "the controller declared them failed"
+            self._switch_failed = True
+        if self._silent_ranks:
+            raise RanksFailed(
+                f"the controller declared rank(s) {list(self._silent_ranks)} silent ({self.last_error}); "
+                "no collective over the process group can complete without them (nor can the fallback), so this "
+                "rank stops instead of waiting for them", self._silent_ranks)
 
     def _on_failure(self, message: str) -> None:
         if not self.fallback:
@@ -168,11 +204,11 @@ class SwitchMLState:
 
     def _finish_bucket(self, switch_future: ConcurrentFuture, host: torch.Tensor, device: torch.device,
                        out: torch.futures.Future) -> None:
-        total, error = None, ""
+        total, error, cause = None, "", None
         try:
             total = switch_future.result(timeout=self.result_timeout)
         except Exception as exc:  # noqa: BLE001 - the other ranks decide with us below
-            error = f"{type(exc).__name__}: {exc}"
+            error, cause = f"{type(exc).__name__}: {exc}", exc
         if self._agree(total is not None):
             self.buckets_through_switch += 1
         else:
@@ -180,12 +216,32 @@ class SwitchMLState:
                 self._switch_failed = True
                 self.last_error = error or "the allreduce failed on another rank"
             if not self.fallback:
-                raise SwitchMLError(f"switchml allreduce failed: {self.last_error}")
+                raise SwitchMLError(f"switchml allreduce failed: {self.last_error}") from cause
             total = host.clone()
             dist.all_reduce(total, group=self._agree_group)  # this bucket, on the private group
             self.buckets_on_fallback += 1
         total.div_(self._world_size)
         out.set_result(total if device.type == "cpu" else total.to(device))
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message``, then each cause the same way: what DDP's error shows of a hook failure."""
+    parts, seen = [], set()
+    while exc is not None and id(exc) not in seen and len(parts) < 5:
+        seen.add(id(exc))
+        text = f"{type(exc).__name__}: {exc}"
+        if not any(text in part for part in parts):  # a cause the message already quotes is not repeated
+            parts.append(text)
+        exc = exc.__cause__ or exc.__context__
+    return " <- caused by ".join(parts)
+
+
+def _readable(fut: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
+    """The bucket's result; a failure is re-raised with its causes in the message (DDP shows it)."""
+    try:
+        return fut.value()
+    except Exception as exc:
+        raise SwitchMLError(f"switchml hook failed: {_describe(exc)}") from exc
 
 
 def _fallback_allreduce(state: SwitchMLState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -213,7 +269,7 @@ def switchml_hook(state: SwitchMLState, bucket: dist.GradBucket) -> torch.future
     out: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     switch_future = state.worker.allreduce_async(host)
     state._pending.put((switch_future, host, buffer.device, out))
-    return out
+    return out.then(_readable)
 
 
 def register(
