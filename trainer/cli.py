@@ -38,7 +38,7 @@ def _fraction(text: str) -> float:
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
     """Options every task takes."""
     run = p.add_argument_group("run")
-    run.add_argument("--workers", type=_positive, default=2, help="ranks (local and ray launchers)")
+    run.add_argument("--workers", type=_positive, default=2, help="ranks (local and ray launchers; under torchrun, torchrun's world size)")
     run.add_argument("--launcher", choices=["local", "torchrun", "ray"], default="local",
                      help="local: spawn the switch and the ranks here; torchrun: this process is one rank "
                           "started by torchrun; ray: a Ray Train TorchTrainer")

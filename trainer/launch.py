@@ -109,6 +109,8 @@ def launch_torchrun(args: argparse.Namespace) -> dict:
     except KeyError as exc:
         raise SystemExit(f"switchml-train --launcher torchrun: {exc.args[0]} is not set; start it with "
                          "`torchrun --nproc_per_node N -m trainer.cli TASK --launcher torchrun ...`") from None
+    # torchrun, not --workers, decides how many ranks there are; the summary reports args.workers
+    args.workers = world_size
     switch = None
     if args.comm == "switchml" and not args.controller:
         host = os.environ.get("MASTER_ADDR", defaults.SWITCH_HOST)
