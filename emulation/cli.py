@@ -1,4 +1,8 @@
-"""``switchml-switch``: run the software switch with its controller, deploy to a P4 switch, or read counters."""
+"""``switchml-switch``: run the software switch with its controller, deploy to a P4 switch, or read counters.
+
+The one command-line home of all three: flags, signals and exit codes live here; the work is
+the library's (``emulation.runner``, ``switchml.deploy``, ``switchml.control``).
+"""
 
 from __future__ import annotations
 
@@ -117,6 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_until_signalled(stop: threading.Event | None = None, ready: threading.Event | None = None) -> None:
+    """Block until SIGINT or SIGTERM (handled only in the main thread) or until ``stop`` is set.
+
+    ``ready`` is set once the handlers are in place, i.e. when the caller's service is up.
+    """
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    if ready is not None:
+        ready.set()
+    stop.wait()
+
+
 def emulate(args: argparse.Namespace, ready: threading.Event | None = None, stop: threading.Event | None = None) -> None:
     """Run switch and controller until SIGINT/SIGTERM (or ``stop`` is set)."""
     from emulation.runner import SoftwareSwitchRunner
@@ -129,10 +147,6 @@ def emulate(args: argparse.Namespace, ready: threading.Event | None = None, stop
                                   threads=args.threads, window=args.window, k=args.k,
                                   heartbeat_timeout=args.heartbeat_timeout,
                                   advertise_address=args.advertise_address)
-    stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
     log.info("switchml software switch: data %s:%d, controller %s, k=%d, window %d, pool %d, loss %.4g, %s data path",
              *runner.server.address, runner.endpoint if runner.controller else "none (--no-controller)", args.k,
              args.window, args.pool_size, args.drop_probability, runner.switch.dataplane)
@@ -146,14 +160,31 @@ def emulate(args: argparse.Namespace, ready: threading.Event | None = None, stop
             log.info("workers are told to send to %s:%d", *advertised)
     if runner.p4runtime is not None:
         log.info("P4Runtime: %s, device %d", runner.p4runtime.grpc_address, args.device_id)
-    if ready is not None:
-        ready.set()
     try:
-        stop.wait()
+        run_until_signalled(stop, ready)
     finally:
         runner.stop()
         drops = {k: v for k, v in runner.switch.drops().items() if v}
         log.info("stopped; drops by reason: %s", drops or "none")
+
+
+def deploy_plan(args: argparse.Namespace):
+    """``deploy``'s flags as a typed ``switchml.deploy.DeployPlan`` (compiles with --compile)."""
+    from switchml.deploy import make_plan
+
+    return make_plan(args.target, args.grpc, device_id=args.device_id, election_id=args.election_id,
+                     p4info=args.p4info, config=args.config, compile=args.compile, build_dir=args.build_dir,
+                     no_push=args.no_push, ports=args.ports, switch_address=args.switch_address,
+                     control_host=args.control_host, control_port=args.control_port, pool_size=args.pool_size,
+                     window=args.window, k=args.k, drop_probability=args.drop_probability, timeout=args.timeout)
+
+
+def deploy(args: argparse.Namespace, ready: threading.Event | None = None, stop: threading.Event | None = None) -> None:
+    """Deploy to a P4Runtime switch and run its controller until SIGINT/SIGTERM (or ``stop`` is set)."""
+    from switchml.deploy import deploy as start
+
+    with start(deploy_plan(args)):
+        run_until_signalled(stop, ready)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     if args.command == "deploy":
-        from switchml.deploy import DeployError, deploy
+        from switchml.deploy import DeployError
 
         try:
             deploy(args)

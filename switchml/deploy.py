@@ -1,14 +1,19 @@
-"""``switchml-switch deploy``: put switchml on a P4Runtime switch and run its controller.
+"""Put switchml on a P4Runtime switch and run its controller (``switchml-switch deploy``).
 
-One command for BMv2, Tofino and the software switch (docs/deploy.md):
+One way for BMv2, Tofino and the software switch (docs/deploy.md):
 
-1. (BMv2, ``--compile``) compile ``p4/switchml_v1model.p4`` with ``p4c-bm2-ss``;
-2. connect over P4Runtime (arbitration: this controller must be primary) and push the
-   pipeline: the P4Info and the target's device config (BMv2 JSON, the Tofino pipeline
-   binary; nothing for the software switch);
-3. program forwarding from ``--ports`` (host IP -> switch port and MAC), which also tells
-   the controller the port and MAC of every worker;
-4. run the controller (``switchml.controller``) against the switch until interrupted.
+1. ``make_plan(...)`` resolves a typed ``DeployPlan`` per target: (BMv2, ``compile=True``)
+   compile ``p4/switchml_v1model.p4`` with ``p4c-bm2-ss``, read the device config and the
+   port map, check k and the switch address;
+2. ``deploy(plan)`` connects over P4Runtime (arbitration: this controller must be primary)
+   and pushes the pipeline: the P4Info and the target's device config (BMv2 JSON, the
+   Tofino pipeline binary; nothing for the software switch);
+3. it programs forwarding from the port map (host IP -> switch port and MAC), which also
+   tells the controller the port and MAC of every worker, and the loss table;
+4. it starts the controller (``switchml.controller``) against the switch and returns the
+   running ``Deployment``; close it to stop.
+
+The command line (its flags, signals) is ``emulation.cli``'s; this module is the library.
 
 Switch ports themselves are brought up outside P4Runtime: BMv2 takes them on its command
 line (``-i 1@veth1``), a Tofino from its SDE or Stratum chassis config.
@@ -22,11 +27,9 @@ import ipaddress
 import json
 import logging
 import shutil
-import signal
 import subprocess
-import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from switchml import defaults
@@ -141,9 +144,9 @@ def compile_bmv2(build_dir: Path, source: Path | None = None) -> tuple[Path, Pat
     return p4info, config
 
 
-@dataclass
+@dataclass(frozen=True)
 class DeployPlan:
-    """What ``deploy`` will push and run, resolved from the command line."""
+    """What ``deploy`` will push and run, resolved by ``make_plan``."""
 
     target: str
     grpc: str
@@ -153,54 +156,65 @@ class DeployPlan:
     config: bytes | None  #: None: do not push a pipeline
     supported_k: tuple[int, ...]
     k: int
-    hosts: dict[str, HostPort]
-    ports_source: str
+    hosts: dict[str, HostPort] = field(default_factory=dict)
+    ports_source: str = "None"
+    switch_address: tuple[str, int] = (defaults.SWITCH_HOST, defaults.SWITCH_PORT)
+    control_bind: str = f"tcp://*:{defaults.CONTROL_PORT}"
+    pool_size: int | None = None  #: None: the P4 program's, from its counter sizes
+    window: int = defaults.WINDOW
+    drop_probability: float = 0.0
+    timeout: float = 10.0  #: deadline of each P4Runtime call, in seconds
 
 
-def plan(args) -> DeployPlan:
-    """Resolve defaults per target; compile when asked."""
-    target = args.target
-    p4info_path = Path(args.p4info) if args.p4info else None
-    config: bytes | None = None
+def make_plan(target: str, grpc: str, *, device_id: int = 0, election_id: int = 1, p4info: str | Path | None = None,
+              config: str | Path | None = None, compile: bool = False, build_dir: str | Path = "build/p4",
+              no_push: bool = False, ports: str | Path | None = None, switch_address: str | None = None,
+              control_host: str = "*", control_port: int = defaults.CONTROL_PORT, pool_size: int | None = None,
+              window: int = defaults.WINDOW, k: int | None = None, drop_probability: float = 0.0,
+              timeout: float = 10.0) -> DeployPlan:
+    """Resolve defaults per target; compile when asked. Errors name the command line's flags."""
+    p4info_path = Path(p4info) if p4info else None
+    device_config: bytes | None = None
     if target == "bmv2":
-        if args.compile:
-            compiled_p4info, json_path = compile_bmv2(Path(args.build_dir))
+        if compile:
+            compiled_p4info, json_path = compile_bmv2(Path(build_dir))
             p4info_path = p4info_path or compiled_p4info
-            config = json_path.read_bytes()
-        elif not args.no_push:
-            if not args.config:
+            device_config = json_path.read_bytes()
+        elif not no_push:
+            if not config:
                 raise DeployError("--target bmv2 pushes a BMv2 JSON: pass --config build/switchml_v1model.json, or "
                                   "--compile to build it with p4c-bm2-ss, or --no-push if the switch already runs it")
-            config = _read(args.config, "--config")
+            device_config = _read(config, "--config")
     elif target == "tofino":
-        if args.compile:
+        if compile:
             raise DeployError("--compile builds for BMv2 only: build the Tofino pipeline with bf-p4c and your "
                               "P4Runtime server's packaging tool (docs/deploy.md), then pass --p4info and --config")
-        if not args.no_push:
-            if not (args.config and args.p4info):
+        if not no_push:
+            if not (config and p4info):
                 raise DeployError("--target tofino needs --p4info (bf-p4c's P4Info) and --config (the pipeline "
                                   "binary your Tofino P4Runtime server takes, see docs/deploy.md), or --no-push")
-            config = _read(args.config, "--config")
+            device_config = _read(config, "--config")
     elif target == "emulator":
-        config = None if args.no_push else (_read(args.config, "--config") if args.config else b"")
+        device_config = None if no_push else (_read(config, "--config") if config else b"")
     else:
         raise DeployError(f"--target {target!r}: expected one of {', '.join(TARGETS)}")
     p4info_path = p4info_path or default_p4info_path()
     supported = tuple(sorted(SIZE_TO_K.values(), reverse=True)) if target == "emulator" else (P4_K,)
-    k = args.k or (defaults.K if target == "emulator" else P4_K)
+    k = k or (defaults.K if target == "emulator" else P4_K)
     if k not in supported:
         raise DeployError(f"-k {k}: --target {target} takes {list(supported)} elements per packet")
-    hosts = load_ports(args.ports) if args.ports else {}
+    hosts = load_ports(ports) if ports else {}
     if not hosts and target != "emulator":
         raise DeployError(f"--target {target} needs --ports: the switch port and MAC of every worker host")
-    if args.switch_address is None and target != "emulator":
+    if switch_address is None and target != "emulator":
         raise DeployError(f"--target {target} needs --switch-address: the IP workers send to (any unused address "
                           "of their subnet, with a static ARP entry on each host; see docs/deploy.md)")
-    return DeployPlan(target, args.grpc, args.device_id, args.election_id, p4info_path, config, supported, k,
-                      hosts, str(args.ports))
+    return DeployPlan(target, grpc, device_id, election_id, p4info_path, device_config, supported, k, hosts,
+                      str(ports), parse_address(switch_address or defaults.SWITCH_HOST, defaults.SWITCH_PORT),
+                      f"tcp://{control_host}:{control_port}", pool_size, window, drop_probability, timeout)
 
 
-def _read(path: str, flag: str) -> bytes:
+def _read(path: str | Path, flag: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
@@ -218,49 +232,61 @@ def parse_address(text: str, default_port: int) -> tuple[str, int]:
         raise DeployError(f"{text!r}: expected HOST[:PORT]") from None
 
 
-def deploy(args, ready: threading.Event | None = None, stop: threading.Event | None = None) -> None:
-    """Push the pipeline, program forwarding, run the controller until SIGINT/SIGTERM or ``stop``."""
+class Deployment:
+    """A running deployment: the switch programmed and its controller serving; ``close()`` stops it."""
+
+    def __init__(self, plan: DeployPlan, target, controller) -> None:
+        self.plan, self.target, self.controller = plan, target, controller
+
+    @property
+    def endpoint(self) -> str:
+        """The controller's ZeroMQ endpoint, for ``Worker(controller=...)``."""
+        return self.controller.endpoint
+
+    def close(self) -> None:
+        try:
+            self.controller.stop()
+        finally:
+            self.target.close()
+
+    def __enter__(self) -> Deployment:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def deploy(plan: DeployPlan) -> Deployment:
+    """Push the pipeline, program forwarding and the loss table, start the controller."""
     from switchml.controller import Controller, ControllerOptions
     from switchml.p4runtime_target import P4RuntimeTarget
 
-    p = plan(args)
     try:
-        p4info = P4Info.load(p.p4info)
+        p4info = P4Info.load(plan.p4info)
     except (OSError, ValueError) as exc:
-        raise DeployError(f"--p4info {p.p4info}: {exc}") from None
-    target = P4RuntimeTarget(p.grpc, p.device_id, p.election_id, p4info, timeout=args.timeout,
-                             supported_k=p.supported_k)
-    controller = None
+        raise DeployError(f"--p4info {plan.p4info}: {exc}") from None
+    target = P4RuntimeTarget(plan.grpc, plan.device_id, plan.election_id, p4info, timeout=plan.timeout,
+                             supported_k=plan.supported_k)
     try:
-        if p.config is not None:
-            target.set_pipeline(p.config)
-        for host in p.hosts.values():
+        if plan.config is not None:
+            target.set_pipeline(plan.config)
+        for host in plan.hosts.values():
             target.add_forward(host.ip, host.port, host.mac)
-        log.info("programmed forwarding for %d hosts", len(p.hosts))
-        drop_probability = getattr(args, "drop_probability", 0.0)
-        if drop_probability:
-            for port in sorted({host.port for host in p.hosts.values()}):
-                target.set_drop_probability(port, drop_probability)
-            log.info("loss table: dropping %.4g of the packets arriving on each of %d ports", drop_probability,
-                     len(p.hosts))
-        port_of, mac_of = port_lookup(p.hosts, p.ports_source) if p.hosts else (None, None)
-        pool_size = args.pool_size or p4info.counter("SwitchIngress.results_multicast").size
+        log.info("programmed forwarding for %d hosts", len(plan.hosts))
+        if plan.drop_probability:
+            for port in sorted({host.port for host in plan.hosts.values()}):
+                target.set_drop_probability(port, plan.drop_probability)
+            log.info("loss table: dropping %.4g of the packets arriving on each of %d ports", plan.drop_probability,
+                     len(plan.hosts))
+        port_of, mac_of = port_lookup(plan.hosts, plan.ports_source) if plan.hosts else (None, None)
+        pool_size = plan.pool_size or p4info.counter("SwitchIngress.results_multicast").size
         controller = Controller(target, ControllerOptions(
-            bind=f"tcp://{args.control_host}:{args.control_port}",
-            switch_address=parse_address(args.switch_address or defaults.SWITCH_HOST, defaults.SWITCH_PORT),
-            pool_size=pool_size, window=args.window, k=p.k, port_of=port_of, mac_of=mac_of)).start()
-        log.info(DEPLOYED_MESSAGE + " %s (%s, device %d): controller %s, switch data address %s, k=%d, "
-                 "window %d, pool %d", p.target, p.grpc, p.device_id, controller.endpoint,
-                 "{}:{}".format(*controller.options.switch_address), p.k,
-                 args.window, pool_size)
-        stop = stop or threading.Event()
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, lambda *_: stop.set())
-        if ready is not None:
-            ready.set()
-        stop.wait()
-    finally:
-        if controller is not None:
-            controller.stop()
+            bind=plan.control_bind, switch_address=plan.switch_address, pool_size=pool_size, window=plan.window,
+            k=plan.k, port_of=port_of, mac_of=mac_of)).start()
+    except BaseException:
         target.close()
+        raise
+    log.info(DEPLOYED_MESSAGE + " %s (%s, device %d): controller %s, switch data address %s, k=%d, "
+             "window %d, pool %d", plan.target, plan.grpc, plan.device_id, controller.endpoint,
+             "{}:{}".format(*controller.options.switch_address), plan.k, plan.window, pool_size)
+    return Deployment(plan, target, controller)

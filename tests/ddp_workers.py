@@ -46,7 +46,7 @@ def train(rank: int, world_size: int, comm: str, options: dict) -> tuple[torch.T
               find_unused_parameters=options.get("unused", False))
     state = None
     if comm == "switchml":
-        from trainer.hook import register
+        from switchml.hook import register
 
         extra = {key: options[key] for key in ("heartbeat_interval",) if key in options}
         state = register(ddp, controller=options["controller"], job=options.get("job", "hooktest"),

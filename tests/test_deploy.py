@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from mpworkers import allreduce_job, expected_sum
 
-from emulation.cli import build_parser, main
+from emulation.cli import build_parser, deploy, main
 from emulation.runner import SoftwareSwitchRunner
 from switchml import ControllerError, Worker, pipeline
-from switchml.deploy import DeployError, HostPort, deploy, load_ports
+from switchml.deploy import DeployError, HostPort, load_ports
 from switchml.p4runtime_target import P4RuntimeTarget
 from switchml.pipeline import WorkerEntry
 

@@ -98,3 +98,12 @@ def test_unreachable_controller_falls_back_from_the_start():
     del ddp_workers
     np.testing.assert_allclose(per_rank[0][1][0], per_rank[0][0][0], rtol=0, atol=ATOL)
     assert per_rank[0][1][1]["through_switch"] == 0 and not per_rank[0][1][1]["using_switch"]
+
+
+def test_trainer_hook_is_the_librarys():
+    """The hook lives in ``switchml.hook``; ``from trainer.hook import register`` keeps working."""
+    import switchml.hook
+    import trainer.hook
+
+    assert trainer.hook.register is switchml.hook.register
+    assert trainer.hook.SwitchMLState is switchml.hook.SwitchMLState

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scapy_layer import SwitchML
 
 from switchml import protocol
 from switchml.protocol import WireFormatError
-from switchml.scapy_layer import SwitchML
 
 VECTORS = json.loads((Path(__file__).parent / "data" / "wire_v1.json").read_text())
 CASES = VECTORS["cases"]

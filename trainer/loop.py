@@ -71,7 +71,7 @@ def train_stage(args: argparse.Namespace, stage: Stage, ctx: StageContext, metri
               find_unused_parameters=args.find_unused_parameters, bucket_cap_mb=args.bucket_cap_mb)
     state = None
     if args.comm == "switchml":
-        from trainer.hook import register
+        from switchml.hook import register
 
         state = register(ddp, controller=args.controller, job=f"{args.job}.{stage.name}",
                          fallback=not args.no_fallback, retry_after_steps=args.retry_after_steps,

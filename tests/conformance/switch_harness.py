@@ -36,6 +36,7 @@ import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
+from scapy_layer import SwitchML
 
 from emulation.p4runtime_server import P4RuntimeServer
 from emulation.server import SwitchServer
@@ -43,7 +44,6 @@ from emulation.switch import SoftwareSwitch
 from switchml import protocol
 from switchml.p4info import P4Info, p4_dir
 from switchml.p4runtime_target import P4RuntimeError, P4RuntimeTarget
-from switchml.scapy_layer import SwitchML
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Each test runs against the software switch (always) and BMv2 (when p4c-bm2-ss and
 simple_switch_grpc are on PATH and the harness may run as root). The switch is programmed
 over P4Runtime by ``P4RuntimeTarget``, as the controller programs it; packets are crafted
-with the scapy layer (``switchml.scapy_layer.SwitchML``); counters are read over P4Runtime.
+with the scapy layer (``tests/scapy_layer.py``); counters are read over P4Runtime.
 A test that expects silence first waits until the counter that the packet must move has
 moved (the switch has decided), then listens for ``quiet_time``.
 """
@@ -15,6 +15,7 @@ import time
 import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
+from scapy_layer import SwitchML
 from switch_harness import Env
 
 from switchml import protocol
@@ -29,7 +30,6 @@ from switchml.pipeline import (
     WorkerEntry,
 )
 from switchml.protocol import MsgType
-from switchml.scapy_layer import SwitchML
 
 K = 64  # the P4 targets' compiled-in k
 SIZE = protocol.K_TO_SIZE[K]

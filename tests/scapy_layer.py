@@ -1,9 +1,9 @@
-"""A scapy layer for wire format v1, for tests and debugging (``tcpdump``-style dissection).
+"""A scapy layer for wire format v1, for the tests and debugging (``tcpdump``-style dissection).
 
 Field names and widths come from ``switchml.protocol``; ``tests/test_protocol.py`` checks
 that this layer and the protocol module encode and decode the shared vectors alike.
 
-    >>> from switchml.scapy_layer import SwitchML
+    >>> from scapy_layer import SwitchML      # tests/ is on sys.path under pytest
     >>> pkt = IP(dst="127.0.0.1") / UDP(dport=48864) / SwitchML(msg_type=0, size=1, slot=5) / payload
 """
 
