@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from benchmarks.common import parse_fraction, parse_list, parse_size
+from switchml.extras import MissingExtra, require
 
 
 def _arg(convert, what: str):
@@ -185,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        require("bench", "switchml-bench", "matplotlib", "tqdm")
+    except MissingExtra as exc:
+        print(f"switchml-bench: {exc}", file=sys.stderr)
+        return 1
     raw = sys.argv[1:] if argv is None else list(argv)
     passthrough: list[str] = []
     if "--" in raw:  # the rest goes to switchml-train (switchml-bench train -- --width 64)

@@ -15,6 +15,7 @@ import threading
 
 from switchml import defaults
 from switchml.errors import SwitchMLError
+from switchml.extras import MissingExtra
 from switchml.native import DATAPLANES, ENV_VAR, NativeUnavailable
 from switchml.protocol import K_TO_SIZE
 
@@ -194,19 +195,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "emulate":
         try:
             emulate(args)
-        except (OSError, NativeUnavailable) as exc:
+        except (OSError, NativeUnavailable, MissingExtra) as exc:
             print(f"switchml-switch: cannot start: {exc}", file=sys.stderr)
             return 1
         return 0
     if args.command == "deploy":
-        from switchml.deploy import DeployError
-
         try:
             deploy(args)
-        except (DeployError, SwitchMLError) as exc:
+        except SwitchMLError as exc:  # switchml.deploy.DeployError among them
             print(f"switchml-switch deploy: {exc}", file=sys.stderr)
             return 1
-        except OSError as exc:
+        except (OSError, MissingExtra) as exc:
             print(f"switchml-switch deploy: cannot start: {exc}", file=sys.stderr)
             return 1
         return 0

@@ -46,13 +46,9 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-import grpc
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, status_pb2
-from p4.v1 import p4data_pb2, p4runtime_pb2, p4runtime_pb2_grpc
-
 from emulation.switch import SoftwareSwitch
 from switchml import defaults, pipeline
+from switchml.extras import needs
 from switchml.p4info import (
     EXACT,
     LPM,
@@ -64,6 +60,12 @@ from switchml.p4info import (
     int_to_mac,
 )
 from switchml.pipeline import Replica, WorkerEntry
+
+with needs("p4", "the software switch's P4Runtime server (emulation.p4runtime_server)"):
+    import grpc
+    from google.protobuf import any_pb2
+    from google.rpc import code_pb2, status_pb2
+    from p4.v1 import p4data_pb2, p4runtime_pb2, p4runtime_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,9 @@ fi
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-# torch==2.14.1 / torchvision==0.29.1 are pinned in pyproject.toml; pip takes them from this machine's disk.
-.venv/bin/pip install -q --disable-pip-version-check -e ".[test]" 2>&1 | grep -v "is ignored" || true
+# Everything (the extras, switchml/extras.py) and the test tools. torch==2.14.1 / torchvision==0.29.1 are
+# pinned in pyproject.toml; pip takes them from this machine's disk.
+.venv/bin/pip install -q --disable-pip-version-check -e ".[all,test]" 2>&1 | grep -v "is ignored" || true
 .venv/bin/python -c "import switchml, torch; assert torch.__version__.startswith('2.14.1'), torch.__version__"
 
 # Debian's Mininet installs its Python package for Debian's python3; link just that package into the venv.

@@ -16,8 +16,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from google.protobuf import text_format
-from p4.config.v1 import p4info_pb2
+from switchml.extras import needs
+
+with needs("p4", "P4Runtime (switchml.p4info)"):
+    from google.protobuf import text_format
+    from p4.config.v1 import p4info_pb2
 
 P4INFO_FILENAME = "switchml_v1model.p4info.txtpb"
 P4_DIR_ENV = "SWITCHML_P4_DIR"

@@ -20,13 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-from google.rpc import code_pb2, status_pb2
-from p4.config.v1 import p4info_pb2
-from p4.v1 import p4runtime_pb2, p4runtime_pb2_grpc
-
 from switchml import pipeline
 from switchml.errors import SwitchMLError
+from switchml.extras import needs
 from switchml.p4info import (
     P4Info,
     TableInfo,
@@ -39,6 +35,12 @@ from switchml.p4info import (
 )
 from switchml.pipeline import Replica, WorkerEntry
 from switchml.targets import SwitchTarget
+
+with needs("p4", "P4Runtime (switchml.p4runtime_target)"):
+    import grpc
+    from google.rpc import code_pb2, status_pb2
+    from p4.config.v1 import p4info_pb2
+    from p4.v1 import p4runtime_pb2, p4runtime_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,14 @@ import logging
 import sys
 
 from switchml import defaults
+from switchml.extras import MissingExtra, require
 from switchml.protocol import K_TO_SIZE
 from trainer.tasks import available_tasks, get_task
 
 log = logging.getLogger("switchml.train")
+
+#: What the [train] extra installs, as top-level modules (switchml.extras).
+TRAIN_MODULES = ("torchvision", "PIL", "sklearn", "tqdm", "matplotlib")
 
 EXAMPLES = """examples:
   switchml-train digits --workers 4                      # software switch on loopback, 4 ranks
@@ -99,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        require("train", "switchml-train", *TRAIN_MODULES)
+    except MissingExtra as exc:
+        print(f"switchml-train: {exc}", file=sys.stderr)
+        return 1
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args.out = args.out or f"runs/{args.task}"

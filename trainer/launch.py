@@ -19,6 +19,7 @@ from pathlib import Path
 from switchml import defaults
 from switchml.control import ControlClient
 from switchml.errors import SwitchMLError
+from switchml.extras import needs
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,8 @@ def launch_torchrun(args: argparse.Namespace) -> dict:
 
 
 def _ray_loop(config: dict) -> None:
-    import ray.train
+    with needs("ray", "switchml-train --launcher ray"):
+        import ray.train
 
     from trainer.loop import train_rank
 
@@ -143,9 +145,10 @@ def launch_ray(args: argparse.Namespace) -> dict:
 
     Without --controller the software switch runs on this (the driver's) node, on its IP.
     """
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    with needs("ray", "switchml-train --launcher ray"):
+        import ray
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
 
     use_gpu = args.device == "cuda"
     if args.ray_address:

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
+from switchml.extras import needs
 from trainer.tasks import Stage, StageContext, get_task
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,8 @@ def train_stage(args: argparse.Namespace, stage: Stage, ctx: StageContext, metri
 
     progress = None
     if ctx.rank == 0 and step < total_steps and not args.no_progress:
-        from tqdm import tqdm
+        with needs("train", "switchml-train's progress bar"):
+            from tqdm import tqdm
 
         progress = tqdm(total=total_steps, initial=step, desc=stage.name, unit="step", dynamic_ncols=True)
     ddp.train()

@@ -26,8 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
+
+from switchml.extras import needs
+
+with needs("train", "the trainer's image data"):
+    from PIL import Image, ImageDraw
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +105,8 @@ class TensorImages(Dataset):
 
 def digits_dataset(image_size: int = 32, channels: int = 1, train: bool = True, seed: int = 0) -> TensorImages:
     """scikit-learn's 1,797 handwritten digits (values 0..16), upsampled to ``image_size``."""
-    from sklearn.datasets import load_digits
+    with needs("train", "the digits data set"):
+        from sklearn.datasets import load_digits
 
     d = load_digits()
     idx = _split_indices(len(d.images), train, seed)
@@ -303,7 +308,8 @@ class _FolderView(Dataset):
 
 def image_folder_dataset(path: str | Path, image_size: int, channels: int, train: bool, seed: int) -> Dataset:
     """An ImageFolder tree; uses its ``train``/``test`` (or ``val``) sub-trees when present."""
-    from torchvision.datasets import ImageFolder
+    with needs("train", "ImageFolder data"):
+        from torchvision.datasets import ImageFolder
 
     path = Path(path)
     test_dir = next((path / d for d in ("test", "val") if (path / d).is_dir()), None)

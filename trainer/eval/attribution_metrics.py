@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from switchml.extras import needs
 from trainer.postprocess import EVAL_PARAMS, EVAL_POSTPROCESSES, apply_postprocess, quantize_8bit
 
 log = logging.getLogger(__name__)
@@ -194,10 +195,11 @@ def save_grid(
 ) -> Path:
     """A PNG: root samples, their fingerprinted versions with true/decoded bits (hex), the
     amplified difference, and optionally the baseline's user images, one column per latent."""
-    import matplotlib
+    with needs("train", "the evaluation's plots"):
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
 
     n = len(root)
     rows = [("root", root), ("WOUAF", marked), (f"|diff| x{amplify:g}", ((marked - root).abs() * amplify).clamp(0, 1))]

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from switchml.extras import needs
 from trainer.data.scenes import (
     NEGATIVE_KINDS,
     SINGLE_TEMPLATE,
@@ -313,10 +314,11 @@ def plot_results(results: Mapping[str, Mapping[str, float]], path: str | Path,
                  metrics: Sequence[str] | None = None, chance: Mapping[str, float] | None = None,
                  title: str = "CLIP methods on held-out compositional scenes") -> Path:
     """A grouped bar chart (PNG): metrics along x, one bar per method, chance as ticks."""
-    import matplotlib
+    with needs("train", "the evaluation's plots"):
+        import matplotlib
 
-    matplotlib.use("Agg")  # no display on the training machines
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")  # no display on the training machines
+        import matplotlib.pyplot as plt
 
     methods = list(results)
     if metrics is None:

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from switchml.extras import needs
 from trainer.data.scenes import (
     NEGATIVE_KINDS,
     CsvImageText,
@@ -127,7 +128,8 @@ def build_tokenizer(spec: ClipSpec) -> Tokenizer:
     if spec.tokenizer == "word":
         return WordTokenizer(spec.vocab, context_length=spec.context_length)
     if spec.tokenizer == "bpe":
-        from open_clip.tokenizer import SimpleTokenizer
+        with needs("clip", "the clip task's BPE tokenizer"):
+            from open_clip.tokenizer import SimpleTokenizer
 
         return SimpleTokenizer(context_length=spec.context_length)
     raise ValueError(f"unknown tokenizer {spec.tokenizer!r}")
@@ -135,7 +137,8 @@ def build_tokenizer(spec: ClipSpec) -> Tokenizer:
 
 def build_model(spec: ClipSpec) -> nn.Module:
     """``open_clip.model.CLIP`` from the spec's config, randomly initialised."""
-    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+    with needs("clip", "the clip task"):
+        from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
     cfg = spec.model_cfg
     return CLIP(cfg["embed_dim"], CLIPVisionCfg(**cfg["vision_cfg"]), CLIPTextCfg(**cfg["text_cfg"]),
@@ -385,7 +388,8 @@ class ClipStage(Stage):
             if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
                 model.load_state_dict(checkpoint_state(ckpt))  # the trainer's own checkpoint
             else:
-                import open_clip
+                with needs("clip", "the clip task's --pretrained loader"):
+                    import open_clip
 
                 # open_clip's loader: {"state_dict": ...} or bare, "module." stripped,
                 # positional embeddings resized, third-party layouts converted.

@@ -14,12 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
+from switchml.extras import needs
 from trainer.tasks.base import Stage, StageContext, Task
 
 
 def digits_split(train: bool, seed: int = 0) -> TensorDataset:
     """The digits as (image [1, 8, 8] in 0..1, label) tensors; a fixed 80/20 split."""
-    from sklearn.datasets import load_digits
+    with needs("train", "the digits data set"):
+        from sklearn.datasets import load_digits
 
     data = load_digits()
     order = np.random.default_rng(seed).permutation(len(data.target))
