@@ -16,6 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from switchml.net import free_port
+from switchml.pipeline import parse_drop_probability
+
+__all__ = ["free_port", "parse_fraction"]  # re-exported: benchmarks import them from here
+
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
           "K": 10**3, "M": 10**6, "G": 10**9}
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -40,13 +45,8 @@ def format_size(nbytes: float) -> str:
     return f"{int(nbytes)}B"
 
 
-def parse_fraction(text: str) -> float:
-    """A probability: ``0.01`` or ``1%``."""
-    text = text.strip()
-    value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{text!r} is not a probability in 0..1 (0.01 or 1%)")
-    return value
+#: A probability: ``0.01`` or ``1%`` (the one parser and check of a loss fraction).
+parse_fraction = parse_drop_probability
 
 
 def parse_list(text: str, convert: Any) -> list:
@@ -55,13 +55,6 @@ def parse_list(text: str, convert: Any) -> list:
     if not items:
         raise ValueError("empty list")
     return [convert(t) for t in items]
-
-
-def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
-    """A port the kernel calls free right now (for a process about to bind it)."""
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def summarize(samples: Sequence[float]) -> dict[str, float]:

@@ -17,16 +17,11 @@ from switchml import defaults
 from switchml.errors import SwitchMLError
 from switchml.extras import MissingExtra
 from switchml.native import DATAPLANES, ENV_VAR, NativeUnavailable
+from switchml.pipeline import parse_drop_probability
 from switchml.protocol import K_TO_SIZE
 
 log = logging.getLogger("switchml.switch")
 
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not a fraction in 0..1 (0.01 = 1%)")
-    return value
 
 
 def _advertised(text: str) -> tuple[str, int | None]:
@@ -65,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     emu.add_argument("--window", type=int, default=defaults.WINDOW, help="slots each job gets (the workers' window)")
     emu.add_argument("-k", "--elements-per-packet", dest="k", type=int, default=defaults.K, choices=sorted(K_TO_SIZE),
                      help="elements per packet handed to jobs")
-    emu.add_argument("--drop-probability", type=_fraction, default=0.0,
+    emu.add_argument("--drop-probability", type=parse_drop_probability, default=0.0,
                      help="emulated loss on every port, both directions, as a fraction (0.01 = 1%%)")
     emu.add_argument("--heartbeat-timeout", type=float, default=defaults.HEARTBEAT_TIMEOUT_S,
                      help="seconds without a heartbeat after which a job fails and its slots are freed")
@@ -110,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--window", type=int, default=defaults.WINDOW, help="slots each job gets")
     dep.add_argument("-k", "--elements-per-packet", dest="k", type=int, default=None,
                      help=f"elements per packet (P4 targets: 64; emulator default {defaults.K})")
-    dep.add_argument("--drop-probability", type=_fraction, default=0.0,
+    dep.add_argument("--drop-probability", type=parse_drop_probability, default=0.0,
                      help="emulated loss: program the switch's loss table to drop this fraction of the packets "
                      "arriving on every port of --ports (P4 programs drop on ingress)")
     dep.add_argument("--timeout", type=float, default=10.0, help="deadline of each P4Runtime call, in seconds")

@@ -14,7 +14,7 @@ from emulation.switch import SoftwareSwitch
 from emulation.target import InProcessTarget
 from switchml import defaults
 from switchml.controller import Controller, ControllerOptions
-from switchml.protocol import SIZE_TO_K
+from switchml.pipeline import supported_k
 from switchml.targets import SwitchTarget
 
 if TYPE_CHECKING:
@@ -71,8 +71,8 @@ class SoftwareSwitchRunner:
                 else:
                     from switchml.p4runtime_target import P4RuntimeTarget
 
-                    k = tuple(SIZE_TO_K[s] for s in self.switch.sizes)
-                    self.target = P4RuntimeTarget(self.p4runtime.grpc_address, device_id, supported_k=k)
+                    self.target = P4RuntimeTarget(self.p4runtime.grpc_address, device_id,
+                                                  supported_k=supported_k(self.switch.sizes))
                 switch_address = self.server.address
                 if advertise_address is not None:
                     # the controller's RESETs go there too: a wrong address fails the first job's

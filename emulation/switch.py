@@ -36,6 +36,7 @@ from switchml.pipeline import (
     PacketCounter,
     Replica,
     WorkerEntry,
+    drop_threshold,
 )
 from switchml.protocol import (
     MAX_SLOTS,
@@ -90,7 +91,7 @@ class SoftwareSwitch:
         self._groups: dict[int, list[Replica]] = {}
         self._port_of: dict[Address, int] = {}
         self._loss: dict[int, int] = {}
-        self._default_loss = probability_to_threshold(drop_probability)
+        self._default_loss = drop_threshold(drop_probability)
         self._rng = random.Random(seed)
         # counters
         self.counters: dict[str, list[int]] = {
@@ -142,7 +143,7 @@ class SoftwareSwitch:
 
     def set_drop_probability(self, port: int | None, probability: float) -> None:
         """Loss on ``port`` (both directions), or on every port without an entry if None."""
-        threshold = probability_to_threshold(probability)
+        threshold = drop_threshold(probability)
         with self._lock:
             if port is None:
                 self._default_loss = threshold
@@ -301,12 +302,6 @@ class SoftwareSwitch:
                 out.append((payload, dst))
         return out
 
-
-def probability_to_threshold(probability: float) -> int:
-    """A drop probability (0..1) as the loss table's threshold out of 32768."""
-    if not 0.0 <= probability <= 1.0:
-        raise ValueError(f"drop probability={probability}; expected a fraction in 0..1 (0.01 = 1%)")
-    return round(probability * DROP_PROBABILITY_SCALE)
 
 
 def _int8(byte: int) -> int:

@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from emulation.switch import SoftwareSwitch
-from switchml.pipeline import Replica, WorkerEntry
-from switchml.protocol import SIZE_TO_K
+from switchml.pipeline import Replica, WorkerEntry, supported_k
 from switchml.targets import SwitchTarget
 
 
@@ -15,7 +14,7 @@ class InProcessTarget(SwitchTarget):
 
     def __init__(self, switch: SoftwareSwitch) -> None:
         self.switch = switch
-        self.supported_k = tuple(sorted((SIZE_TO_K[s] for s in switch.sizes), reverse=True))
+        self.supported_k = supported_k(switch.sizes)
 
     def add_controller(self, ip: str, udp_port: int) -> None:
         self.switch.add_admission(ip, udp_port, None)

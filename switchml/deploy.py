@@ -35,13 +35,14 @@ from pathlib import Path
 from switchml import defaults
 from switchml.errors import SwitchMLError
 from switchml.p4info import P4Info, default_p4info_path, mac_to_int, p4_dir
-from switchml.protocol import SIZE_TO_K
+from switchml.pipeline import P4_K, P4_SUPPORTED_K, SOFTWARE_SWITCH_K
+
+__all__ = ["P4_K", "TARGETS", "DeployError", "DeployPlan", "Deployment", "HostPort", "compile_bmv2", "deploy",
+           "load_ports", "make_plan", "parse_address", "port_lookup"]
 
 log = logging.getLogger(__name__)
 
 TARGETS = ("bmv2", "tofino", "emulator")
-#: Elements per packet compiled into the P4 programs (DESIGN.md, Targets).
-P4_K = 64
 PORT_BITS = 9  # v1model and TNA port ids
 #: What ``deploy`` logs once its controller serves: launchers wait for this line.
 DEPLOYED_MESSAGE = "switchml deployed on"
@@ -199,7 +200,7 @@ def make_plan(target: str, grpc: str, *, device_id: int = 0, election_id: int = 
     else:
         raise DeployError(f"--target {target!r}: expected one of {', '.join(TARGETS)}")
     p4info_path = p4info_path or default_p4info_path()
-    supported = tuple(sorted(SIZE_TO_K.values(), reverse=True)) if target == "emulator" else (P4_K,)
+    supported = SOFTWARE_SWITCH_K if target == "emulator" else P4_SUPPORTED_K
     k = k or (defaults.K if target == "emulator" else P4_K)
     if k not in supported:
         raise DeployError(f"-k {k}: --target {target} takes {list(supported)} elements per packet")

@@ -22,6 +22,14 @@ def open_udp_socket(host: str, port: int, buffer_bytes: int = defaults.SOCKET_BU
     return sock
 
 
+def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
+    """A port (TCP, or UDP with ``socket.SOCK_DGRAM``) the kernel calls free right now, for a
+    process about to bind it."""
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def local_ip_towards(address: tuple[str, int]) -> str:
     """The local IP the kernel would use to reach ``address`` (no packet is sent)."""
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

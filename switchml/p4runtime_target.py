@@ -320,7 +320,7 @@ class P4RuntimeTarget(SwitchTarget):
 
     def __init__(self, address: str, device_id: int = DEFAULT_DEVICE_ID, election_id: int = DEFAULT_ELECTION_ID,
                  p4info: P4Info | str | Path | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-                 supported_k: Sequence[int] = (64,), pipeline_config: bytes | None = None,
+                 supported_k: Sequence[int] = pipeline.P4_SUPPORTED_K, pipeline_config: bytes | None = None,
                  require_primary: bool = True) -> None:
         self.p4info = p4info if isinstance(p4info, P4Info) else P4Info.load(p4info)
         self.supported_k = tuple(sorted(supported_k, reverse=True))
@@ -457,9 +457,7 @@ class P4RuntimeTarget(SwitchTarget):
             self._delete(entities, what)
 
     def set_drop_probability(self, port: int, probability: float) -> None:
-        if not 0.0 <= probability <= 1.0:
-            raise ValueError(f"drop probability={probability}; expected a fraction in 0..1 (0.01 = 1%)")
-        threshold = round(probability * pipeline.DROP_PROBABILITY_SCALE)
+        threshold = pipeline.drop_threshold(probability)
         te = self._table_entry(self._loss, (port,), {"threshold": threshold})
         self._upsert([self._entity(te)], [f"{pipeline.LOSS_TABLE} port {port} -> threshold {threshold}"])
 

@@ -6,10 +6,26 @@ controller's targets (``tests/test_p4_contract.py`` checks the P4 side against t
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum
 
-from switchml.protocol import MAX_JOBS, MAX_SLOTS, MAX_WORKERS
+from switchml.protocol import MAX_JOBS, MAX_SLOTS, MAX_WORKERS, SIZE_TO_K
+
+#: Elements per packet compiled into the P4 programs (p4/include/constants.p4's SWITCHML_K;
+#: tests/test_p4_contract.py checks they agree). DESIGN.md, Targets.
+P4_K = 64
+
+
+def supported_k(sizes: Iterable[int]) -> tuple[int, ...]:
+    """The elements per packet a target takes, largest first, from the size enums it accepts."""
+    return tuple(sorted({SIZE_TO_K[s] for s in sizes}, reverse=True))
+
+
+#: What the P4 programs take, and what the software switch takes by default (all of wire format v1).
+P4_SUPPORTED_K = (P4_K,)
+SOFTWARE_SWITCH_K = supported_k(SIZE_TO_K)
 
 # Admission: (ipv4 src, udp src port) -> set_worker(...) | set_controller(), default drop.
 ADMISSION_TABLE = "SwitchIngress.admission"
@@ -32,6 +48,32 @@ LOSS_KEYS = ("standard_metadata.ingress_port",)
 SET_DROP_PROBABILITY_ACTION = "SwitchIngress.set_drop_probability"
 SET_DROP_PROBABILITY_PARAMS = ("threshold",)
 DROP_PROBABILITY_SCALE = 32768  #: a drop probability p is programmed as round(p * 32768)
+
+
+class DropProbabilityError(ValueError, argparse.ArgumentTypeError):
+    """A drop probability outside 0..1 (an ``ArgumentTypeError`` too, so that a command line shows it)."""
+
+
+def check_drop_probability(probability: float) -> float:
+    """``probability`` if it is a fraction in 0..1, else ``DropProbabilityError`` (the one check of it)."""
+    if not 0.0 <= probability <= 1.0:  # NaN fails too
+        raise DropProbabilityError(f"drop probability={probability}; expected a fraction in 0..1 (0.01 = 1%)")
+    return probability
+
+
+def parse_drop_probability(text: str) -> float:
+    """A drop probability from a command line: ``0.01`` or ``1%``; checked by ``check_drop_probability``."""
+    stripped = text.strip()
+    try:
+        value = float(stripped[:-1]) / 100 if stripped.endswith("%") else float(stripped)
+        return check_drop_probability(value)
+    except ValueError:
+        raise DropProbabilityError(f"{text} is not a fraction in 0..1 (0.01 = 1%)") from None
+
+
+def drop_threshold(probability: float) -> int:
+    """A drop probability (0..1) as the loss table's threshold out of ``DROP_PROBABILITY_SCALE``."""
+    return round(check_drop_probability(probability) * DROP_PROBABILITY_SCALE)
 
 # Plain forwarding of traffic that is not switchml's.
 FORWARD_TABLE = "SwitchIngress.forward"

@@ -13,14 +13,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
-from switchml.pipeline import Replica, WorkerEntry
+from switchml.pipeline import P4_SUPPORTED_K, Replica, WorkerEntry
 
 
 class SwitchTarget(ABC):
     """What the controller needs from a switch; one implementation per way to program it."""
 
     #: The packet sizes (elements per packet) the target accepts, largest first.
-    supported_k: tuple[int, ...] = (64,)
+    supported_k: tuple[int, ...] = P4_SUPPORTED_K
 
     @abstractmethod
     def add_controller(self, ip: str, udp_port: int) -> None:

@@ -5,7 +5,6 @@ through the switch is the trainer's test)."""
 from __future__ import annotations
 
 import argparse
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as tmp
 from torch.utils.data import default_collate
 
+from switchml.net import free_port
 from trainer.data.scenes import SceneConfig, SceneDataset, SceneGenerator
 from trainer.tasks.base import StageContext
 from trainer.tasks.clip import (
@@ -75,11 +75,6 @@ def test_loss_matches_direct_computation():
 # --------------------------------------------------------------------------- two processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _tiny_batch(indices: range, image_size: int = 32) -> dict[str, torch.Tensor]:
     spec = ClipStage(parse_clip_args(TINY)).spec
@@ -125,7 +120,7 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_gathered_loss_equals_single_process_loss(tmp_path):
-    tmp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    tmp.spawn(_rank_main, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
     img, txt, neg = _features(8, 6, seed=2)

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import threading
 from pathlib import Path
 
@@ -15,16 +14,13 @@ from mpworkers import allreduce_job, expected_sum
 
 from emulation.cli import build_parser, deploy, main
 from emulation.runner import SoftwareSwitchRunner
-from switchml import ControllerError, Worker, pipeline
-from switchml.deploy import DeployError, HostPort, load_ports
+from emulation.switch import SoftwareSwitch
+from emulation.target import InProcessTarget
+from switchml import ControllerError, Worker, defaults, pipeline, protocol
+from switchml.deploy import DeployError, HostPort, load_ports, make_plan
+from switchml.net import free_port
 from switchml.p4runtime_target import P4RuntimeTarget
 from switchml.pipeline import WorkerEntry
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------ port maps
@@ -199,3 +195,31 @@ def test_deploy_programs_the_loss_table_on_every_mapped_port(tmp_path):
 def test_deploy_refuses_a_drop_probability_outside_0_1():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["deploy", "--target", "emulator", "--grpc", "x:1", "--drop-probability", "1.5"])
+
+
+def test_a_typed_plan_and_one_k_per_target(tmp_path):
+    """``make_plan`` takes typed values; which k a target takes comes from ``switchml.pipeline`` alone."""
+    plan = make_plan("emulator", "127.0.0.1:1", switch_address="127.0.0.1:5000", control_host="127.0.0.1",
+                     control_port=7, window=4)
+    assert plan.supported_k == pipeline.SOFTWARE_SWITCH_K == pipeline.supported_k(protocol.SIZE_TO_K)
+    assert plan.k == defaults.K and plan.switch_address == ("127.0.0.1", 5000)
+    assert plan.control_bind == "tcp://127.0.0.1:7" and plan.config == b"" and plan.hosts == {}
+    config, ports = tmp_path / "switch.json", tmp_path / "ports.csv"
+    config.write_text("{}")
+    ports.write_text("10.0.0.1,1,02:00:00:00:00:01\n")
+    bmv2 = make_plan("bmv2", "x:1", config=config, ports=ports, switch_address="10.0.0.100")
+    assert bmv2.supported_k == (pipeline.P4_K,) and bmv2.k == pipeline.P4_K and bmv2.config == b"{}"
+    assert InProcessTarget(SoftwareSwitch()).supported_k == pipeline.SOFTWARE_SWITCH_K
+    assert InProcessTarget(SoftwareSwitch(sizes=(1, 3))).supported_k == (256, 64)
+
+
+@pytest.mark.parametrize("text, value", [("0", 0.0), ("0.25", 0.25), ("1", 1.0), ("1%", 0.01), (" 50% ", 0.5)])
+def test_drop_probability_is_parsed_and_checked_in_one_place(text, value):
+    assert pipeline.parse_drop_probability(text) == pytest.approx(value)
+    assert pipeline.drop_threshold(value) == round(value * pipeline.DROP_PROBABILITY_SCALE)
+
+
+@pytest.mark.parametrize("text", ["1.5", "-0.1", "nan", "150%", "x"])
+def test_drop_probability_outside_0_1_is_refused(text):
+    with pytest.raises(pipeline.DropProbabilityError, match="fraction in 0..1"):
+        pipeline.parse_drop_probability(text)

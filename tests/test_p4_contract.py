@@ -31,7 +31,7 @@ from switchml import defaults, pipeline, protocol
 
 P4INFO = P4_DIR / "switchml_v1model.p4info.txtpb"
 WIRE_VECTORS = Path(__file__).resolve().parent / "data" / "wire_v1.json"
-K = 64  # the P4 targets' compiled-in elements per packet (DESIGN.md, Targets)
+K = pipeline.P4_K  # the P4 targets' compiled-in elements per packet: Python's one constant, checked below
 
 
 # ---------------------------------------------------------------------------------------
@@ -282,7 +282,8 @@ def test_constants_are_the_protocols():
     assert c["SWITCHML_UDP_PORT"] == protocol.UDP_PORT
     assert {n[len("MSG_TYPE_"):]: v for n, v in c.items() if n.startswith("MSG_TYPE_")} == {
         m.name: m.value for m in protocol.MsgType}
-    assert int(program.macros["SWITCHML_K"]) == K
+    assert int(program.macros["SWITCHML_K"]) == pipeline.P4_K  # constants.p4 and Python's one home of k agree
+    assert pipeline.P4_SUPPORTED_K == (pipeline.P4_K,)
     assert c["SWITCHML_SIZE"] == protocol.K_TO_SIZE[K]
     assert c["SWITCHML_MAX_HARDWARE_SIZE"] == max(protocol.HARDWARE_SIZES)
     assert c["SWITCHML_UDP_LENGTH"] == c["UDP_HEADER_BYTES"] + protocol.packet_bytes(K)

@@ -5,7 +5,6 @@ code path of BMv2 and Tofino; in-process and as ``switchml-switch emulate --p4ru
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,11 @@ from mpworkers import allreduce_job, expected_sum, make_input
 
 from emulation.runner import SoftwareSwitchRunner
 from switchml import Worker, pipeline, quantize
+from switchml.net import free_port
 from switchml.p4runtime_target import P4RuntimeTarget
 
 PY = sys.executable
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout: float = 10.0) -> bool:

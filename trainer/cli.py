@@ -9,6 +9,7 @@ import sys
 
 from switchml import defaults
 from switchml.extras import MissingExtra, require
+from switchml.pipeline import parse_drop_probability
 from switchml.protocol import K_TO_SIZE
 from trainer.tasks import available_tasks, get_task
 
@@ -31,12 +32,6 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
     return value
 
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not a fraction in 0..1 (0.01 = 1%)")
-    return value
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,7 +72,7 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
                       help="fail instead of falling back to the process group's allreduce when the switch fails")
     comm.add_argument("--retry-after-steps", type=_positive, default=None,
                       help="after a fallback, try the switch again after this many steps")
-    comm.add_argument("--drop-probability", type=_fraction, default=0.0,
+    comm.add_argument("--drop-probability", type=parse_drop_probability, default=0.0,
                       help="emulated loss in the software switch this launcher starts (0.01 = 1%%)")
 
     ray = p.add_argument_group("ray")

@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,15 +19,9 @@ from switchml import defaults
 from switchml.control import ControlClient
 from switchml.errors import SwitchMLError
 from switchml.extras import needs
+from switchml.net import free_port
 
 log = logging.getLogger(__name__)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def spawn_switch_process(host: str, port: int, control_port: int, args: argparse.Namespace,

@@ -41,7 +41,7 @@ from scapy_layer import SwitchML
 from emulation.p4runtime_server import P4RuntimeServer
 from emulation.server import SwitchServer
 from emulation.switch import SoftwareSwitch
-from switchml import protocol
+from switchml import pipeline, protocol
 from switchml.p4info import P4Info, p4_dir
 from switchml.p4runtime_target import P4RuntimeError, P4RuntimeTarget
 
@@ -359,7 +359,7 @@ class Bmv2Harness(NetnsHarness):
                 raise RuntimeError(f"simple_switch_grpc did not open {self.grpc_socket}:\n{self._log_tail()}")
             time.sleep(0.1)
         self.p4rt = P4RuntimeTarget(f"unix:{self.grpc_socket}", self.device_id, p4info=P4Info.load(self.p4info_path),
-                                    timeout=20, supported_k=(64,), pipeline_config=self.device_config)
+                                    timeout=20, supported_k=pipeline.P4_SUPPORTED_K, pipeline_config=self.device_config)
 
     def _log_tail(self) -> str:
         try:

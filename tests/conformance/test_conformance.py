@@ -18,7 +18,7 @@ from scapy.layers.l2 import Ether
 from scapy_layer import SwitchML
 from switch_harness import Env
 
-from switchml import protocol
+from switchml import pipeline, protocol
 from switchml.pipeline import (
     DROPS_COUNTER,
     PACKETS_COUNTER,
@@ -31,7 +31,7 @@ from switchml.pipeline import (
 )
 from switchml.protocol import MsgType
 
-K = 64  # the P4 targets' compiled-in k
+K = pipeline.P4_K  # the P4 targets' compiled-in k
 SIZE = protocol.K_TO_SIZE[K]
 JOB, BASE, RANGE = 7, 100, 16
 AGGREGATED = PacketCounter.AGGREGATED
