@@ -353,6 +353,14 @@ static inline double rto_of(const double *rtt, double floor_s, double cap, doubl
     return r < cap ? r : cap;
 }
 
+/* Worker._lost_timeout: one smoothed round trip and a tick (no deviation term), between the
+ * floor and the cap, at least the backed-off timeout in force. */
+static inline double lost_timeout_of(const double *rtt, double floor_s, double cap, double granularity) {
+    double r = rtt[0] > 0 && rtt[0] + granularity > floor_s ? rtt[0] + granularity : floor_s;
+    if (rtt[1] > r) r = rtt[1];
+    return r < cap ? r : cap;
+}
+
 /* allreduce(fd, ip, port, src, out, is_float, k, window, job, pool_base, num_workers, tsi0,
  *           parity, desc, worker_id, lanes, rto_floor, rto_max, (alpha, beta, K), timeout,
  *           scan_interval, rtt, stats, flags, outstanding, offload=True)
@@ -386,7 +394,7 @@ static PyObject *py_allreduce(PyObject *Py_UNUSED(m), PyObject *args) {
     PyObject *result = NULL;
     uint8_t *pkts = NULL;
     Py_ssize_t *outstanding = NULL, *held = NULL;
-    double *sent_at = NULL, *rto = NULL;
+    double *sent_at = NULL, *rto = NULL, *lrto = NULL;
     char *resent = NULL;
     sml_rx_t rx = {0};
     sml_tx_t tx = {0};
@@ -415,9 +423,10 @@ static PyObject *py_allreduce(PyObject *Py_UNUSED(m), PyObject *args) {
     held = malloc(sizeof(Py_ssize_t) * (size_t)window);
     sent_at = calloc((size_t)window, sizeof(double));
     rto = calloc((size_t)window, sizeof(double));
+    lrto = calloc((size_t)window, sizeof(double));
     resent = calloc((size_t)window, 1);
     int rx_ok = sml_rx_init(&rx, RX_BATCH), tx_ok = sml_tx_init(&tx, 2 * (unsigned)window + 1, &gso);
-    if (!c.gexp || !pkts || !outstanding || !held || !sent_at || !rto || !resent || rx_ok < 0 || tx_ok < 0) {
+    if (!c.gexp || !pkts || !outstanding || !held || !sent_at || !rto || !lrto || !resent || rx_ok < 0 || tx_ok < 0) {
         PyErr_NoMemory();
         goto cleanup;
     }
@@ -440,6 +449,7 @@ static PyObject *py_allreduce(PyObject *Py_UNUSED(m), PyObject *args) {
         QUEUE(rel_);                                                        \
         sent_at[rel_] = now;                                                \
         rto[rel_] = rto_of(rtt, rto0, rto_max, scan, gain);                 \
+        lrto[rel_] = lost_timeout_of(rtt, rto0, rto_max, scan);             \
         resent[rel_] = 0;                                                   \
         if (i_ + 1 > issued) issued = i_ + 1;                               \
         stats[ST_SENT]++;                                                   \
@@ -451,7 +461,8 @@ static PyObject *py_allreduce(PyObject *Py_UNUSED(m), PyObject *args) {
         sent_at[rel] = now;                                                                  \
         resent[rel] = 1;                                                                     \
         rto[rel] = rto[rel] * 2 < rto_max ? rto[rel] * 2 : rto_max; /* backoff, capped */    \
-        if (rto[rel] > rtt[1]) rtt[1] = rto[rel];                  /* and for the next ones */ \
+        lrto[rel] = lrto[rel] * 2 < rto_max ? lrto[rel] * 2 : rto_max;                        \
+        if (lrto[rel] > rtt[1]) rtt[1] = lrto[rel];                /* and for the next ones */ \
         stats[ST_RETRANS]++; /* as in Python, not counted in packets_sent */                 \
     } while (0)
     Py_ssize_t issued = 0, live = c.w, held_n = 0, n_call = c.n_packets;
@@ -560,11 +571,12 @@ static PyObject *py_allreduce(PyObject *Py_UNUSED(m), PyObject *args) {
         if (silent_for > timeout) { code = RC_TIMEOUT; break; }
         Py_ssize_t oldest = -1;
         for (Py_ssize_t rel = 0; rel < window; rel++) {
-            if (outstanding[rel] < 0 || now - sent_at[rel] < rto[rel]) continue;
-            if (sent_at[rel] < newest_answered) /* a later packet came back: this one was lost */
-                RESEND(rel);
-            else if (oldest < 0 || sent_at[rel] < sent_at[oldest])
+            if (outstanding[rel] < 0) continue;
+            if (sent_at[rel] < newest_answered) { /* a later packet came back: this one was lost */
+                if (now - sent_at[rel] >= lrto[rel]) RESEND(rel);
+            } else if (now - sent_at[rel] >= rto[rel] && (oldest < 0 || sent_at[rel] < sent_at[oldest])) {
                 oldest = rel;
+            }
         }
         if (oldest >= 0 && now >= next_probe) { /* nothing came back since: probe with the oldest only */
             RESEND(oldest);
@@ -587,7 +599,7 @@ static PyObject *py_allreduce(PyObject *Py_UNUSED(m), PyObject *args) {
     }
     result = Py_BuildValue("(innd)", code, done, c.n_packets, silent_for);
 cleanup:
-    free(c.gexp), free(pkts), free(outstanding), free(held), free(sent_at), free(rto), free(resent);
+    free(c.gexp), free(pkts), free(outstanding), free(held), free(sent_at), free(rto), free(lrto), free(resent);
     sml_rx_free(&rx);
     sml_tx_free(&tx);
     PyBuffer_Release(&src), PyBuffer_Release(&out), PyBuffer_Release(&parity), PyBuffer_Release(&lanes_b);

@@ -29,9 +29,11 @@ w = min(W, max(B, 1)), B + w packets:
    rule) with each sample's gain divided by the w samples a round trip brings (RFC 7323,
    appendix G), between ``retransmit_timeout`` (the floor) and a cap. A packet without its
    RESULT after its RTO is resent unchanged, and its RTO doubles; a backed-off RTO also holds
-   for the slots' next packets until a first transmission is answered. A due packet is resent
-   at once when a packet sent after it was answered (so it, or its result, was lost: RACK's
-   rule); when nothing sent after it came back (a peer is descheduled, the switch stalls, or
+   for the slots' next packets until a first transmission is answered. A packet that a packet
+   sent after it overtook (it, or its result, was lost: RACK's rule) is resent after one
+   smoothed round trip plus a tick, within the same floor and cap, without the deviation
+   term: under loss the samples include peers' recoveries, and waiting those out would only
+   slow this rank's. When nothing sent after a packet came back (a peer is descheduled, the switch stalls, or
    all was lost) only the oldest due packet is resent, once per its RTO, as TCP resends only
    the first unacknowledged segment on a timeout: a slow peer costs one spurious resend, not
    a window of them. Timers are checked only once the socket is drained (a result still
@@ -516,14 +518,15 @@ class Worker:
         packets = [b""] * slots
         sent_at = [0.0] * slots
         resent = [False] * slots  # Karn's rule: only first transmissions measure the round trip
-        rto = [0.0] * slots
+        rto = [0.0] * slots  # the RTO: for a packet nothing sent after it has answered (the probe)
+        lost_rto = [0.0] * slots  # the timeout of a packet a later one overtook (lost, not delayed)
         issued = 0  # packets 0..issued-1 were sent at least once (a result for one not outstanding is a duplicate)
 
         def send(rel: int, i: int, wnd: int, at: float) -> None:
             nonlocal issued
             outstanding[rel], packets[rel] = i, make_packet(i, wnd)
             sock.sendto(packets[rel], switch)
-            sent_at[rel], rto[rel], resent[rel] = at, self._rto(), False
+            sent_at[rel], rto[rel], lost_rto[rel], resent[rel] = at, self._rto(), self._lost_timeout(), False
             issued = max(issued, i + 1)
             self.stats.packets_sent += 1
 
@@ -607,14 +610,15 @@ class Worker:
                 self._check_alive(now - last_progress, done, n_packets, outstanding)
                 oldest = -1
                 for rel in range(slots):
-                    if outstanding[rel] < 0 or now - sent_at[rel] < rto[rel]:
+                    if outstanding[rel] < 0:
                         continue
                     if sent_at[rel] < newest_answered:  # a later packet came back: this one was lost
-                        self._resend(rel, packets, sent_at, resent, rto, now)
-                    elif oldest < 0 or sent_at[rel] < sent_at[oldest]:
+                        if now - sent_at[rel] >= lost_rto[rel]:
+                            self._resend(rel, packets, sent_at, resent, rto, lost_rto, now)
+                    elif now - sent_at[rel] >= rto[rel] and (oldest < 0 or sent_at[rel] < sent_at[oldest]):
                         oldest = rel
                 if oldest >= 0 and now >= next_probe:  # nothing came back since: probe with the oldest only
-                    self._resend(oldest, packets, sent_at, resent, rto, now)
+                    self._resend(oldest, packets, sent_at, resent, rto, lost_rto, now)
                     next_probe = now + rto[oldest]
         except SwitchMLError as exc:
             if mismatch is None:
@@ -693,13 +697,23 @@ class Worker:
                                                             sample, per_rtt)
         self._rtt_state[1] = 0.0
 
+    def _lost_timeout(self) -> float:
+        """Timeout of a packet that a later one overtook (RACK's rule): one smoothed round trip
+        and a tick, between the floor and the cap, at least a backoff in force. No deviation
+        term: the deviation measures peers' delays, which do not hold a packet that is lost."""
+        srtt, backed_off, _ = self._rtt_state
+        return retransmit_timeout(float(srtt), 0.0, float(backed_off), self.retransmit_timeout,
+                                  defaults.RETRANSMIT_TIMEOUT_MAX_S, _SCAN_INTERVAL_S)
+
     def _resend(self, rel: int, packets: list[bytes], sent_at: list[float], resent: list[bool], rto: list[float],
-                now: float) -> None:
-        """Resend slot rel's packet unchanged; its timeout doubles (capped), and holds for the next packets."""
+                lost_rto: list[float], now: float) -> None:
+        """Resend slot rel's packet unchanged; its timeouts double (capped), and the loss timeout
+        holds for the next packets until a clean round trip."""
         self._sock.sendto(packets[rel], self.info.switch)
         sent_at[rel], resent[rel] = now, True
         rto[rel] = min(rto[rel] * 2, defaults.RETRANSMIT_TIMEOUT_MAX_S)
-        self._rtt_state[1] = max(self._rtt_state[1], rto[rel])
+        lost_rto[rel] = min(lost_rto[rel] * 2, defaults.RETRANSMIT_TIMEOUT_MAX_S)
+        self._rtt_state[1] = max(self._rtt_state[1], lost_rto[rel])
         self.stats.retransmissions += 1
 
     def _match(self, buf: bytearray, nbytes: int, expected_len: int, tsi0: int, issued: int,
