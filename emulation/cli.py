@@ -206,17 +206,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "stats":
         from switchml.control import ControlClient
+        from switchml.messages import Stats
 
         client = ControlClient(args.controller, args.timeout)
         try:
-            answer = client.request({"op": "stats"})
+            answer = client.request(Stats())
         except SwitchMLError as exc:
             print(f"switchml-switch stats: {exc}", file=sys.stderr)
             return 1
         finally:
             client.close()
-        answer.pop("ok", None)
-        print(json.dumps(answer, indent=2))
+        print(json.dumps({"jobs": answer.jobs, "counters": answer.counters}, indent=2))
         return 0
     return 2
 

@@ -1,6 +1,7 @@
 """The worker side of the control channel: JSON requests over ZeroMQ REQ, with timeouts.
 
-Requests (all carry ``op``; answers carry ``ok`` and, when not ok, ``error``):
+Requests and answers are the dataclasses of ``switchml.messages`` (a plain dict is sent as
+it is). On the wire, requests carry ``op``; answers carry ``ok`` and, when not ok, ``error``:
 
 | op        | fields                                  | answer                                        |
 | --------- | --------------------------------------- | --------------------------------------------- |
@@ -24,6 +25,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from switchml.errors import ControllerError, ControllerGone, ControllerTimeout
+from switchml.messages import Request, decode_answer, to_json
 
 log = logging.getLogger(__name__)
 
@@ -74,16 +76,23 @@ class ControlClient:
                 raise ControllerGone(f"the connection to the controller at {self.endpoint} closed: its process "
                                      "ended (with it, the software switch it runs)")
 
-    def request(self, message: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-        """Send ``message`` and wait for the answer; raise ControllerTimeout or ControllerError."""
-        answer = self.call(message, timeout)
-        if not answer.get("ok"):
-            raise ControllerError(f"controller refused {message.get('op')!r}: {answer.get('error', 'no reason given')}")
-        return answer
+    def request(self, message: Request | dict[str, Any], timeout: float | None = None) -> Any:
+        """Send ``message`` and wait for its answer (a typed request: its answer's dataclass);
+        raise ControllerTimeout, or ControllerError when the controller refuses it."""
+        raw = self._exchange(to_json(message) if isinstance(message, Request) else message, timeout)
+        if not raw.get("ok"):
+            op = message.op if isinstance(message, Request) else message.get("op")
+            raise ControllerError(f"controller refused {op!r}: {raw.get('error', 'no reason given')}")
+        return message.answer.from_json(raw) if isinstance(message, Request) else raw
 
-    def call(self, message: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-        """Send ``message`` and return the answer as it is, refusals included (their fields, such
-        as a failed job's ``failed_ranks``, are for the caller); raise ControllerTimeout."""
+    def call(self, message: Request | dict[str, Any], timeout: float | None = None) -> Any:
+        """Send ``message`` and return the answer, refusals included (a typed request's as a
+        ``Refusal``, whose ``failed_ranks`` are for the caller); raise ControllerTimeout."""
+        if isinstance(message, Request):
+            return decode_answer(message, self._exchange(to_json(message), timeout))
+        return self._exchange(message, timeout)
+
+    def _exchange(self, message: dict[str, Any], timeout: float | None) -> dict[str, Any]:
         timeout = self.timeout if timeout is None else timeout
         sock = self._socket()
         sock.send_json(message)

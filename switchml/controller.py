@@ -1,6 +1,7 @@
 """The controller: owns the switch, admits jobs, hands out slot ranges.
 
-Workers talk to it over ZeroMQ (``switchml.control`` lists the requests). When the last
+Workers talk to it over ZeroMQ (``switchml.control`` lists the requests, ``switchml.messages``
+types and checks them). When the last
 rank of a job has registered, the controller
 
 1. picks a job number, a multicast group and a free range of ``window`` slots,
@@ -28,9 +29,26 @@ from typing import Any
 import zmq
 
 from switchml import defaults, protocol
+from switchml.messages import (
+    Ack,
+    Barrier,
+    Heartbeat,
+    HeartbeatAnswer,
+    Hello,
+    HelloAnswer,
+    JobInfo,
+    Leave,
+    MessageError,
+    Refusal,
+    Register,
+    Stats,
+    StatsAnswer,
+    decode_request,
+    to_json,
+)
 from switchml.net import local_ip_towards
 from switchml.pipeline import Replica, WorkerEntry
-from switchml.protocol import MAX_JOBS, MAX_WORKERS, MsgType
+from switchml.protocol import MAX_JOBS, MsgType
 from switchml.targets import SwitchTarget
 
 log = logging.getLogger(__name__)
@@ -159,49 +177,39 @@ class Controller:
                     self._handle(identity, raw)
                 except Exception as exc:  # noqa: BLE001 - one bad request must not stop the controller
                     log.exception("error handling a control request")
-                    self._answer(identity, ok=False, error=f"internal error: {exc}")
+                    self._answer(identity, Refusal(f"internal error: {exc}"))
             self._expire(time.monotonic())
 
-    def _answer(self, identity: bytes, **fields: Any) -> None:
-        self._router.send_multipart([identity, b"", zmq.utils.jsonapi.dumps(fields)])
+    def _answer(self, identity: bytes, answer: Any) -> None:
+        """Send an answer of ``switchml.messages`` (an ``Ack``, a ``Refusal``, ...)."""
+        self._router.send_multipart([identity, b"", zmq.utils.jsonapi.dumps(to_json(answer))])
 
     def _handle(self, identity: bytes, raw: bytes) -> None:
         try:
             msg = zmq.utils.jsonapi.loads(raw)
-            if not isinstance(msg, dict):
-                raise ValueError("not a JSON object")
         except ValueError as exc:
-            self._answer(identity, ok=False, error=f"request is not a JSON object: {exc}")
+            self._answer(identity, Refusal(f"request is not a JSON object: {exc}"))
             return
-        op = msg.get("op")
+        try:
+            request = decode_request(msg)
+        except MessageError as exc:
+            self._answer(identity, Refusal(str(exc)))
+            return
         handler = {
-            "hello": self._hello, "register": self._register, "barrier": self._barrier,
-            "heartbeat": self._heartbeat, "leave": self._leave, "stats": self._stats,
-        }.get(op)
-        if handler is None:
-            self._answer(identity, ok=False, error=f"unknown op {op!r}; expected hello, register, barrier, "
-                                                    "heartbeat, leave or stats")
-            return
-        error = handler(identity, msg)
+            Hello: self._hello, Register: self._register, Barrier: self._barrier,
+            Heartbeat: self._heartbeat, Leave: self._leave, Stats: self._stats,
+        }[type(request)]
+        error = handler(identity, request)
         if error:
-            self._answer(identity, ok=False, error=error)
+            self._answer(identity, Refusal(error))
 
-    def _hello(self, identity: bytes, msg: dict) -> str | None:
-        self._answer(identity, ok=True, switch=list(self.options.switch_address),
-                     k=list(self.target.supported_k), version=1)
+    def _hello(self, identity: bytes, msg: Hello) -> str | None:
+        self._answer(identity, HelloAnswer(self.options.switch_address, self.target.supported_k))
         return None
 
-    def _register(self, identity: bytes, msg: dict) -> str | None:
-        name, rank, world_size, addr = msg.get("job"), msg.get("rank"), msg.get("world_size"), msg.get("addr")
-        if not isinstance(name, str) or not name:
-            return f"job={name!r}: expected a non-empty string"
-        if not isinstance(world_size, int) or not 1 <= world_size <= MAX_WORKERS:
-            return f"world_size={world_size!r}: expected an integer in 1..{MAX_WORKERS} (the switch's bitmap width)"
-        if not isinstance(rank, int) or not 0 <= rank < world_size:
-            return f"rank={rank!r}: expected an integer in 0..{world_size - 1}"
-        if not (isinstance(addr, list) and len(addr) == 2 and isinstance(addr[0], str) and isinstance(addr[1], int)):
-            return f"addr={addr!r}: expected [ip, udp_port]"
-        k = msg.get("k") or self.options.k
+    def _register(self, identity: bytes, msg: Register) -> str | None:
+        name, rank, world_size, address = msg.job, msg.rank, msg.world_size, msg.addr
+        k = msg.k or self.options.k
         if k not in self.target.supported_k:
             return f"k={k}: the switch takes {list(self.target.supported_k)} elements per packet"
         job = self._jobs.get(name)
@@ -216,7 +224,6 @@ class Controller:
         if job.world_size != world_size or job.k != k:
             return (f"job {name!r}: rank {rank} says world_size={world_size}, k={k} but earlier ranks said "
                     f"world_size={job.world_size}, k={job.k}")
-        address = (addr[0], addr[1])
         if rank in job.addresses:
             # Replacing the first registration would leave its worker waiting for an answer that
             # never comes; the second one is the mistake (two processes given the same rank).
@@ -232,7 +239,7 @@ class Controller:
             error = f"job {name!r}, rank {rank}: {error}"
             log.warning(error)
             for waiting in job.identities.values():
-                self._answer(waiting, ok=False, error=error)
+                self._answer(waiting, Refusal(error))
             del self._jobs[name]
             return error
         job.addresses[rank] = address
@@ -285,7 +292,7 @@ class Controller:
         if error:
             job.state, job.error = "failed", error
             for identity in job.identities.values():
-                self._answer(identity, ok=False, error=error)
+                self._answer(identity, Refusal(error))
             return
         job.state = "running"
         now = time.monotonic()
@@ -293,9 +300,8 @@ class Controller:
         log.info("job %r running: job number %d, slots %d..%d, k=%d, %d workers", job.name, job.number,
                  job.pool_base, job.pool_base + job.pool_size - 1, job.k, job.world_size)
         for rank, identity in job.identities.items():
-            self._answer(identity, ok=True, job_number=job.number, worker_id=rank, num_workers=job.world_size,
-                         k=job.k, window=job.pool_size, pool_base=job.pool_base,
-                         switch=list(self.options.switch_address))
+            self._answer(identity, JobInfo(job.number, rank, job.world_size, job.k, job.pool_size, job.pool_base,
+                                           self.options.switch_address))
         job.identities.clear()
 
     def _allocate(self, job: _Job) -> str | None:
@@ -357,52 +363,51 @@ class Controller:
                 raise TimeoutError(f"{len(pending)} of {job.pool_size} RESET packets were not acknowledged by the "
                                    f"switch at {self.options.switch_address} within {self.options.reset_timeout:g} s")
 
-    def _job_of(self, msg: dict) -> tuple[_Job | None, str | None]:
-        job, rank = self._jobs.get(msg.get("job")), msg.get("rank")
+    def _job_of(self, msg: Barrier | Heartbeat | Leave) -> tuple[_Job | None, str | None]:
+        job = self._jobs.get(msg.job)
         if job is None:
-            return None, f"no job {msg.get('job')!r}"
-        if rank not in job.addresses:
-            return None, f"job {job.name!r} has no rank {rank!r}"
+            return None, f"no job {msg.job!r}"
+        if msg.rank not in job.addresses:
+            return None, f"job {job.name!r} has no rank {msg.rank!r}"
         return job, None
 
-    def _barrier(self, identity: bytes, msg: dict) -> str | None:
+    def _barrier(self, identity: bytes, msg: Barrier) -> str | None:
         job, error = self._job_of(msg)
         if error:
             return error
         if job.state != "running":
             return f"job {job.name!r} is {job.state}: {job.error}"
-        job.barrier[msg["rank"]] = identity
-        job.last_seen[msg["rank"]] = time.monotonic()
+        job.barrier[msg.rank] = identity
+        job.last_seen[msg.rank] = time.monotonic()
         if len(job.barrier) == job.world_size:
             for waiting in job.barrier.values():
-                self._answer(waiting, ok=True)
+                self._answer(waiting, Ack())
             job.barrier.clear()
         return None
 
-    def _heartbeat(self, identity: bytes, msg: dict) -> str | None:
+    def _heartbeat(self, identity: bytes, msg: Heartbeat) -> str | None:
         job, error = self._job_of(msg)
         if error:
             return error
         if job.state == "failed":
             # the silent ranks as data, so survivors can name them without parsing the text
-            self._answer(identity, ok=False, error=f"job {job.name!r} failed: {job.error}",
-                         failed_ranks=job.failed_ranks)
+            self._answer(identity, Refusal(f"job {job.name!r} failed: {job.error}", tuple(job.failed_ranks)))
             return None
-        job.last_seen[msg["rank"]] = time.monotonic()
-        self._answer(identity, ok=True, state=job.state)
+        job.last_seen[msg.rank] = time.monotonic()
+        self._answer(identity, HeartbeatAnswer(job.state))
         return None
 
-    def _leave(self, identity: bytes, msg: dict) -> str | None:
+    def _leave(self, identity: bytes, msg: Leave) -> str | None:
         job, error = self._job_of(msg)
         if error:
             return error
-        job.left.add(msg["rank"])
-        self._answer(identity, ok=True)
+        job.left.add(msg.rank)
+        self._answer(identity, Ack())
         if job.state == "running" and len(job.left) == job.world_size:
             self._release(job, "ended", "")
         return None
 
-    def _stats(self, identity: bytes, msg: dict) -> str | None:
+    def _stats(self, identity: bytes, msg: Stats) -> str | None:
         from switchml.pipeline import (
             DROPS_COUNTER,
             PACKETS_COUNTER,
@@ -418,7 +423,7 @@ class Controller:
         counters["results_multicast"] = sum(self.target.read_counter(RESULTS_COUNTER))
         counters["retransmissions_answered"] = sum(self.target.read_counter(RETRANSMISSIONS_COUNTER))
         counters.update({f"drop_{r.name.lower()}": drops[r] for r in DropReason})
-        self._answer(identity, ok=True, jobs=[j.describe() for j in self._jobs.values()], counters=counters)
+        self._answer(identity, StatsAnswer([j.describe() for j in self._jobs.values()], counters))
         return None
 
     # ------------------------------------------------------------- expiry
@@ -430,7 +435,7 @@ class Controller:
                 error = f"job {job.name!r}: ranks {missing} did not register within {o.register_timeout:g} s"
                 log.warning(error)
                 for identity in job.identities.values():
-                    self._answer(identity, ok=False, error=error)
+                    self._answer(identity, Refusal(error))
                 del self._jobs[job.name]
             elif job.state == "running":
                 silent = [r for r, t in job.last_seen.items() if r not in job.left and now - t > o.heartbeat_timeout]
@@ -443,7 +448,7 @@ class Controller:
     def _release(self, job: _Job, state: str, error: str) -> None:
         (log.warning if state == "failed" else log.info)("job %r %s%s", job.name, state, f": {error}" if error else "")
         for waiting in job.barrier.values():
-            self._answer(waiting, ok=False, error=f"job {job.name!r} {state}: {error}", failed_ranks=job.failed_ranks)
+            self._answer(waiting, Refusal(f"job {job.name!r} {state}: {error}", tuple(job.failed_ranks)))
         job.barrier.clear()
         job.state, job.error, job.ended_at = state, error, time.monotonic()
         if job.number < 0:

@@ -78,6 +78,7 @@ from switchml.errors import (
     SwitchUnreachable,
     WorkerClosed,
 )
+from switchml.messages import Hello, HelloAnswer, JobInfo, Leave, Register
 from switchml.native import WORKER_NUM_STATS as _NATIVE_STATS
 from switchml.native import WORKER_RC_MISMATCH as _RC_MISMATCH
 from switchml.net import local_ip_towards, open_udp_socket
@@ -161,19 +162,6 @@ def retransmit_timeout(srtt: float, rttvar: float, backed_off: float, floor: flo
     return min(max(rto, backed_off), cap)
 
 
-@dataclass(frozen=True)
-class JobInfo:
-    """What the controller assigned to this worker."""
-
-    job_number: int
-    worker_id: int
-    num_workers: int
-    k: int
-    window: int
-    pool_base: int
-    switch: tuple[str, int]
-
-
 @dataclass
 class WorkerStats:
     """Counts since the worker started."""
@@ -242,19 +230,15 @@ class Worker:
         self.timeout, self.retransmit_timeout = timeout, retransmit_timeout
         self.stats = WorkerStats()
         self._control = ControlClient(controller, control_timeout)
-        hello = self._control.request({"op": "hello"})
-        switch = (hello["switch"][0], int(hello["switch"][1]))
-        self._sock = open_udp_socket(local_ip_towards(switch), 0)
+        hello: HelloAnswer = self._control.request(Hello())
+        self._sock = open_udp_socket(local_ip_towards(hello.switch), 0)
         self.address: tuple[str, int] = self._sock.getsockname()
         try:
-            answer = self._control.request({"op": "register", "job": job, "rank": rank, "world_size": world_size,
-                                            "addr": list(self.address), "k": k})
+            self.info: JobInfo = self._control.request(Register(job, rank, world_size, self.address, k))
         except SwitchMLError:
             self._sock.close()
             self._control.close()
             raise
-        self.info = JobInfo(answer["job_number"], answer["worker_id"], answer["num_workers"], answer["k"],
-                            answer["window"], answer["pool_base"], (answer["switch"][0], int(answer["switch"][1])))
         log.info("rank %d of job %r: job number %d, k=%d, window %d, slots from %d", rank, job,
                  self.info.job_number, self.info.k, self.info.window, self.info.pool_base)
         self.failed_ranks: tuple[int, ...] = ()
@@ -263,7 +247,7 @@ class Worker:
             self._probe_switch(probe_timeout)
         except SwitchMLError:
             try:  # free the job's slots now rather than after the heartbeat timeout
-                self._control.request({"op": "leave", "job": job, "rank": rank}, timeout=2.0)
+                self._control.request(Leave(job, rank), timeout=2.0)
             except SwitchMLError as exc:
                 log.debug("leave: %s", exc)
             self._sock.close()

@@ -19,6 +19,7 @@ from switchml import defaults
 from switchml.control import ControlClient
 from switchml.errors import SwitchMLError
 from switchml.extras import needs
+from switchml.messages import Hello
 from switchml.net import free_port
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def spawn_switch_process(host: str, port: int, control_port: int, args: argparse
     proc = subprocess.Popen(cmd)
     client = ControlClient(f"tcp://{host}:{control_port}", ready_timeout)
     try:
-        client.request({"op": "hello"})
+        client.request(Hello())
     except SwitchMLError:
         proc.kill()
         proc.wait()
