@@ -336,7 +336,8 @@ def run_switchml(place: Any, n: int, elements: int, loss: float, cfg: AllreduceC
         stats_out = place.capture([*_switch_command(), "stats", "--controller", controller, "--timeout", "5"])
         reports = _read_reports(tmp, "switchml", n)
     finally:
-        _kill(switch)
+        if cfg.switch != "bmv2":  # BMv2 also forwards Gloo's traffic: the star stops it
+            _kill(switch)
     result = _summarize_backend(reports, elements * 4)
     calls = cfg.repeats + cfg.warmup
     cpu = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
@@ -382,6 +383,8 @@ def spurious_retransmissions(result: dict[str, Any]) -> dict[str, Any]:
 
 def run_gloo(place: Any, n: int, elements: int, cfg: AllreduceConfig, tmp: Path) -> dict[str, Any]:
     """One Gloo measurement: n worker processes, torch.distributed over TCP."""
+    if cfg.switch == "bmv2":  # Gloo's TCP crosses BMv2 too, through its forward table, without loss
+        place.deploy_bmv2(tmp, cfg.window_for(n), 0.0)
     master = place.gloo_master()
     procs = []
     for rank in range(n):
