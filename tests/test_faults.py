@@ -7,7 +7,6 @@ Bounds on how fast a failure is reported use small heartbeat intervals and gener
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
@@ -24,9 +23,10 @@ import pytest
 from ddp_workers import ddp_rank
 from mpworkers import CTX, run_processes
 
+from emulation.spawn import spawn_switch, stop_process
 from switchml import ControllerError, Worker
 from switchml.errors import SwitchUnreachable
-from trainer.launch import free_port, spawn_switch_process, stop_process
+from switchml.net import free_port
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parent.parent
@@ -205,8 +205,7 @@ def _run_ddp(n: int, runs: list[tuple[str, dict]], timeout: float = 150) -> list
 
 
 def test_switch_death_makes_every_rank_fall_back_within_two_heartbeats(dataplane):
-    switch = spawn_switch_process("127.0.0.1", free_port(), (control := free_port()),
-                                  argparse.Namespace(drop_probability=0.0, k=64))
+    switch = spawn_switch("127.0.0.1", free_port(), (control := free_port()), k=64)
     try:
         # progress timeout far above the bound: only the heartbeat can meet it
         options = {"controller": f"tcp://127.0.0.1:{control}", "steps": 6, "timeout": 60.0,
@@ -226,8 +225,7 @@ def test_switch_death_makes_every_rank_fall_back_within_two_heartbeats(dataplane
 
 
 def test_hook_failure_reaches_ddp_with_its_cause():
-    switch = spawn_switch_process("127.0.0.1", free_port(), (control := free_port()),
-                                  argparse.Namespace(drop_probability=0.0, k=64))
+    switch = spawn_switch("127.0.0.1", free_port(), (control := free_port()), k=64)
     try:
         options = {"controller": f"tcp://127.0.0.1:{control}", "steps": 6, "timeout": 60.0, "fallback": False,
                    "heartbeat_interval": HEARTBEAT, "kill_pid": switch.pid, "kill_pid_at_step": 2}

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import pytest
 from ddp_workers import ddp_rank
 from mpworkers import run_processes
 
-from trainer.launch import free_port, spawn_switch_process, stop_process
+from emulation.spawn import spawn_switch, stop_process
+from switchml.net import free_port
 
 # Quantization error of a mean gradient is < 2^-28 of its block's largest element here;
 # over a few SGD steps of lr 0.05 the parameters stay far inside this tolerance, while a
@@ -73,9 +72,8 @@ def test_unused_parameters_and_no_sync_accumulation(make_switch):
 
 
 def test_switch_killed_during_training_falls_back_on_every_rank():
-    args = argparse.Namespace(drop_probability=0.0, k=64)
     port, control = free_port(), free_port()
-    switch = spawn_switch_process("127.0.0.1", port, control, args)
+    switch = spawn_switch("127.0.0.1", port, control, k=64)
     try:
         options = {"controller": f"tcp://127.0.0.1:{control}", "steps": 8, "timeout": 2.0,
                    "kill_pid": switch.pid, "kill_pid_at_step": 2}

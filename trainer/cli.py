@@ -11,6 +11,7 @@ from switchml import defaults
 from switchml.extras import MissingExtra, require
 from switchml.pipeline import parse_drop_probability
 from switchml.protocol import K_TO_SIZE
+from trainer.config import TrainConfig
 from trainer.tasks import available_tasks, get_task
 
 log = logging.getLogger("switchml.train")
@@ -103,14 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     except MissingExtra as exc:
         print(f"switchml-train: {exc}", file=sys.stderr)
         return 1
-    args = build_parser().parse_args(argv)
+    config = TrainConfig.from_namespace(build_parser().parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    args.out = args.out or f"runs/{args.task}"
     from trainer.launch import LAUNCHERS
 
-    results = LAUNCHERS[args.launcher](args)
+    ran, results = LAUNCHERS[config.launcher](config)
     if results:
-        print(json.dumps({"task": args.task, "comm": args.comm, "workers": args.workers, "results": results},
+        print(json.dumps({"task": ran.task, "comm": ran.comm, "workers": ran.workers, "results": results},
                          indent=2))
     return 0
 

@@ -6,58 +6,22 @@ Each starts the software switch when the job trains through switchml and no
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from emulation.spawn import spawn_switch, stop_process
 from switchml import defaults
-from switchml.control import ControlClient
-from switchml.errors import SwitchMLError
 from switchml.extras import needs
-from switchml.messages import Hello
 from switchml.net import free_port
+from trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 
-def spawn_switch_process(host: str, port: int, control_port: int, args: argparse.Namespace,
-                         ready_timeout: float = 30.0) -> subprocess.Popen:
-    """Start ``switchml-switch emulate`` as a child process; return once its controller answers."""
-    cmd = [sys.executable, "-m", "emulation.cli", "emulate", "--host", host, "--port", str(port),
-           "--control-port", str(control_port), "--drop-probability", str(args.drop_probability)]
-    if args.k:
-        cmd += ["-k", str(args.k)]
-    proc = subprocess.Popen(cmd)
-    client = ControlClient(f"tcp://{host}:{control_port}", ready_timeout)
-    try:
-        client.request(Hello())
-    except SwitchMLError:
-        proc.kill()
-        proc.wait()
-        raise SwitchMLError(f"the software switch did not start on {host}:{port}/{control_port} "
-                            f"(exit code {proc.poll()}); is the port in use?") from None
-    finally:
-        client.close()
-    return proc
-
-
-def stop_process(proc: subprocess.Popen) -> None:
-    """Ask a child to stop (SIGTERM), then kill it if it does not within 10 s."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _local_entry(index: int, args: argparse.Namespace, world_size: int) -> None:
+def _local_entry(index: int, args: TrainConfig, world_size: int) -> None:
     from trainer.loop import train_rank
 
     logging.basicConfig(level=logging.WARNING if index else logging.INFO,
@@ -65,8 +29,10 @@ def _local_entry(index: int, args: argparse.Namespace, world_size: int) -> None:
     train_rank(args, index, world_size, local_rank=index)
 
 
-def launch_local(args: argparse.Namespace) -> dict:
-    """Start the software switch (unless --controller) and ``args.workers`` processes here."""
+def launch_local(args: TrainConfig) -> tuple[TrainConfig, dict]:
+    """Start the software switch (unless --controller) and ``args.workers`` processes here.
+
+    Returns the config the ranks ran with and rank 0's final metrics (as every launcher)."""
     import torch.multiprocessing as mp
 
     runner = None
@@ -75,7 +41,7 @@ def launch_local(args: argparse.Namespace) -> dict:
 
         runner = SoftwareSwitchRunner("127.0.0.1", 0, 0, drop_probability=args.drop_probability,
                                       **({"k": args.k} if args.k else {}))
-        args.controller = runner.endpoint
+        args = args.replace(controller=runner.endpoint)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(free_port())
     try:
@@ -87,10 +53,10 @@ def launch_local(args: argparse.Namespace) -> dict:
             if drops:
                 log.info("switch drops: %s", drops)
             runner.stop()
-    return json.loads((Path(args.out) / "final_metrics.json").read_text())
+    return args, json.loads((Path(args.out) / "final_metrics.json").read_text())
 
 
-def launch_torchrun(args: argparse.Namespace) -> dict:
+def launch_torchrun(args: TrainConfig) -> tuple[TrainConfig, dict]:
     """Run this rank under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR from its environment).
 
     Without --controller, global rank 0 starts the software switch as a child process on
@@ -105,22 +71,23 @@ def launch_torchrun(args: argparse.Namespace) -> dict:
         raise SystemExit(f"switchml-train --launcher torchrun: {exc.args[0]} is not set; start it with "
                          "`torchrun --nproc_per_node N -m trainer.cli TASK --launcher torchrun ...`") from None
     # torchrun, not --workers, decides how many ranks there are; the summary reports args.workers
-    args.workers = world_size
+    args = args.replace(workers=world_size)
     switch = None
     if args.comm == "switchml" and not args.controller:
         host = os.environ.get("MASTER_ADDR", defaults.SWITCH_HOST)
         if host == "localhost":
             host = "127.0.0.1"
-        args.controller = f"tcp://{host}:{defaults.CONTROL_PORT}"
+        args = args.replace(controller=f"tcp://{host}:{defaults.CONTROL_PORT}")
         if rank == 0:
-            switch = spawn_switch_process(host, defaults.SWITCH_PORT, defaults.CONTROL_PORT, args)
+            switch = spawn_switch(host, defaults.SWITCH_PORT, defaults.CONTROL_PORT,
+                                  drop_probability=args.drop_probability, k=args.k or None)
     try:
         train_rank(args, rank, world_size, local_rank)
     finally:
         if switch is not None:
             stop_process(switch)
     path = Path(args.out) / "final_metrics.json"
-    return json.loads(path.read_text()) if rank == 0 else {}
+    return args, (json.loads(path.read_text()) if rank == 0 else {})
 
 
 def _ray_loop(config: dict) -> None:
@@ -130,11 +97,11 @@ def _ray_loop(config: dict) -> None:
     from trainer.loop import train_rank
 
     ctx = ray.train.get_context()
-    args = argparse.Namespace(**config)
+    args = TrainConfig.from_dict(config)
     train_rank(args, ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank())
 
 
-def launch_ray(args: argparse.Namespace) -> dict:
+def launch_ray(args: TrainConfig) -> tuple[TrainConfig, dict]:
     """Run the ranks as a Ray Train ``TorchTrainer`` on ``--ray-address`` (or a local cluster).
 
     Without --controller the software switch runs on this (the driver's) node, on its IP.
@@ -158,11 +125,11 @@ def launch_ray(args: argparse.Namespace) -> dict:
 
             runner = SoftwareSwitchRunner(host, 0, 0, drop_probability=args.drop_probability,
                                           **({"k": args.k} if args.k else {}))
-            args.controller = runner.endpoint
+            args = args.replace(controller=runner.endpoint)
         out = Path(args.out).resolve()
-        args.out = str(out)
+        args = args.replace(out=str(out))
         trainer = TorchTrainer(
-            _ray_loop, train_loop_config=vars(args),
+            _ray_loop, train_loop_config=args.to_dict(),
             scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": 1}),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -173,7 +140,7 @@ def launch_ray(args: argparse.Namespace) -> dict:
         if runner is not None:
             runner.stop()
         ray.shutdown()
-    return json.loads((out / "final_metrics.json").read_text())
+    return args, json.loads((out / "final_metrics.json").read_text())
 
 
 LAUNCHERS = {"local": launch_local, "torchrun": launch_torchrun, "ray": launch_ray}

@@ -13,7 +13,6 @@ Per stage of the task:
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
 from switchml.extras import needs
+from trainer.config import TrainConfig
 from trainer.tasks import Stage, StageContext, get_task
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def _device(args: argparse.Namespace, local_rank: int) -> torch.device:
+def _device(args: TrainConfig, local_rank: int) -> torch.device:
     if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
@@ -64,7 +64,7 @@ def _batches(loader: DataLoader, sampler: DistributedSampler, epoch: int):
         epoch += 1
 
 
-def train_stage(args: argparse.Namespace, stage: Stage, ctx: StageContext, metrics: MetricsLog) -> dict[str, float]:
+def train_stage(args: TrainConfig, stage: Stage, ctx: StageContext, metrics: MetricsLog) -> dict[str, float]:
     """Train one stage on this rank; returns rank 0's final metrics (empty elsewhere)."""
     torch.manual_seed(ctx.seed)
     model = stage.build_model(ctx).to(ctx.device)
@@ -148,7 +148,7 @@ def train_stage(args: argparse.Namespace, stage: Stage, ctx: StageContext, metri
     return result
 
 
-def train_rank(args: argparse.Namespace, rank: int, world_size: int, local_rank: int = 0) -> dict[str, dict]:
+def train_rank(args: TrainConfig, rank: int, world_size: int, local_rank: int = 0) -> dict[str, dict]:
     """Run every stage of ``args.task`` on this rank; the process group is set up if needed."""
     torch.set_num_threads(args.threads)
     own_group = not dist.is_initialized()

@@ -353,7 +353,7 @@ def evaluate_attribution(
          "root": {"fid_vs_data"} | {}, "files": {...}}
     """
     from trainer.data.images import dataset_labels, image_dataset
-    from trainer.tasks.attribution import BASELINE_FILE, ROOT_FILE, WOUAF_FILE, load_baseline, load_root, load_wouaf
+    from trainer.models.attribution import BASELINE_FILE, ROOT_FILE, WOUAF_FILE, load_baseline, load_root, load_wouaf
 
     out_dir = Path(out_dir)
     if out_dir.is_file() or out_dir.suffix == ".pt":  # a checkpoint in the run folder
