@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 from benchmarks.common import parse_fraction, parse_list, parse_size
-from switchml.extras import MissingExtra, require
+from switchml.extras import missing
 
 
 def _arg(convert, what: str):
@@ -186,10 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        require("bench", "switchml-bench", "matplotlib", "tqdm")
-    except MissingExtra as exc:
-        print(f"switchml-bench: {exc}", file=sys.stderr)
+    if error := missing("bench", "switchml-bench", "matplotlib", "tqdm"):
+        print(error, file=sys.stderr)
         return 1
     raw = sys.argv[1:] if argv is None else list(argv)
     passthrough: list[str] = []

@@ -39,6 +39,15 @@ def needs(extra: str, what: str) -> Iterator[None]:
         raise MissingExtra(extra, what, exc.name) from exc
 
 
+def missing(extra: str, command: str, *modules: str) -> str | None:
+    """``require`` for a command's ``main``: its error line (``command: ...``), or None when all is there."""
+    try:
+        require(extra, command, *modules)
+    except MissingExtra as exc:
+        return f"{command}: {exc}"
+    return None
+
+
 def require(extra: str, what: str, *modules: str) -> None:
     """Raise ``MissingExtra`` naming ``extra`` if a top-level module of ``modules`` is not installed.
 

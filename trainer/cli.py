@@ -8,7 +8,7 @@ import logging
 import sys
 
 from switchml import defaults
-from switchml.extras import MissingExtra, require
+from switchml.extras import missing
 from switchml.pipeline import parse_drop_probability
 from switchml.protocol import K_TO_SIZE
 from trainer.config import TrainConfig
@@ -99,10 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        require("train", "switchml-train", *TRAIN_MODULES)
-    except MissingExtra as exc:
-        print(f"switchml-train: {exc}", file=sys.stderr)
+    if error := missing("train", "switchml-train", *TRAIN_MODULES):
+        print(error, file=sys.stderr)
         return 1
     config = TrainConfig.from_namespace(build_parser().parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

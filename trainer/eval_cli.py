@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from switchml.extras import MissingExtra, require
+from switchml.extras import missing
 from trainer.cli import TRAIN_MODULES
 from trainer.tasks import available_tasks, get_task
 
@@ -32,10 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        require("train", "switchml-eval", *TRAIN_MODULES)
-    except MissingExtra as exc:
-        print(f"switchml-eval: {exc}", file=sys.stderr)
+    if error := missing("train", "switchml-eval", *TRAIN_MODULES):
+        print(error, file=sys.stderr)
         return 1
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
