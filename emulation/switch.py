@@ -40,8 +40,12 @@ from switchml.pipeline import (
 )
 from switchml.protocol import (
     MAX_SLOTS,
+    MSG_TYPE_SHIFT,
     PREAMBLE_BYTES,
+    SET_SHIFT,
+    SIZE_MASK,
     SIZE_TO_K,
+    SLOT_MASK,
     MsgType,
     packet_bytes,
 )
@@ -229,13 +233,13 @@ class SoftwareSwitch:
         if n_bytes < PREAMBLE_BYTES:
             return self._drop(DropReason.MALFORMED)
         byte0, job, pidx = data[0], data[1], (data[6] << 8) | data[7]
-        msg_type, size = byte0 >> 4, byte0 & 0x7
+        msg_type, size = byte0 >> MSG_TYPE_SHIFT, byte0 & SIZE_MASK
         if size not in self.sizes:
             return self._drop(DropReason.BAD_SIZE)
         k = SIZE_TO_K[size]
         if n_bytes != packet_bytes(k):
             return self._drop(DropReason.MALFORMED)
-        slot, v = pidx & 0x3FFF, pidx >> 15
+        slot, v = pidx & SLOT_MASK, pidx >> SET_SHIFT
         entry = self._admission.get(src)
 
         if msg_type == MsgType.RESET:

@@ -30,8 +30,11 @@ EXPONENT_BYTES = 2
 PREAMBLE_BYTES = HEADER_BYTES + EXPONENT_BYTES  #: bytes before the payload
 ELEMENT_BYTES = 4  #: one int32
 
-SET_BIT = 0x8000  #: pool_index bit 15
+SET_SHIFT = 15
+SET_BIT = 1 << SET_SHIFT  #: pool_index bit 15 (0x8000)
 SLOT_MASK = 0x3FFF  #: pool_index bits 13..0
+MSG_TYPE_SHIFT = 4  #: byte 0: msg_type in bits 7..4, unused bit 3
+SIZE_MASK = 0x7  #: byte 0: size in bits 2..0
 MAX_SLOTS = SLOT_MASK + 1
 
 #: size enum -> elements per packet. 0..3 are p4app-switchML's; 4..7 only the software switch takes.
@@ -122,7 +125,7 @@ def encode_header(
     ):
         if not lo <= value <= hi:
             raise WireFormatError(f"{name}={value} out of range {lo}..{hi}")
-    return _HEADER.pack((msg_type << 4) | size, job_number, tsi, pool_index(slot, set_bit), e0, e1)
+    return _HEADER.pack((msg_type << MSG_TYPE_SHIFT) | size, job_number, tsi, pool_index(slot, set_bit), e0, e1)
 
 
 def decode_header(data: bytes | bytearray | memoryview) -> Header:
@@ -130,7 +133,7 @@ def decode_header(data: bytes | bytearray | memoryview) -> Header:
     if len(data) < PREAMBLE_BYTES:
         raise WireFormatError(f"packet of {len(data)} bytes is shorter than the {PREAMBLE_BYTES}-byte header")
     byte0, job, tsi, pidx, e0, e1 = _HEADER.unpack_from(data)
-    return Header(byte0 >> 4, byte0 & 0x7, job, tsi, pidx & SLOT_MASK, pidx >> 15, e0, e1)
+    return Header(byte0 >> MSG_TYPE_SHIFT, byte0 & SIZE_MASK, job, tsi, pidx & SLOT_MASK, pidx >> SET_SHIFT, e0, e1)
 
 
 @dataclass(frozen=True)
