@@ -58,7 +58,7 @@ DESCRIPTOR_DTYPE_BITS = 2
 DESCRIPTOR_MAX_ELEMENTS = (1 << (32 - DESCRIPTOR_DTYPE_BITS)) - 1  #: larger counts saturate (> 4 GB of float32)
 DTYPE_CODES: dict[str, int] = {"float32": 1, "int32": 2}
 
-_HEADER = struct.Struct(">BBIHbb")  # byte0, job, tsi, pool_index, e0, e1
+PREAMBLE = struct.Struct(">BBIHbb")  #: the 10 bytes before the payload: byte0, job, tsi, pool_index, e0, e1
 
 
 class MsgType(IntEnum):
@@ -125,14 +125,14 @@ def encode_header(
     ):
         if not lo <= value <= hi:
             raise WireFormatError(f"{name}={value} out of range {lo}..{hi}")
-    return _HEADER.pack((msg_type << MSG_TYPE_SHIFT) | size, job_number, tsi, pool_index(slot, set_bit), e0, e1)
+    return PREAMBLE.pack((msg_type << MSG_TYPE_SHIFT) | size, job_number, tsi, pool_index(slot, set_bit), e0, e1)
 
 
 def decode_header(data: bytes | bytearray | memoryview) -> Header:
     """Decode the preamble of ``data``; raises WireFormatError if it is too short."""
     if len(data) < PREAMBLE_BYTES:
         raise WireFormatError(f"packet of {len(data)} bytes is shorter than the {PREAMBLE_BYTES}-byte header")
-    byte0, job, tsi, pidx, e0, e1 = _HEADER.unpack_from(data)
+    byte0, job, tsi, pidx, e0, e1 = PREAMBLE.unpack_from(data)
     return Header(byte0 >> MSG_TYPE_SHIFT, byte0 & SIZE_MASK, job, tsi, pidx & SLOT_MASK, pidx >> SET_SHIFT, e0, e1)
 
 

@@ -78,7 +78,7 @@ from switchml.errors import (
     SwitchUnreachable,
     WorkerClosed,
 )
-from switchml.messages import Hello, HelloAnswer, JobInfo, Leave, Register
+from switchml.messages import Barrier, Heartbeat, Hello, HelloAnswer, JobInfo, Leave, Refusal, Register
 from switchml.native import WORKER_NUM_STATS as _NATIVE_STATS
 from switchml.native import WORKER_RC_MISMATCH as _RC_MISMATCH
 from switchml.net import local_ip_towards, open_udp_socket
@@ -87,7 +87,11 @@ from switchml.protocol import (
     DESCRIPTOR_MAX_ELEMENTS,
     DTYPE_CODES,
     EXP_MIN,
+    MSG_TYPE_SHIFT,
+    PREAMBLE,
     PREAMBLE_BYTES,
+    SET_BIT,
+    SLOT_MASK,
     MsgType,
     k_to_size,
     packet_bytes,
@@ -95,7 +99,6 @@ from switchml.protocol import (
 
 log = logging.getLogger(__name__)
 
-_HEADER = struct.Struct(">BBIHbb")
 _TSI_MOD = 1 << 32
 _SCAN_INTERVAL_S = 0.002  # how often outstanding slots are checked for a due retransmission
 #: Receives in a row that may postpone a due timer check while results keep arriving: they
@@ -296,7 +299,7 @@ class Worker:
 
     def barrier(self, timeout: float | None = None) -> None:
         """Wait until every rank of the job has called ``barrier``."""
-        self._control.request({"op": "barrier", "job": self.job, "rank": self.rank}, timeout)
+        self._control.request(Barrier(self.job, self.rank), timeout)
 
     @property
     def failure(self) -> str | None:
@@ -314,7 +317,7 @@ class Worker:
         self._heartbeat.join(timeout=5)
         if not self.controller_lost:  # else nobody answers: a fallback step must not wait for it
             try:
-                self._control.request({"op": "leave", "job": self.job, "rank": self.rank}, timeout=2.0)
+                self._control.request(Leave(self.job, self.rank), timeout=2.0)
             except SwitchMLError as exc:
                 log.debug("leave: %s", exc)
         self._control.close()
@@ -433,15 +436,15 @@ class Worker:
                     continue
                 due = time.monotonic() + interval
                 try:
-                    answer = client.call({"op": "heartbeat", "job": self.job, "rank": self.rank})
+                    answer = client.call(Heartbeat(self.job, self.rank))
                 except ControllerGone:
                     raise
                 except ControllerTimeout as exc:
                     log.warning("rank %d: %s", self.rank, exc)
                     continue
-                if not answer.get("ok"):
-                    self.failed_ranks = tuple(int(r) for r in answer.get("failed_ranks") or ())
-                    self._fail_job(f"controller refused 'heartbeat': {answer.get('error', 'no reason given')}")
+                if isinstance(answer, Refusal):
+                    self.failed_ranks = answer.failed_ranks
+                    self._fail_job(f"controller refused 'heartbeat': {answer.error}")
                     return
         except ControllerGone as exc:
             self.controller_lost = True
@@ -474,7 +477,7 @@ class Worker:
         n_packets = n_blocks + w
         local_exp = quantize.block_exponents(blocks) if is_float else None
         global_exp = np.zeros(n_blocks, dtype=np.int16)
-        size = k_to_size(k)
+        byte0 = MsgType.UPDATE << MSG_TYPE_SHIFT | k_to_size(k)
         tsi0 = self._next_tsi
         uses0 = list(self._slot_uses)
         desc = descriptor_word(n_el, flat.dtype)
@@ -493,8 +496,8 @@ class Worker:
             else:
                 payload = desc_payload if i == 0 else zero_payload
             e0 = (int(local_exp[i]) if i < n_blocks else EXP_MIN) if is_float else 0
-            return _HEADER.pack(size, info.job_number, (tsi0 + i) % _TSI_MOD,
-                                (0x8000 if set_bit else 0) | (info.pool_base + rel), e0, 0) + payload
+            return PREAMBLE.pack(byte0, info.job_number, (tsi0 + i) % _TSI_MOD,
+                                 (SET_BIT if set_bit else 0) | (info.pool_base + rel), e0, 0) + payload
 
         sock, switch = self._sock, info.switch
         slots = info.window  # sized for the whole pool range: a mismatch's drain may use more than w
@@ -570,7 +573,7 @@ class Worker:
                             outstanding[rel] = -1
                             live -= 1
                             continue
-                        e0 = _HEADER.unpack_from(buf)[4]
+                        e0 = PREAMBLE.unpack_from(buf)[4]
                         if i >= w:
                             total = np.frombuffer(buf, dtype=">i4", count=k, offset=PREAMBLE_BYTES)
                             out[i - w] = quantize.dequantize(total, int(global_exp[i - w]), n) if is_float else total
@@ -710,9 +713,9 @@ class Worker:
         if nbytes != expected_len:
             self.stats.stale_results += 1
             return None
-        byte0, job, tsi, pidx, _, _ = _HEADER.unpack_from(buf)
-        rel = (pidx & 0x3FFF) - self.info.pool_base
-        if byte0 >> 4 != MsgType.RESULT or job != self.info.job_number or not 0 <= rel < len(outstanding):
+        byte0, job, tsi, pidx, _, _ = PREAMBLE.unpack_from(buf)
+        rel = (pidx & SLOT_MASK) - self.info.pool_base
+        if byte0 >> MSG_TYPE_SHIFT != MsgType.RESULT or job != self.info.job_number or not 0 <= rel < len(outstanding):
             self.stats.stale_results += 1
             return None
         i = (tsi - tsi0) % _TSI_MOD
