@@ -391,7 +391,7 @@ class _Device:
         """The entry as it is read back: padded bytestrings, fields in P4Info order."""
         out = p4runtime_pb2.TableEntry(table_id=table.id, controller_metadata=te.controller_metadata,
                                        metadata=te.metadata)
-        for f, k in zip(table.match_fields, key, strict=True):
+        for f, k in zip(table.match_fields if key else (), key, strict=True):  # key (): the default entry
             if f.match_type == LPM:
                 if k[1]:
                     m = out.match.add(field_id=f.id)

@@ -14,7 +14,7 @@ from emulation.switch import SoftwareSwitch
 from emulation.target import InProcessTarget
 from switchml import defaults
 from switchml.controller import Controller, ControllerOptions
-from switchml.pipeline import supported_k
+from switchml.pipeline import check_drop_probability, supported_k
 from switchml.targets import SwitchTarget
 
 if TYPE_CHECKING:
@@ -31,7 +31,9 @@ class SoftwareSwitchRunner:
         port: UDP data port (0: any free port).
         control_port: ZeroMQ port (0: any free port).
         pool_size: slots in the switch.
-        drop_probability: emulated loss on every port (0..1).
+        drop_probability: emulated loss on every port, both directions (0..1), programmed
+            through the target as the loss table's default entry (the loss of every port
+            without an entry of its own).
         seed: seed of the loss generator.
         p4runtime_port: None (default): the controller programs the switch in-process
             (``InProcessTarget``). A port (0: any free one): the switch also serves P4Runtime
@@ -54,8 +56,8 @@ class SoftwareSwitchRunner:
                  drop_probability: float = 0.0, seed: int | None = None, p4runtime_port: int | None = None,
                  device_id: int = 0, with_controller: bool = True, dataplane: str | None = None, threads: int = 1,
                  advertise_address: tuple[str, int | None] | None = None, **options) -> None:
-        self.switch = SoftwareSwitch(pool_size=pool_size, drop_probability=drop_probability, seed=seed,
-                                     dataplane=dataplane)
+        check_drop_probability(drop_probability)
+        self.switch = SoftwareSwitch(pool_size=pool_size, seed=seed, dataplane=dataplane)
         self.server = SwitchServer(self.switch, host, port, threads=threads).start()
         self.p4runtime: P4RuntimeServer | None = None
         self.target: SwitchTarget | None = None
@@ -73,6 +75,8 @@ class SoftwareSwitchRunner:
 
                     self.target = P4RuntimeTarget(self.p4runtime.grpc_address, device_id,
                                                   supported_k=supported_k(self.switch.sizes))
+                if drop_probability:
+                    self.target.set_drop_probability(None, drop_probability)
                 switch_address = self.server.address
                 if advertise_address is not None:
                     # the controller's RESETs go there too: a wrong address fails the first job's
@@ -81,9 +85,25 @@ class SoftwareSwitchRunner:
                 self.controller = Controller(self.target, ControllerOptions(
                     bind=f"tcp://{host}:{control_port}", switch_address=switch_address, pool_size=pool_size,
                     **options)).start()
+            elif drop_probability:  # no controller: program the loss as a controller would, then let go
+                self._program_loss(device_id, drop_probability)
         except Exception:
             self._stop_switch()
             raise
+
+    def _program_loss(self, device_id: int, drop_probability: float) -> None:
+        """The loss table's default entry without a controller: over P4Runtime (by a client that
+        leaves at once) where the switch serves it, else in-process."""
+        if self.p4runtime is None:
+            InProcessTarget(self.switch).set_drop_probability(None, drop_probability)
+            return
+        from switchml.p4runtime_target import P4RuntimeTarget
+
+        target = P4RuntimeTarget(self.p4runtime.grpc_address, device_id, supported_k=supported_k(self.switch.sizes))
+        try:
+            target.set_drop_probability(None, drop_probability)
+        finally:
+            target.close()
 
     @property
     def endpoint(self) -> str:

@@ -31,7 +31,7 @@ class InProcessTarget(SwitchTarget):
     def delete_multicast_group(self, mgid: int, replicas: Sequence[Replica]) -> None:
         self.switch.delete_multicast_group(mgid)
 
-    def set_drop_probability(self, port: int, probability: float) -> None:
+    def set_drop_probability(self, port: int | None, probability: float) -> None:
         self.switch.set_drop_probability(port, probability)
 
     def read_counter(self, name: str) -> list[int]:

@@ -364,9 +364,10 @@ class P4RuntimeTarget(SwitchTarget):
 
     # ------------------------------------------------------------ entries
     def _table_entry(self, r: _Resolved, keys: Sequence[int | tuple[int, int]],
-                     params: dict[str, int] | None) -> p4runtime_pb2.TableEntry:
-        entry = p4runtime_pb2.TableEntry(table_id=r.table.id)
-        for f, key in zip(r.table.match_fields, keys, strict=True):
+                     params: dict[str, int] | None, default: bool = False) -> p4runtime_pb2.TableEntry:
+        """An entry of ``r``'s table; ``default``: its default entry (no keys)."""
+        entry = p4runtime_pb2.TableEntry(table_id=r.table.id, is_default_action=default)
+        for f, key in zip(() if default else r.table.match_fields, keys, strict=True):
             m = entry.match.add(field_id=f.id)
             if isinstance(key, tuple):  # LPM (value, prefix length)
                 m.lpm.value, m.lpm.prefix_len = encode_int(key[0], f.bitwidth), key[1]
@@ -456,10 +457,15 @@ class P4RuntimeTarget(SwitchTarget):
         if entities:
             self._delete(entities, what)
 
-    def set_drop_probability(self, port: int, probability: float) -> None:
+    def set_drop_probability(self, port: int | None, probability: float) -> None:
         threshold = pipeline.drop_threshold(probability)
-        te = self._table_entry(self._loss, (port,), {"threshold": threshold})
-        self._upsert([self._entity(te)], [f"{pipeline.LOSS_TABLE} port {port} -> threshold {threshold}"])
+        if port is not None:
+            te = self._table_entry(self._loss, (port,), {"threshold": threshold})
+            self._upsert([self._entity(te)], [f"{pipeline.LOSS_TABLE} port {port} -> threshold {threshold}"])
+            return
+        te = self._table_entry(self._loss, (), {"threshold": threshold}, default=True)
+        self.connection.write([Update(type=Update.MODIFY, entity=self._entity(te))],
+                              [f"{pipeline.LOSS_TABLE} default entry -> threshold {threshold}"])
 
     def add_forward(self, ip: str, port: int, mac: str, prefix_len: int = 32) -> None:
         """Plain IPv4 forwarding (traffic that is not switchml's): ip/prefix -> port, dst MAC."""

@@ -43,8 +43,9 @@ class SwitchTarget(ABC):
         """Delete a job's multicast group and its egress rewrite entries."""
 
     @abstractmethod
-    def set_drop_probability(self, port: int, probability: float) -> None:
-        """Loss table entry: drop packets arriving on ``port`` with ``probability`` (0..1)."""
+    def set_drop_probability(self, port: int | None, probability: float) -> None:
+        """Loss table entry: drop packets arriving on ``port`` with ``probability`` (0..1); ``port``
+        None sets the table's default entry, the loss of every port without an entry of its own."""
 
     @abstractmethod
     def read_counter(self, name: str) -> list[int]:

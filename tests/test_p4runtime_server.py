@@ -431,3 +431,29 @@ def test_a_backup_cannot_push_a_pipeline(conns):
     with pytest.raises(P4RuntimeError) as exc:
         backup.set_pipeline(INFO.message)
     assert exc.value.code == grpc.StatusCode.PERMISSION_DENIED
+
+
+@pytest.mark.parametrize("p4runtime_port, with_controller", [(None, True), (0, True), (0, False)])
+def test_emulated_loss_is_programmed_through_the_loss_tables_default_entry(p4runtime_port, with_controller):
+    """``switchml-switch emulate --drop-probability``: in-process, through P4Runtime, and with
+    --no-controller, the loss is the loss table's default entry, programmed as a controller
+    programs any entry (so a P4Runtime read shows it)."""
+    from emulation.runner import SoftwareSwitchRunner
+
+    runner = SoftwareSwitchRunner("127.0.0.1", 0, 0, drop_probability=0.25, seed=1, p4runtime_port=p4runtime_port,
+                                  with_controller=with_controller)
+    try:
+        assert runner.switch.loss_entries() == {None: 0.25}
+        if runner.p4runtime is not None:
+            monitor = P4RuntimeConnection(runner.p4runtime.grpc_address, election_id=0, timeout=5,
+                                          require_primary=False)
+            try:
+                query = p4runtime_pb2.TableEntry(table_id=INFO.table(pipeline.LOSS_TABLE).id, is_default_action=True)
+                (entity,) = monitor.read([p4runtime_pb2.Entity(table_entry=query)])
+            finally:
+                monitor.close()
+            action = entity.table_entry.action.action
+            assert action.action_id == INFO.action(pipeline.SET_DROP_PROBABILITY_ACTION).id
+            assert int.from_bytes(action.params[0].value, "big") == pipeline.DROP_PROBABILITY_SCALE // 4
+    finally:
+        runner.stop()
