@@ -1,18 +1,13 @@
-"""The software switch's native data path: glue between ``SoftwareSwitch`` and its C extension.
+"""The software switch's native data plane: ``NativeDataPlane``, the C extension behind ``DataPlane``.
 
-``emulation._native_switch`` (``native/switch.c``) does the per-packet work; Python keeps
-everything else. ``attach(switch, seed)`` gives a ``SoftwareSwitch`` built with
-``dataplane="native"`` this arrangement:
+``emulation._native_switch`` (``native/switch.c``) does the per-packet work and the UDP loop
+(recvmmsg/sendmmsg batches, the GIL released, one or more threads on one socket):
 
-- The slot state and the counters become numpy arrays that Python allocates and the C
-  code writes in place. ``_IntRows``/``_IntRow`` wrap them so that the reference's own
-  accessors (``read_counter``, ``slot_state``, ``clear``, ``set_counter``; written for
-  lists of ints) read and write them unchanged and still hand out Python ints.
-- ``switch._lock`` becomes the C state's mutex (``NativeLock``), so every accessor that
-  holds the lock excludes the data path, which holds it per batch of packets.
-- The tables stay Python dicts. When Python releases the lock after changing them, the
-  lock pushes a compiled copy to the C state (``set_tables``), still under the mutex:
-  the data path never sees a half-updated table.
+- The slot state and the counters are numpy arrays that this class allocates and the C code
+  writes in place; every read and write here holds the C state's mutex, which the C loop
+  holds per batch of packets.
+- ``SoftwareSwitch`` pushes each change of its tables (``set_tables``); a compiled copy goes
+  to the C state under the mutex, so the data path never sees a half-updated table.
 - The loss generator is MT19937 seeded as ``random.Random(seed)``, drawing
   ``getrandbits(15)`` as the reference does: a seeded stream loses the same packets.
 """
@@ -23,26 +18,23 @@ import logging
 import random
 import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from emulation.dataplane import Address, DataPlane, Reply, SlotState, StopSignal, Tables
 from switchml import native, protocol
 from switchml.pipeline import (
     DROPS_COUNTER,
     NUM_DROP_REASONS,
-    NUM_PACKET_COUNTERS,
     PACKETS_COUNTER,
     RESULTS_COUNTER,
     RETRANSMISSIONS_COUNTER,
     DropReason,
     PacketCounter,
-    WorkerEntry,
 )
-
-if TYPE_CHECKING:
-    from emulation.switch import SoftwareSwitch
 
 log = logging.getLogger(__name__)
 
@@ -102,140 +94,110 @@ def seed_key(seed: Any) -> list[int]:
     return [(n >> (32 * i)) & 0xFFFFFFFF for i in range(max(1, (n.bit_length() + 31) // 32))]
 
 
-class _IntRow:
-    """A 1-D numpy array that reads as a list of Python ints (indexing, slicing, iteration)."""
+class NativeDataPlane(DataPlane):
+    """The C data plane (``native/switch.c``); raises ``NativeUnavailable`` where it is not built."""
 
-    __slots__ = ("array",)
+    name = NATIVE
+    parallel = True
 
-    def __init__(self, array: np.ndarray) -> None:
-        self.array = array
+    def __init__(self, pool_size: int, sizes: frozenset[int], seed: Any) -> None:
+        super().__init__(pool_size, sizes, seed)
+        module, why_not = switch_module()
+        if module is None:
+            raise native.NativeUnavailable(f"software switch: {why_not}")
+        self._value = np.zeros((2, pool_size, self.max_k), dtype=np.int32)
+        self._exp = np.zeros((2, pool_size), np.int8)
+        self._count = np.zeros((2, pool_size), np.int32)
+        self._seen = np.zeros((2, pool_size), np.uint32)
+        self._slot_k = np.zeros((2, pool_size), np.int32)
+        self._counters = {name: np.zeros(size, np.uint64) for name, size in self.counter_sizes.items()}
+        self._state = module.Switch(pool_size, self.max_k, sum(1 << s for s in sizes), seed_key(seed), self._value,
+                                    self._exp, self._count, self._seen, self._slot_k, self._counters[RESULTS_COUNTER],
+                                    self._counters[RETRANSMISSIONS_COUNTER], self._counters[DROPS_COUNTER],
+                                    self._counters[PACKETS_COUNTER])
 
-    def __getitem__(self, index):
-        return self.array[index].tolist()
-
-    def __setitem__(self, index, value) -> None:
-        self.array[index] = value
-
-    def __len__(self) -> int:
-        return len(self.array)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.array.tolist())
-
-
-class _IntRows:
-    """A 2-D numpy array whose rows are ``_IntRow`` (the reference's ``x[set][slot]``)."""
-
-    __slots__ = ("array",)
-
-    def __init__(self, array: np.ndarray) -> None:
-        self.array = array
-
-    def __getitem__(self, v: int) -> _IntRow:
-        return _IntRow(self.array[v])
-
-
-class NativeLock:
-    """The C state's mutex as a context manager; pushes changed tables before releasing it."""
-
-    def __init__(self, path: NativePath) -> None:
-        self._path = path
-
-    def __enter__(self) -> NativeLock:
-        self._path.state.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The C state's mutex: excludes the C loop, which holds it per batch of packets."""
+        self._state.acquire()
         try:
-            self._path.sync_tables()
+            yield
         finally:
-            self._path.state.release()
+            self._state.release()
 
-    def acquire(self) -> None:
-        self._path.state.acquire()
+    # ------------------------------------------------------------ state
+    def set_tables(self, tables: Tables, clear_state: bool = False) -> None:
+        rows = _compile(tables)
+        with self._locked():
+            if clear_state:
+                for array in (self._value, self._exp, self._count, self._seen, self._slot_k,
+                              *self._counters.values()):
+                    array[...] = 0
+            self._state.set_tables(*rows)
 
-    def release(self) -> None:
-        self.__exit__()
+    def read_counter(self, name: str) -> list[int]:
+        self._check_counter(name)
+        with self._locked():
+            return self._counters[name].tolist()
 
+    def set_counter(self, name: str, index: int, value: int) -> None:
+        self._check_counter(name)
+        with self._locked():
+            self._counters[name][index] = value
 
-class NativePath:
-    """The native state of one ``SoftwareSwitch``; created by ``attach``."""
+    def slot_state(self, set_bit: int, slot: int) -> SlotState:
+        with self._locked():
+            return SlotState(int(self._seen[set_bit, slot]), int(self._count[set_bit, slot]),
+                             int(self._exp[set_bit, slot]), self._value[set_bit, slot].copy(),
+                             int(self._slot_k[set_bit, slot]))
 
-    def __init__(self, switch: SoftwareSwitch, module: ModuleType, seed: Any) -> None:
-        self.switch = switch
-        pool = switch.pool_size
-        max_k = switch._value.shape[2]
-        mask = sum(1 << s for s in switch.sizes)
-        self.exp = np.zeros((2, pool), np.int8)
-        self.count = np.zeros((2, pool), np.int32)
-        self.seen = np.zeros((2, pool), np.uint32)
-        self.slot_k = np.zeros((2, pool), np.int32)
-        self.counters = {RESULTS_COUNTER: np.zeros(pool, np.uint64),
-                         RETRANSMISSIONS_COUNTER: np.zeros(pool, np.uint64),
-                         DROPS_COUNTER: np.zeros(NUM_DROP_REASONS, np.uint64),
-                         PACKETS_COUNTER: np.zeros(NUM_PACKET_COUNTERS, np.uint64)}
-        self.state = module.Switch(pool, max_k, mask, seed_key(seed), switch._value, self.exp, self.count, self.seen,
-                                   self.slot_k, self.counters[RESULTS_COUNTER],
-                                   self.counters[RETRANSMISSIONS_COUNTER], self.counters[DROPS_COUNTER],
-                                   self.counters[PACKETS_COUNTER])
-        self._pushed: tuple | None = None
+    def rng_bits15(self, count: int) -> list[int]:
+        """The loss generator's next ``count`` draws (they are used up)."""
+        return self._state.rng_bits15(count)
 
-    def snapshot(self) -> tuple:
-        """The tables as they are now (compared with the last push to see a change)."""
-        sw = self.switch
-        return (dict(sw._admission), {g: tuple(r) for g, r in sw._groups.items()}, dict(sw._port_of),
-                dict(sw._loss), sw._default_loss)
-
-    def sync_tables(self) -> None:
-        """Push the tables to the C state if they changed; the caller holds the lock."""
-        current = self.snapshot()
-        if current == self._pushed:
-            return
-        admission, groups, port_of, loss, default_loss = current
-        adm_rows = []
-        for (ip, udp_port), entry in admission.items():
-            addr = ipv4(ip)
-            if addr is None:
-                log.warning("native switch: admission key %s:%s is not IPv4; no packet can match it", ip, udp_port)
-                continue
-            if isinstance(entry, WorkerEntry):
-                adm_rows.append((addr, udp_port, 0, entry.job, entry.worker_id, entry.num_workers, entry.mgid,
-                                 entry.pool_base, entry.pool_size))
-            else:  # the controller
-                adm_rows.append((addr, udp_port, 1, 0, 0, 1, 0, 0, 0))
-        port_rows = [(ipv4(ip), udp_port, port) for (ip, udp_port), port in port_of.items() if ipv4(ip) is not None]
-        group_rows = []
-        for mgid, replicas in groups.items():
-            rows = []
-            for r in replicas:
-                addr = ipv4(r.ip)
-                if addr is None:
-                    log.warning("native switch: replica %s:%s of group %d is not IPv4; skipped", r.ip, r.udp_port,
-                                mgid)
-                    continue
-                rows.append((addr, r.udp_port))
-            group_rows.append((mgid, rows))
-        self.state.set_tables(adm_rows, port_rows, list(loss.items()), default_loss, group_rows)
-        self._pushed = current
-
-    def process(self, data: bytes | bytearray | memoryview, src: tuple[str, int]) -> list[tuple[bytes, tuple[str, int]]]:
-        """``SoftwareSwitch.process`` through the C data path."""
+    # ------------------------------------------------------------ packets
+    def process(self, data: bytes | bytearray | memoryview, src: Address) -> list[Reply]:
         addr = ipv4(src[0])
         if addr is None:
             raise ValueError(f"sender {src[0]!r}: the native data path takes IPv4 senders (the UDP socket is IPv4)")
-        return self.state.process(data, addr, src[1])
+        return self._state.process(data, addr, src[1])
+
+    def serve(self, sock: socket.socket, stop: StopSignal, batch: int, offload: bool) -> None:
+        """``Switch.serve`` of ``native/switch.c``: recvmmsg/sendmmsg batches, the GIL released."""
+        sock.setblocking(True)  # the C loop polls before it receives; sends wait for buffer space
+        while not stop.is_set():
+            try:
+                self._state.serve(sock.fileno(), batch, stop.flag, offload)  # until the flag is set
+            except OSError:
+                if stop.is_set():
+                    return
+                log.exception("native switch loop failed; restarting it")
+                stop.wait(0.1)
 
 
-def attach(switch: SoftwareSwitch, seed: Any) -> NativePath:
-    """Move ``switch``'s slot state, counters and lock onto the native data path."""
-    module, why_not = switch_module()
-    if module is None:
-        raise native.NativeUnavailable(f"software switch: {why_not}")
-    path = NativePath(switch, module, seed)
-    switch._exp, switch._count = _IntRows(path.exp), _IntRows(path.count)
-    switch._seen, switch._slot_k = _IntRows(path.seen), _IntRows(path.slot_k)
-    switch.counters = {name: _IntRow(array) for name, array in path.counters.items()}
-    switch._lock = NativeLock(path)
-    with switch._lock:  # pushes the (empty) tables and the default loss
-        pass
-    return path
+def _compile(tables: Tables) -> tuple:
+    """``tables`` as the rows ``Switch.set_tables`` takes (IPv4 addresses as ints)."""
+    adm_rows = []
+    for (ip, udp_port), entry in tables.admission.items():
+        addr = ipv4(ip)
+        if addr is None:
+            log.warning("native switch: admission key %s:%s is not IPv4; no packet can match it", ip, udp_port)
+            continue
+        if entry is None:  # the controller
+            adm_rows.append((addr, udp_port, 1, 0, 0, 1, 0, 0, 0))
+        else:
+            adm_rows.append((addr, udp_port, 0, entry.job, entry.worker_id, entry.num_workers, entry.mgid,
+                             entry.pool_base, entry.pool_size))
+    port_rows = [(ipv4(ip), udp_port, port) for (ip, udp_port), port in tables.port_of.items()
+                 if ipv4(ip) is not None]
+    group_rows = []
+    for mgid, replicas in tables.groups.items():
+        rows = []
+        for r in replicas:
+            addr = ipv4(r.ip)
+            if addr is None:
+                log.warning("native switch: replica %s:%s of group %d is not IPv4; skipped", r.ip, r.udp_port, mgid)
+                continue
+            rows.append((addr, r.udp_port))
+        group_rows.append((mgid, rows))
+    return adm_rows, port_rows, list(tables.loss.items()), tables.default_loss, group_rows

@@ -526,7 +526,7 @@ class _Device:
         counter = self.p4info.counters.get(counter_id)
         if counter is None:
             raise _invalid(f"Invalid P4 id {counter_id}: not a counter of the pipeline")
-        if counter.name not in self.switch.counters:
+        if counter.name not in self.switch.counter_sizes:
             raise _P4Error(code_pb2.NOT_FOUND, f"the software switch has no counter {counter.name}")
         return counter
 
@@ -541,7 +541,7 @@ class _Device:
             raise _P4Error(code_pb2.OUT_OF_RANGE, f"index {index} of {counter.name} (size {counter.size})")
         if kind == Update.INSERT:
             raise _invalid("INSERT update type not supported for counters")
-        if index < len(self.switch.counters[counter.name]):
+        if index < self.switch.counter_sizes[counter.name]:
             self.switch.set_counter(counter.name, index, ce.data.packet_count if kind == Update.MODIFY else 0)
 
     # ------------------------------------------------------------ read
@@ -585,7 +585,7 @@ class _Device:
 
     def _read_counters(self, ce: p4runtime_pb2.CounterEntry, out: list) -> None:
         if ce.counter_id == 0:
-            counters = [c for c in self.p4info.counters.values() if c.name in self.switch.counters]
+            counters = [c for c in self.p4info.counters.values() if c.name in self.switch.counter_sizes]
         else:
             counters = [self._counter(ce.counter_id)]
         for counter in counters:

@@ -1,8 +1,8 @@
 """The software switch on a UDP socket: receive a packet, process it, send the replies.
 
-The Python loop (``_serve``) handles one datagram at a time. On a switch built with
-``dataplane="native"`` the loop is ``Switch.serve`` of ``native/switch.c`` instead:
-recvmmsg/sendmmsg batches, the GIL released, one or more threads on the one socket.
+The loop is the switch's data plane's (``DataPlane.serve``): the Python one handles one
+datagram at a time; the native one (``native/switch.c``) receives and sends in
+recvmmsg/sendmmsg batches with the GIL released, with one or more threads on the one socket.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from emulation.dataplane import StopSignal
 from emulation.switch import SoftwareSwitch
 from switchml import defaults
 from switchml.native import udp_offload
@@ -17,7 +18,6 @@ from switchml.net import open_udp_socket
 
 log = logging.getLogger(__name__)
 
-_RECV_BUFFER = 65536  # larger than any wire-format v1 packet (16 KB)
 DEFAULT_BATCH = 64  #: datagrams per recvmmsg on the native path
 
 
@@ -44,18 +44,15 @@ class SwitchServer:
         self.switch = switch
         self.sock = open_udp_socket(host, port)
         self.address: tuple[str, int] = self.sock.getsockname()
-        self._stop = threading.Event()
-        if switch._native is None:
-            if threads != 1:
-                log.warning("the Python data path serves with one thread (threads=%d ignored)", threads)
-            self._threads = [threading.Thread(target=self._serve, name="switchml-switch", daemon=True)]
-        else:
-            self.sock.setblocking(True)  # the native loop polls before it receives; sends wait for buffer space
-            self._stop_flag = bytearray(1)  # what the native loop polls: it holds no GIL to look at an Event
-            self._batch = batch
-            self._offload = udp_offload() if offload is None else offload
-            self._threads = [threading.Thread(target=self._serve_native, name=f"switchml-switch-{i}", daemon=True)
-                             for i in range(threads)]
+        self._stop = StopSignal()
+        self._batch = batch
+        self._offload = udp_offload() if offload is None else offload
+        plane = switch.data_plane
+        if threads != 1 and not plane.parallel:
+            log.warning("the %s data path serves with one thread (threads=%d ignored)", plane.name, threads)
+            threads = 1
+        self._threads = [threading.Thread(target=self._serve, name=f"switchml-switch-{i}" if threads > 1
+                                          else "switchml-switch", daemon=True) for i in range(threads)]
 
     def start(self) -> SwitchServer:
         for thread in self._threads:
@@ -65,40 +62,11 @@ class SwitchServer:
         return self
 
     def _serve(self) -> None:
-        buf = bytearray(_RECV_BUFFER)
-        view = memoryview(buf)
-        self.sock.settimeout(0.2)  # so stop() is noticed
-        while not self._stop.is_set():
-            try:
-                n, src = self.sock.recvfrom_into(buf)
-            except TimeoutError:
-                continue
-            except OSError:
-                if self._stop.is_set():
-                    return
-                raise
-            try:
-                for payload, dst in self.switch.process(view[:n], src):
-                    self.sock.sendto(payload, dst)
-            except Exception:  # noqa: BLE001 - a packet must never stop the switch
-                log.exception("error handling a packet of %d bytes from %s", n, src)
-
-    def _serve_native(self) -> None:
-        state = self.switch._native.state
-        while not self._stop.is_set():
-            try:
-                state.serve(self.sock.fileno(), self._batch, self._stop_flag, self._offload)  # until the flag is set
-            except OSError:
-                if self._stop.is_set():
-                    return
-                log.exception("native switch loop failed; restarting it")
-                self._stop.wait(0.1)
+        self.switch.data_plane.serve(self.sock, self._stop, self._batch, self._offload)
 
     def stop(self) -> None:
         """Stop the loop and close the socket (waits for the threads)."""
         self._stop.set()
-        if self.switch._native is not None:
-            self._stop_flag[0] = 1
         for thread in self._threads:
             if thread.is_alive():
                 thread.join(timeout=5)

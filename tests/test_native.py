@@ -189,7 +189,7 @@ def assert_same_state(ref: SoftwareSwitch, nat: SoftwareSwitch) -> None:
             a, b = ref.slot_state(v, s), nat.slot_state(v, s)
             assert a[:3] == b[:3], (v, s)
             if a[1] or b[1] or a[0]:  # values of a slot that was touched since its reset
-                k = ref._slot_k[v][s]
+                k = a.k
                 assert np.array_equal(a[3][:k], b[3][:k]), (v, s)
 
 
@@ -198,7 +198,7 @@ def assert_same_state(ref: SoftwareSwitch, nat: SoftwareSwitch) -> None:
 @pytest.mark.parametrize("seed", range(10))
 def test_switch_streams_give_identical_replies_and_counters(seed, drop):
     ref, nat = build_switch("python", seed, drop), build_switch("native", seed, drop)
-    assert ref._native is None and nat._native is not None
+    assert ref.dataplane == "python" and nat.dataplane == "native"
     sent = 0
     for kind, *step in stream(seed, 1500):
         if kind == "table":
@@ -237,7 +237,7 @@ def test_every_drop_reason_and_reply_kind_occurs_in_the_streams():
 def test_loss_generator_draws_as_pythons_random(seed):
     sw = SoftwareSwitch(pool_size=8, seed=seed, dataplane="native")
     ref = random.Random(seed)
-    assert sw._native.state.rng_bits15(2000) == [ref.getrandbits(15) for _ in range(2000)]
+    assert sw.data_plane.rng_bits15(2000) == [ref.getrandbits(15) for _ in range(2000)]
 
 
 @needs_native
