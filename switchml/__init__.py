@@ -16,10 +16,10 @@ from switchml.errors import (
     SwitchMLError,
     WorkerClosed,
 )
-from switchml.worker import JobInfo, Worker, WorkerStats
+from switchml.worker import JobInfo, Worker, WorkerOptions, WorkerStats
 
 __version__ = "0.1.0"
 __all__ = [
     "AllreduceTimeout", "ControllerError", "ControllerTimeout", "JobFailed", "JobInfo", "ShapeMismatch", "SwitchMLError",
-    "Worker", "WorkerClosed", "WorkerStats", "__version__",
+    "Worker", "WorkerClosed", "WorkerOptions", "WorkerStats", "__version__",
 ]

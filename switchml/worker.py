@@ -1,62 +1,19 @@
-"""The worker engine: streams tensors through the switch and reassembles the sums.
+"""The worker: a rank's connection to the controller and the switch.
 
-One ``Worker`` per rank. It registers with the controller, then a single engine thread
-runs allreduce calls one after another, in the order they were made, so every rank's
-k-th call meets the other ranks' k-th call in the same slots.
-
-One call on an array of B blocks of k elements (float32 or int32), window
-w = min(W, max(B, 1)), B + w packets:
-
-1. Cut the array into blocks; for float32, compute each block's local exponent (one numpy pass).
-2. Send packets 0..w-1, the first window: zero payload and, for float32, the local exponents
-   of blocks 0..w-1. Packet 0's payload holds the call descriptor: this rank's element count
-   and dtype (``descriptor_word``) in lane ``worker_id``, zeros elsewhere, so the switch's sum
-   holds every rank's word exactly. Packet i uses slot ``pool_base + i mod w``; each reuse of
-   a slot flips its set bit (the shadow copy).
-3. Packet 0's RESULT comes before this rank sends any payload (results of packets 1..w-1
-   that come first are kept; their next packets wait for it). If a rank's descriptor differs
-   from this one, the call raises ``ShapeMismatch`` naming this rank's and the differing
-   ranks' counts and dtypes, never a result. Before it does, each rank sends the first-window
-   packets of the largest window any rank used (W is the job's, so every rank can tell the
-   others' w from their counts) and waits for their results: every slot of that window was
-   then used once on every rank, and the job's next call meets in step. Every call, even an
-   empty one, sends its descriptor, so every call meets the other ranks' on slot 0.
-4. On the RESULT of packet i: for float32 its exponent is block i's global max E_i; its
-   payload, for i >= w, is the sum of block i-w (float32: dequantized with E_(i-w)). Then
-   send packet i+w: block i (float32: quantized with E_i, with block i+w's local exponent).
-5. Retransmission, as TCP's: the timeout (RTO) is the smoothed round trip plus 4 mean
-   deviations (RFC 6298, ``retransmit_timeout``), sampled on first transmissions only (Karn's
-   rule) with each sample's gain divided by the w samples a round trip brings (RFC 7323,
-   appendix G), between ``retransmit_timeout`` (the floor) and a cap. A packet without its
-   RESULT after its RTO is resent unchanged, and its RTO doubles; a backed-off RTO also holds
-   for the slots' next packets until a first transmission is answered. A packet that a packet
-   sent after it overtook (it, or its result, was lost: RACK's rule) is resent after one
-   smoothed round trip plus a tick, within the same floor and cap, without the deviation
-   term: under loss the samples include peers' recoveries, and waiting those out would only
-   slow this rank's. When nothing sent after a packet came back (a peer is descheduled, the switch stalls, or
-   all was lost) only the oldest due packet is resent, once per its RTO, as TCP resends only
-   the first unacknowledged segment on a timeout: a slow peer costs one spurious resend, not
-   a window of them. Timers are checked only once the socket is drained (a result still
-   queued behind others is not lost). No progress at all for ``timeout`` fails the call.
-6. After B + w results the sum is complete.
-
-RESULTs whose job number, slot or tsi (the packet id) do not match an outstanding packet
-are ignored: stale, or duplicates (a result for a packet of this call already answered,
-``WorkerStats.duplicate_results``: a resend of it was spurious).
-
-``_allreduce_flat`` below is the reference. With ``dataplane="native"`` the same loop runs
-in C (``native/worker.c``: recvmmsg/sendmmsg batches, the quantizer fused into packet
-building, the GIL released) with the same window, set bits, tsi, RTO, backoff, stale
-filtering, progress timeout and abort; ``_allreduce_flat_native`` hands it the call.
+One ``Worker`` per rank. It registers with the controller, probes the switch, keeps a
+heartbeat, and stages the caller's arrays; a single engine thread runs allreduce calls one
+after another, in the order they were made, so every rank's k-th call meets the other
+ranks' k-th call in the same slots. The packets of one call are the engine's
+(``switchml.engine``: the Python reference or the native loop, chosen by ``dataplane``);
+it returns an ``Outcome`` that the ``Worker`` turns into its result or its errors.
+Its knobs are a ``WorkerOptions``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 import queue
-import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -66,8 +23,23 @@ from typing import Any
 
 import numpy as np
 
-from switchml import defaults, native, protocol, quantize
+from switchml import defaults, engine, protocol
 from switchml.control import ControlClient
+from switchml.engine import (  # noqa: F401 - first_window .. retransmit_timeout: re-exported
+    FLAG_ABORT,
+    FLAG_CLOSED,
+    TSI_MOD,
+    CallState,
+    Engine,
+    Outcome,
+    WorkerStats,
+    _count_text,
+    describe_word,
+    descriptor_word,
+    first_window,
+    make_engine,
+    rtt_sample,
+)
 from switchml.errors import (
     AllreduceTimeout,
     ControllerGone,
@@ -79,19 +51,10 @@ from switchml.errors import (
     WorkerClosed,
 )
 from switchml.messages import Barrier, Heartbeat, Hello, HelloAnswer, JobInfo, Leave, Refusal, Register
-from switchml.native import WORKER_NUM_STATS as _NATIVE_STATS
-from switchml.native import WORKER_RC_MISMATCH as _RC_MISMATCH
 from switchml.net import local_ip_towards, open_udp_socket
 from switchml.protocol import (
-    DESCRIPTOR_DTYPE_BITS,
-    DESCRIPTOR_MAX_ELEMENTS,
-    DTYPE_CODES,
     EXP_MIN,
-    MSG_TYPE_SHIFT,
-    PREAMBLE,
     PREAMBLE_BYTES,
-    SET_BIT,
-    SLOT_MASK,
     MsgType,
     k_to_size,
     packet_bytes,
@@ -99,84 +62,46 @@ from switchml.protocol import (
 
 log = logging.getLogger(__name__)
 
-_TSI_MOD = 1 << 32
-_SCAN_INTERVAL_S = 0.002  # how often outstanding slots are checked for a due retransmission
-#: Receives in a row that may postpone a due timer check while results keep arriving: they
-#: may answer the very slots whose timers are due (a resend then would be spurious).
-_SCAN_DEFER_MAX = 64
-_FLAG_ABORT, _FLAG_CLOSED = 1, 2  # bits of Worker._flags, which the native loop polls
+retransmit_timeout = engine.retransmit_timeout  # re-exported (a Worker argument shares its name)
+
 #: How long the heartbeat thread waits on its connection at a time, between heartbeats, so that
 #: close() is not held up by a long heartbeat interval.
 _HEARTBEAT_SLICE_S = 0.05
 #: tsi of the registration probe (``Worker._probe_switch``): the last a call would reach, after 2^32 packets
-_PROBE_TSI = _TSI_MOD - 1
+_PROBE_TSI = TSI_MOD - 1
 #: The probe's first resend and its cap: ranks released by the controller at once probe within
 #: a few ms of each other, and a resend before the last rank's probe arrived is a needless one
 #: (counted by the switch as a retransmission to an incomplete slot)
 _PROBE_RTO_S, _PROBE_RTO_MAX_S = 0.1, 1.0
 
 
-def first_window(window: int, n_el: int, k: int) -> int:
-    """Packets in a call's first window (one per slot): min(W, blocks), and 1 for an empty call
-    (which still sends its descriptor, so that it meets the other ranks' call)."""
-    return min(window, max(1, -(-n_el // k)))
+_UNSET: Any = object()  # a Worker keyword argument not passed: the options' value holds
 
 
-def descriptor_word(n_el: int, dtype: Any) -> int:
-    """This rank's word in the call descriptor (``protocol.DESCRIPTOR_*``): element count
-    (saturated) and dtype code."""
-    return (min(n_el, DESCRIPTOR_MAX_ELEMENTS) << DESCRIPTOR_DTYPE_BITS) | DTYPE_CODES[np.dtype(dtype).name]
+@dataclass(frozen=True)
+class WorkerOptions:
+    """Knobs of a ``Worker`` (its keyword arguments of the same names override them)."""
 
-
-def describe_word(word: int) -> tuple[int, str]:
-    """(element count, dtype name) of a descriptor word."""
-    code = word & ((1 << DESCRIPTOR_DTYPE_BITS) - 1)
-    name = next((name for name, c in DTYPE_CODES.items() if c == code), None)
-    return word >> DESCRIPTOR_DTYPE_BITS, name or f"no descriptor (dtype code {code}: another switchml version?)"
-
-
-def _count_text(count: int) -> str:
-    return f">= {count}" if count >= DESCRIPTOR_MAX_ELEMENTS else str(count)
-
-
-def rtt_sample(srtt: float, rttvar: float, sample: float, per_rtt: int) -> tuple[float, float]:
-    """RFC 6298's estimator after one round-trip sample: (smoothed RTT, mean deviation).
-
-    ``srtt <= 0`` means no sample yet: the first sets srtt = R, rttvar = R / 2. After that,
-    rttvar += beta * (|srtt - R| - rttvar), then srtt += alpha * (R - srtt), with alpha and
-    beta of ``defaults`` divided by ``per_rtt``, the samples one round trip brings (the
-    window's slots), as RFC 7323 (appendix G) does for per-segment samples: the estimator
-    then forgets a burst of slow round trips over a few round trips, not a few packets.
-    """
-    sample = max(sample, 1e-9)  # a zero would read as "no sample"
-    if srtt <= 0:
-        return sample, sample / 2
-    gain = 1.0 / max(1, per_rtt)
-    rttvar += (abs(srtt - sample) - rttvar) * defaults.RTT_BETA * gain
-    srtt += (sample - srtt) * defaults.RTT_ALPHA * gain
-    return srtt, rttvar
-
-
-def retransmit_timeout(srtt: float, rttvar: float, backed_off: float, floor: float, cap: float,
-                       granularity: float) -> float:
-    """RFC 6298's RTO: srtt + max(granularity, K * rttvar), at least ``floor`` (also the RTO
-    before the first sample) and a backed-off timeout still in force, at most ``cap``."""
-    rto = floor if srtt <= 0 else max(floor, srtt + max(granularity, defaults.RTT_K * rttvar))
-    return min(max(rto, backed_off), cap)
-
-
-@dataclass
-class WorkerStats:
-    """Counts since the worker started."""
-
-    calls: int = 0
-    packets_sent: int = 0
-    retransmissions: int = 0
-    results: int = 0
-    stale_results: int = 0
-    #: results for a packet already answered: a resend of it was spurious (the switch also
-    #: counts, as the drop reason retransmission_incomplete, resends of packets it already has)
-    duplicate_results: int = 0
+    #: Elements per packet to ask for (None: the controller's default).
+    k: int | None = None
+    #: Seconds an allreduce may go without any progress before it fails (``AllreduceTimeout``).
+    timeout: float = defaults.PROGRESS_TIMEOUT_S
+    #: Seconds to wait for the controller (registration waits for all ranks).
+    control_timeout: float = defaults.CONTROL_TIMEOUT_S
+    #: First retransmission timeout of a slot (the RTO's floor); it doubles up to
+    #: ``defaults.RETRANSMIT_TIMEOUT_MAX_S``.
+    retransmit_timeout: float = defaults.RETRANSMIT_TIMEOUT_S
+    #: Seconds between heartbeats to the controller. When the controller's process ends (with
+    #: the software switch, the switch's), its connection closes and calls fail with
+    #: ``JobFailed`` at once; a controller's verdict on silent peers reaches them within one interval.
+    heartbeat_interval: float = defaults.HEARTBEAT_INTERVAL_S
+    #: Seconds to wait, right after registration, for the switch to answer the probe every
+    #: rank sends (one aggregation round); without an answer the Worker raises
+    #: ``SwitchUnreachable`` naming the switch's address.
+    probe_timeout: float = defaults.PROBE_TIMEOUT_S
+    #: The engine's data path: "native" (C), "python" (the reference) or None: native where its
+    #: extension is built, unless ``$SWITCHML_DATAPLANE`` says otherwise (``switchml.native``).
+    dataplane: str | None = None
 
 
 class Worker:
@@ -187,21 +112,10 @@ class Worker:
         job: job name; all ranks of one job use the same name.
         rank: this worker's rank, 0..world_size-1.
         world_size: number of ranks in the job (at most 32).
-        k: elements per packet to ask for (None: the controller's default).
-        timeout: seconds an allreduce may go without any progress before it fails.
-        control_timeout: seconds to wait for the controller (registration waits for all ranks).
-        retransmit_timeout: first retransmission timeout of a slot; it doubles up to
-            ``defaults.RETRANSMIT_TIMEOUT_MAX_S``.
-        heartbeat_interval: seconds between heartbeats to the controller. When the controller's
-            process ends (with the software switch, the switch's), its connection closes and
-            calls fail with ``JobFailed`` at once; a controller's verdict on silent peers
-            reaches them within one interval.
-        probe_timeout: seconds to wait, right after registration, for the switch to answer
-            the probe every rank sends (one aggregation round); without an answer the
-            Worker raises ``SwitchUnreachable`` naming the switch's address.
-        dataplane: the engine's data path: "native" (C), "python" (the reference) or None:
-            native where its extension is built, unless ``$SWITCHML_DATAPLANE`` says otherwise
-            (``switchml.native``).
+        options: the worker's knobs (``WorkerOptions``; None: the defaults).
+        k, timeout, control_timeout, retransmit_timeout, heartbeat_interval, probe_timeout,
+            dataplane: each, when passed, overrides the field of ``options`` of the same name
+            (see ``WorkerOptions``).
 
     Attributes set by the heartbeat thread when the job fails:
         failed_ranks: the ranks the controller declared silent (its verdict), else ().
@@ -216,28 +130,33 @@ class Worker:
         rank: int = 0,
         world_size: int = 1,
         *,
-        k: int | None = None,
-        timeout: float = defaults.PROGRESS_TIMEOUT_S,
-        control_timeout: float = defaults.CONTROL_TIMEOUT_S,
-        retransmit_timeout: float = defaults.RETRANSMIT_TIMEOUT_S,
-        heartbeat_interval: float = defaults.HEARTBEAT_INTERVAL_S,
-        probe_timeout: float = defaults.PROBE_TIMEOUT_S,
-        dataplane: str | None = None,
+        options: WorkerOptions | None = None,
+        k: int | None = _UNSET,
+        timeout: float = _UNSET,
+        control_timeout: float = _UNSET,
+        retransmit_timeout: float = _UNSET,
+        heartbeat_interval: float = _UNSET,
+        probe_timeout: float = _UNSET,
+        dataplane: str | None = _UNSET,
     ) -> None:
-        if k is not None:
-            k_to_size(k)  # raises a clear error for a k the wire format lacks
-        self.dataplane = native.resolve_worker(dataplane)
-        self._native = native.worker_module()[0] if self.dataplane == native.NATIVE else None
-        self._offload = native.udp_offload()
+        passed = {name: value for name, value in (
+            ("k", k), ("timeout", timeout), ("control_timeout", control_timeout),
+            ("retransmit_timeout", retransmit_timeout), ("heartbeat_interval", heartbeat_interval),
+            ("probe_timeout", probe_timeout), ("dataplane", dataplane)) if value is not _UNSET}
+        self.options = o = dataclasses.replace(options or WorkerOptions(), **passed)
+        if o.k is not None:
+            k_to_size(o.k)  # raises a clear error for a k the wire format lacks
+        self.engine: Engine = make_engine(o.dataplane)
+        self.dataplane = self.engine.name
         self.job, self.rank, self.world_size = job, rank, world_size
-        self.timeout, self.retransmit_timeout = timeout, retransmit_timeout
+        self.timeout, self.retransmit_timeout = o.timeout, o.retransmit_timeout
         self.stats = WorkerStats()
-        self._control = ControlClient(controller, control_timeout)
+        self._control = ControlClient(controller, o.control_timeout)
         hello: HelloAnswer = self._control.request(Hello())
         self._sock = open_udp_socket(local_ip_towards(hello.switch), 0)
         self.address: tuple[str, int] = self._sock.getsockname()
         try:
-            self.info: JobInfo = self._control.request(Register(job, rank, world_size, self.address, k))
+            self.info: JobInfo = self._control.request(Register(job, rank, world_size, self.address, o.k))
         except SwitchMLError:
             self._sock.close()
             self._control.close()
@@ -247,7 +166,7 @@ class Worker:
         self.failed_ranks: tuple[int, ...] = ()
         self.controller_lost = False
         try:
-            self._probe_switch(probe_timeout)
+            self._probe_switch(o.probe_timeout)
         except SwitchMLError:
             try:  # free the job's slots now rather than after the heartbeat timeout
                 self._control.request(Leave(job, rank), timeout=2.0)
@@ -256,27 +175,32 @@ class Worker:
             self._sock.close()
             self._control.close()
             raise
-        self._slot_uses = [0] * self.info.window  # per slot: how often it was used (its next set bit)
-        self._next_tsi = 0
-        # [smoothed round trip of a packet (0: no sample yet), backed-off timeout still in force
-        # (0: none), round trip's mean deviation], in seconds (rtt_sample, retransmit_timeout);
-        # kept across calls, and an array so the native loop updates it in place
-        self._rtt_state = np.zeros(3, dtype=np.float64)
+        # what the engine works on, call after call (slot uses, next tsi, RTT estimator, stop flags)
+        self._state = CallState(self.info, self._sock, self.stats, o.timeout, o.retransmit_timeout)
         self._calls: queue.Queue[tuple[Any, Future] | None] = queue.Queue()
         self._closing = threading.Event()
         self._abort: str | None = None  # set by the heartbeat thread when the job failed
-        # _abort and _closing as bits the native loop can poll without the GIL
-        self._flags = np.zeros(1, dtype=np.int32)
-        self._flags_lock = threading.Lock()
+        self._flags_lock = threading.Lock()  # _abort and _closing as bits of the state's flags
         self._spares = _SpareBuffers()
-        if self._native is not None:
-            self._sock.setblocking(True)  # the native loop polls before it receives; sends wait for buffer space
+        self.engine.prepare(self._sock)
         self._broken: BaseException | None = None
-        self._engine = threading.Thread(target=self._run_engine, name=f"switchml-engine-{rank}", daemon=True)
-        self._heartbeat = threading.Thread(target=self._run_heartbeat, args=(controller, heartbeat_interval),
+        self._engine_thread = threading.Thread(target=self._run_engine, name=f"switchml-engine-{rank}", daemon=True)
+        self._heartbeat = threading.Thread(target=self._run_heartbeat, args=(controller, o.heartbeat_interval),
                                            name=f"switchml-heartbeat-{rank}", daemon=True)
-        self._engine.start()
+        self._engine_thread.start()
         self._heartbeat.start()
+
+    @property
+    def _next_tsi(self) -> int:
+        return self._state.next_tsi
+
+    @property
+    def _rtt_state(self) -> np.ndarray:
+        return self._state.rtt_state
+
+    def _rto(self) -> float:
+        """Retransmission timeout of a fresh packet (``retransmit_timeout`` of the estimator's state)."""
+        return self._state.rto()
 
     # ------------------------------------------------------------------ API
     def allreduce_async(self, x: Any) -> Future:
@@ -311,9 +235,9 @@ class Worker:
         if self._closing.is_set():
             return
         self._closing.set()
-        self._raise_flag(_FLAG_CLOSED)
+        self._raise_flag(FLAG_CLOSED)
         self._calls.put(None)
-        self._engine.join(timeout=max(self.timeout, 1.0) + 5)
+        self._engine_thread.join(timeout=max(self.timeout, 1.0) + 5)
         self._heartbeat.join(timeout=5)
         if not self.controller_lost:  # else nobody answers: a fallback step must not wait for it
             try:
@@ -455,277 +379,29 @@ class Worker:
     def _fail_job(self, reason: str) -> None:
         """Make the job's calls fail with ``reason`` (the engine checks the abort flag)."""
         self._abort = reason
-        self._raise_flag(_FLAG_ABORT)
+        self._raise_flag(FLAG_ABORT)
         log.error("rank %d: %s", self.rank, reason)
 
     def _raise_flag(self, bit: int) -> None:
         with self._flags_lock:
-            self._flags[0] |= bit
+            self._state.flags[0] |= bit
 
     def _allreduce_flat(self, flat: np.ndarray) -> np.ndarray:
-        """Sum a 1-D float32 or int32 array over the job; the engine's one call."""
-        if self._native is not None:
-            return self._allreduce_flat_native(flat)
-        info = self.info
-        n_el, k, n = flat.size, info.k, info.num_workers
-        n_blocks = -(-n_el // k)
-        blocks = np.zeros((n_blocks, k), dtype=flat.dtype)
-        blocks.reshape(-1)[:n_el] = flat
-        out = np.empty((n_blocks, k), dtype=flat.dtype)
-        is_float = flat.dtype == np.float32
-        w = first_window(info.window, n_el, k)
-        n_packets = n_blocks + w
-        local_exp = quantize.block_exponents(blocks) if is_float else None
-        global_exp = np.zeros(n_blocks, dtype=np.int16)
-        byte0 = MsgType.UPDATE << MSG_TYPE_SHIFT | k_to_size(k)
-        tsi0 = self._next_tsi
-        uses0 = list(self._slot_uses)
-        desc = descriptor_word(n_el, flat.dtype)
-        zero_payload = bytes(4 * k)
-        desc_payload = bytearray(zero_payload)  # packet 0: the descriptor in this rank's lane
-        struct.pack_into(">I", desc_payload, 4 * info.worker_id, desc)
-
-        def make_packet(i: int, wnd: int) -> bytes:
-            """Packet i of the call with a window of wnd slots (wnd > w only for a mismatch's drain)."""
-            rel = i % wnd
-            set_bit = (uses0[rel] + i // wnd) & 1
-            if i >= wnd:
-                b = i - wnd
-                payload = (quantize.quantize(blocks[b], int(global_exp[b]), n) if is_float else blocks[b]).astype(
-                    ">i4").tobytes()
-            else:
-                payload = desc_payload if i == 0 else zero_payload
-            e0 = (int(local_exp[i]) if i < n_blocks else EXP_MIN) if is_float else 0
-            return PREAMBLE.pack(byte0, info.job_number, (tsi0 + i) % _TSI_MOD,
-                                 (SET_BIT if set_bit else 0) | (info.pool_base + rel), e0, 0) + payload
-
-        sock, switch = self._sock, info.switch
-        slots = info.window  # sized for the whole pool range: a mismatch's drain may use more than w
-        outstanding = [-1] * slots  # per slot: index of the packet awaiting its result (-1: none)
-        packets = [b""] * slots
-        sent_at = [0.0] * slots
-        resent = [False] * slots  # Karn's rule: only first transmissions measure the round trip
-        rto = [0.0] * slots  # the RTO: for a packet nothing sent after it has answered (the probe)
-        lost_rto = [0.0] * slots  # the timeout of a packet a later one overtook (lost, not delayed)
-        issued = 0  # packets 0..issued-1 were sent at least once (a result for one not outstanding is a duplicate)
-
-        def send(rel: int, i: int, wnd: int, at: float) -> None:
-            nonlocal issued
-            outstanding[rel], packets[rel] = i, make_packet(i, wnd)
-            sock.sendto(packets[rel], switch)
-            sent_at[rel], rto[rel], lost_rto[rel], resent[rel] = at, self._rto(), self._lost_timeout(), False
-            issued = max(issued, i + 1)
-            self.stats.packets_sent += 1
-
-        now = time.monotonic()
-        for rel in range(w):
-            send(rel, rel, w, now)
-        held: list[int] = []  # slots whose next packet waits for packet 0's result (the descriptor check)
-        checked = False
-        mismatch: ShapeMismatch | None = None
-        live = w  # slots with a packet outstanding or held
-        done = 0
-        expected_len = packet_bytes(k)
-        buf = bytearray(expected_len + 64)
-        last_progress = last_scan = now
-        newest_answered = -math.inf  # send time of the newest packet answered: older ones outstanding are lost
-        next_probe = 0.0
-        deferred = 0
-        sock.settimeout(_SCAN_INTERVAL_S)
+        """Sum a 1-D float32 or int32 array over the job: the engine's outcome, or its error."""
+        outcome = self.engine.allreduce(flat, self._state)
+        mismatch = None if outcome.lanes is None else self._shape_mismatch(flat.size, flat.dtype, outcome.lanes)
+        if not outcome.stopped:
+            if mismatch is not None:  # the job's slots were brought back in step
+                raise mismatch
+            assert outcome.result is not None
+            return outcome.result
         try:
-            while live:
-                try:
-                    nbytes = sock.recv_into(buf)
-                except TimeoutError:
-                    nbytes = 0
-                now = time.monotonic()
-                if nbytes:
-                    rel = self._match(buf, nbytes, expected_len, tsi0, issued, outstanding)
-                    if rel is not None:
-                        i = outstanding[rel]
-                        done += 1
-                        self.stats.results += 1
-                        last_progress = now
-                        newest_answered = max(newest_answered, sent_at[rel])
-                        if not resent[rel]:  # Karn's rule: a clean sample; the backoff ends
-                            self._sample_rtt(now - sent_at[rel], w)
-                        if i == 0:  # every rank's descriptor, before any rank sent a payload
-                            lanes = np.frombuffer(buf, dtype=">u4", count=n, offset=PREAMBLE_BYTES)
-                            if np.any(lanes != desc):
-                                mismatch = self._shape_mismatch(n_el, flat.dtype, lanes)
-                                # bring every slot any rank used in this call's first window to the
-                                # same count of uses on all ranks: send the first-window packets this
-                                # rank did not (zero payload), then wait for their results
-                                w_all = max(first_window(info.window, int(c) >> DESCRIPTOR_DTYPE_BITS, k)
-                                            for c in lanes)
-                                held.clear()
-                                outstanding[0] = -1
-                                for r in range(w, w_all):
-                                    send(r, r, w_all, now)
-                                live = sum(1 for r in range(w_all) if outstanding[r] >= 0)
-                                n_packets = w_all  # the call's packets, for the bookkeeping below
-                                continue
-                            checked = True
-                            for r in held:
-                                send(r, r + w, w, now)  # held slots answered packet r (first window)
-                            held.clear()
-                        if mismatch is not None:  # the drain: this slot's first-window packet is back
-                            outstanding[rel] = -1
-                            live -= 1
-                            continue
-                        e0 = PREAMBLE.unpack_from(buf)[4]
-                        if i >= w:
-                            total = np.frombuffer(buf, dtype=">i4", count=k, offset=PREAMBLE_BYTES)
-                            out[i - w] = quantize.dequantize(total, int(global_exp[i - w]), n) if is_float else total
-                        if is_float and i < n_blocks:
-                            global_exp[i] = e0
-                        nxt = i + w
-                        if nxt >= n_packets:
-                            outstanding[rel] = -1
-                            live -= 1
-                        elif checked:
-                            send(rel, nxt, w, now)
-                        else:
-                            outstanding[rel] = -1
-                            held.append(rel)
-                if now - last_scan < _SCAN_INTERVAL_S:
-                    continue
-                if nbytes and deferred < _SCAN_DEFER_MAX:  # timers wait for the socket to drain, a bounded while
-                    deferred += 1
-                    continue
-                last_scan, deferred = now, 0
-                self._check_alive(now - last_progress, done, n_packets, outstanding)
-                oldest = -1
-                for rel in range(slots):
-                    if outstanding[rel] < 0:
-                        continue
-                    if sent_at[rel] < newest_answered:  # a later packet came back: this one was lost
-                        if now - sent_at[rel] >= lost_rto[rel]:
-                            self._resend(rel, packets, sent_at, resent, rto, lost_rto, now)
-                    elif now - sent_at[rel] >= rto[rel] and (oldest < 0 or sent_at[rel] < sent_at[oldest]):
-                        oldest = rel
-                if oldest >= 0 and now >= next_probe:  # nothing came back since: probe with the oldest only
-                    self._resend(oldest, packets, sent_at, resent, rto, lost_rto, now)
-                    next_probe = now + rto[oldest]
+            raise self._stop_error(outcome)
         except SwitchMLError as exc:
             if mismatch is None:
                 raise
             raise ShapeMismatch(f"{mismatch}; then the job's slots could not be brought back in step ({exc}), so "
                                 "this worker refuses further calls", mismatch.own, mismatch.peers, in_step=False) from exc
-        if mismatch is not None:
-            for rel in range(n_packets):
-                self._slot_uses[rel] += 1
-            self._next_tsi = (tsi0 + n_packets) % _TSI_MOD
-            raise mismatch
-        for rel in range(w):
-            self._slot_uses[rel] += len(range(rel, n_packets, w))
-        self._next_tsi = (tsi0 + n_packets) % _TSI_MOD
-        return out.reshape(-1)[:n_el]
-
-    def _allreduce_flat_native(self, flat: np.ndarray) -> np.ndarray:
-        """``_allreduce_flat`` through ``switchml._native.allreduce`` (same packets, same state after)."""
-        info = self.info
-        n_el, k, n = flat.size, info.k, info.num_workers
-        is_float = flat.dtype == np.float32
-        w = first_window(info.window, n_el, k)
-        flat = np.ascontiguousarray(flat)
-        out = np.empty(n_el, dtype=flat.dtype)
-        parity = bytes(u & 1 for u in self._slot_uses)
-        counts = np.zeros(_NATIVE_STATS, dtype=np.int64)  # sent, retransmissions, results, stale, duplicates
-        outstanding = np.full(info.window, -1, dtype=np.int64)
-        lanes = np.zeros(n, dtype=np.uint32)  # packet 0's result: every rank's descriptor word (0: not back)
-        desc = descriptor_word(n_el, flat.dtype)
-        host, port = info.switch
-        ip = int.from_bytes(socket.inet_aton(socket.gethostbyname(host)), "big")
-        tsi0 = self._next_tsi
-        try:
-            code, done, n_packets, silent_for = self._native.allreduce(
-                self._sock.fileno(), ip, port, flat, out, is_float, k, info.window, info.job_number, info.pool_base,
-                n, tsi0, parity, desc, info.worker_id, lanes, self.retransmit_timeout,
-                defaults.RETRANSMIT_TIMEOUT_MAX_S, (defaults.RTT_ALPHA, defaults.RTT_BETA, defaults.RTT_K),
-                self.timeout, _SCAN_INTERVAL_S, self._rtt_state, counts, self._flags, outstanding, self._offload)
-        finally:
-            self.stats.packets_sent += int(counts[0])
-            self.stats.retransmissions += int(counts[1])
-            self.stats.results += int(counts[2])
-            self.stats.stale_results += int(counts[3])
-            self.stats.duplicate_results += int(counts[4])
-        mismatch = self._shape_mismatch(n_el, flat.dtype, lanes) if lanes[info.worker_id] and np.any(lanes != desc) \
-            else None
-        if code == _RC_MISMATCH and mismatch is not None:  # drained: n_packets first-window slots used once
-            for rel in range(n_packets):
-                self._slot_uses[rel] += 1
-            self._next_tsi = (tsi0 + n_packets) % _TSI_MOD
-            raise mismatch
-        if code != 0:  # stopped early: the same errors, in the same order, as the Python loop
-            try:
-                self._check_alive(silent_for, done, n_packets, outstanding.tolist())
-                raise SwitchMLError(f"rank {self.rank}: the native engine stopped early (code {code})")
-            except SwitchMLError as exc:
-                if mismatch is None:
-                    raise
-                raise ShapeMismatch(f"{mismatch}; then the job's slots could not be brought back in step ({exc}), "
-                                    "so this worker refuses further calls", mismatch.own, mismatch.peers,
-                                    in_step=False) from exc
-        for rel in range(w):
-            self._slot_uses[rel] += len(range(rel, n_packets, w))
-        self._next_tsi = (tsi0 + n_packets) % _TSI_MOD
-        return out
-
-    def _rto(self) -> float:
-        """Retransmission timeout of a fresh packet (``retransmit_timeout`` of the estimator's state)."""
-        srtt, backed_off, rttvar = self._rtt_state
-        return retransmit_timeout(float(srtt), float(rttvar), float(backed_off), self.retransmit_timeout,
-                                  defaults.RETRANSMIT_TIMEOUT_MAX_S, _SCAN_INTERVAL_S)
-
-    def _sample_rtt(self, sample: float, per_rtt: int) -> None:
-        """A clean round trip (a first transmission's): update the estimator; the backoff ends."""
-        self._rtt_state[0], self._rtt_state[2] = rtt_sample(float(self._rtt_state[0]), float(self._rtt_state[2]),
-                                                            sample, per_rtt)
-        self._rtt_state[1] = 0.0
-
-    def _lost_timeout(self) -> float:
-        """Timeout of a packet that a later one overtook (RACK's rule): one smoothed round trip
-        and a tick, between the floor and the cap, at least a backoff in force. No deviation
-        term: the deviation measures peers' delays, which do not hold a packet that is lost."""
-        srtt, backed_off, _ = self._rtt_state
-        return retransmit_timeout(float(srtt), 0.0, float(backed_off), self.retransmit_timeout,
-                                  defaults.RETRANSMIT_TIMEOUT_MAX_S, _SCAN_INTERVAL_S)
-
-    def _resend(self, rel: int, packets: list[bytes], sent_at: list[float], resent: list[bool], rto: list[float],
-                lost_rto: list[float], now: float) -> None:
-        """Resend slot rel's packet unchanged; its timeouts double (capped), and the loss timeout
-        holds for the next packets until a clean round trip."""
-        self._sock.sendto(packets[rel], self.info.switch)
-        sent_at[rel], resent[rel] = now, True
-        rto[rel] = min(rto[rel] * 2, defaults.RETRANSMIT_TIMEOUT_MAX_S)
-        lost_rto[rel] = min(lost_rto[rel] * 2, defaults.RETRANSMIT_TIMEOUT_MAX_S)
-        self._rtt_state[1] = max(self._rtt_state[1], lost_rto[rel])
-        self.stats.retransmissions += 1
-
-    def _match(self, buf: bytearray, nbytes: int, expected_len: int, tsi0: int, issued: int,
-               outstanding: list[int]) -> int | None:
-        """The window slot a RESULT answers, or None for a stale, duplicate or foreign packet.
-
-        A duplicate is a result of this call's job and slots for a packet already answered
-        (``issued``: packets 0..issued-1 were sent): a resend of it was spurious.
-        """
-        if nbytes != expected_len:
-            self.stats.stale_results += 1
-            return None
-        byte0, job, tsi, pidx, _, _ = PREAMBLE.unpack_from(buf)
-        rel = (pidx & SLOT_MASK) - self.info.pool_base
-        if byte0 >> MSG_TYPE_SHIFT != MsgType.RESULT or job != self.info.job_number or not 0 <= rel < len(outstanding):
-            self.stats.stale_results += 1
-            return None
-        i = (tsi - tsi0) % _TSI_MOD
-        if i == outstanding[rel]:
-            return rel
-        if i < issued:
-            self.stats.duplicate_results += 1
-        else:
-            self.stats.stale_results += 1
-        return None
 
     def _shape_mismatch(self, n_el: int, dtype: np.dtype, lanes: np.ndarray) -> ShapeMismatch:
         """The error of a call whose descriptor lanes (every rank's word) differ from this rank's."""
@@ -738,18 +414,21 @@ class Worker:
             f"this rank has {_count_text(n_el)} {own[1]} elements; {shown}{'; ...' if len(peers) > 4 else ''} "
             "(every rank must pass the same element count and dtype, call by call)", own, peers)
 
-    def _check_alive(self, silent_for: float, done: int, n_packets: int, outstanding: list[int]) -> None:
+    def _stop_error(self, outcome: Outcome) -> SwitchMLError:
+        """The error of a call the engine stopped early."""
         if self._abort is not None:
-            raise JobFailed(f"rank {self.rank}: {self._abort}")
+            return JobFailed(f"rank {self.rank}: {self._abort}")
         if self._closing.is_set():
-            raise WorkerClosed("the worker was closed during an allreduce")
-        if silent_for > self.timeout:
-            waiting = [self.info.pool_base + r for r, i in enumerate(outstanding) if i >= 0]
-            raise AllreduceTimeout(
+            return WorkerClosed("the worker was closed during an allreduce")
+        if outcome.silent_for > self.timeout:
+            waiting = list(outcome.waiting)
+            return AllreduceTimeout(
                 f"rank {self.rank} of job {self.job!r}: no result from the switch at {self.info.switch[0]}:"
-                f"{self.info.switch[1]} for {silent_for:.1f} s ({done}/{n_packets} packets complete, slots "
-                f"{waiting[:8]}{'...' if len(waiting) > 8 else ''} waiting): a peer died or the switch is unreachable"
+                f"{self.info.switch[1]} for {outcome.silent_for:.1f} s ({outcome.done}/{outcome.n_packets} packets "
+                f"complete, slots {waiting[:8]}{'...' if len(waiting) > 8 else ''} waiting): a peer died or the "
+                "switch is unreachable"
             )
+        return SwitchMLError(f"rank {self.rank}: the native engine stopped early (code {outcome.code})")
 
 
 @dataclass
