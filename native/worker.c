@@ -1,6 +1,6 @@
 /* switchml._native: the worker engine's per-packet loop and the exponent quantizer in C.
  *
- * switchml/quantize.py and Worker._allreduce_flat (switchml/worker.py) stay the reference;
+ * switchml/quantize.py and switchml.engine.PythonEngine (switchml/engine.py) stay the reference;
  * tests/test_native.py checks this module against them bit for bit. Only the buffer
  * protocol is used (no numpy headers), so the build needs nothing but a C compiler.
  *
@@ -271,7 +271,7 @@ static inline Py_ssize_t first_window(Py_ssize_t window, Py_ssize_t n_el, Py_ssi
     return blocks < window ? blocks : window;
 }
 
-/* Packet i of the call into p, with a window of wnd slots (Worker._allreduce_flat's
+/* Packet i of the call into p, with a window of wnd slots (switchml.engine.PythonEngine's
  * make_packet; wnd > w only while draining after a shape mismatch): the first window carries
  * zero payload (packet 0: the descriptor word in lane worker_id) and, for float32, block i's
  * local exponent; packet i >= wnd carries block i-wnd (float32: quantized with its global
@@ -366,7 +366,7 @@ static inline double lost_timeout_of(const double *rtt, double floor_s, double c
  *           scan_interval, rtt, stats, flags, outstanding, offload=True)
  *   -> (code, done, n_packets, silent_for)
  *
- * One Worker._allreduce_flat call with the GIL released. src/out: the flat float32 or
+ * One switchml.engine.PythonEngine call with the GIL released. src/out: the flat float32 or
  * int32 input and output (same length, may be 0). window: the job's W; parity[rel]: the set
  * bit of slot rel's next use, for all W slots. desc: this rank's descriptor word, sent in
  * lane worker_id of packet 0; lanes: uint32[num_workers], written with every rank's word
@@ -440,7 +440,7 @@ static PyObject *py_allreduce(PyObject *Py_UNUSED(m), PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     if (offload && sml_enable_gro(fd) < 0) gso = 0; /* a kernel without UDP GRO: plain datagrams */
 #define QUEUE(rel) sml_tx_add(&tx, pkts + (size_t)(rel) * c.plen, c.plen, &dst) /* never full: 2W slots */
-    /* send packet i on slot rel (Worker._allreduce_flat's send) */
+    /* send packet i on slot rel (switchml.engine.PythonEngine's send) */
 #define SEND(rel, i, wnd)                                                   \
     do {                                                                    \
         Py_ssize_t rel_ = (rel), i_ = (i);                                  \

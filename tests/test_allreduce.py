@@ -210,3 +210,14 @@ def test_torch_tensors_keep_type_shape_and_dtype(make_switch):
         assert np.array_equal(fut.result(timeout=10), np.ones(3, np.float32))
         with pytest.raises(TypeError, match="float64"):
             w.allreduce(np.ones(3))
+
+
+def test_worker_options_configure_a_worker_and_keyword_arguments_override_them(make_switch):
+    from switchml import WorkerOptions
+
+    env = make_switch(window=8)
+    options = WorkerOptions(k=64, timeout=7.0, control_timeout=20.0)
+    with Worker(env.endpoint, "opts", 0, 1, options=options, timeout=9.0) as w:
+        assert w.info.k == 64  # asked for through the options
+        assert w.options.timeout == 9.0 and w.options.control_timeout == 20.0 and options.timeout == 7.0
+        assert w.allreduce(np.arange(300, dtype=np.int32)).tolist() == list(range(300))
