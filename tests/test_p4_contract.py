@@ -452,7 +452,7 @@ def test_v1model_compiles_and_p4c_writes_the_committed_p4info(p4info, tmp_path):
     assert summarize(compiled) == summarize(p4info)
 
 
-@pytest.mark.skipif(shutil.which("bf-p4c") is None, reason="bf-p4c (Intel P4 Studio) is not on PATH")
+@pytest.mark.skipif(shutil.which("bf-p4c") is None, reason="bf-p4c (the Tofino back end of p4lang/p4c, built from source: docs/deploy.md) is not on PATH")
 def test_tna_compiles(tmp_path):
     result = subprocess.run(
         ["bf-p4c", "--arch", "tna", "-o", str(tmp_path / "build"), str(PROGRAMS["tna"])],
