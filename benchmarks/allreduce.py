@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -44,6 +43,7 @@ from benchmarks.common import (
     table,
     write_json,
 )
+from emulation.spawn import stop_process
 from switchml import defaults
 from switchml.deploy import P4_K
 from switchml.protocol import MAX_WORKERS, SIZE_TO_K
@@ -164,7 +164,7 @@ class _Loopback:
 
     def close(self) -> None:
         for proc in self._procs:
-            _kill(proc)
+            stop_process(proc, grace=5.0)
 
 
 class _Mininet:
@@ -217,26 +217,12 @@ class _Mininet:
         try:
             out, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _kill(proc)
+            stop_process(proc, grace=5.0)
             return ""
         return out.decode()
 
     def close(self) -> None:
         self.star.stop()
-
-
-def _kill(proc: subprocess.Popen, grace: float = 5.0) -> None:
-    """SIGTERM ``proc`` (by its PID), SIGKILL it after ``grace`` seconds."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=grace)
-    except ProcessLookupError:
-        pass
 
 
 def _python() -> list[str]:
@@ -269,7 +255,7 @@ def _wait_workers(procs: list[subprocess.Popen], deadline: float) -> None:
             failed_at = now
         if now > deadline or (failed_at is not None and now - failed_at > 15):
             for p in procs:
-                _kill(p, grace=2)
+                stop_process(p, grace=2)
             return
         time.sleep(0.1)
 
@@ -337,7 +323,7 @@ def run_switchml(place: Any, n: int, elements: int, loss: float, cfg: AllreduceC
         reports = _read_reports(tmp, "switchml", n)
     finally:
         if cfg.switch != "bmv2":  # BMv2 also forwards Gloo's traffic: the star stops it
-            _kill(switch)
+            stop_process(switch, grace=5.0)
     result = _summarize_backend(reports, elements * 4)
     calls = cfg.repeats + cfg.warmup
     cpu = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None

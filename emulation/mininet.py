@@ -44,7 +44,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -52,6 +51,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from emulation.spawn import stop_process
 from switchml import defaults
 from switchml.deploy import DEPLOYED_MESSAGE
 
@@ -237,7 +237,7 @@ class StarNetwork:
     def stop(self) -> None:
         """Kill the processes started here (by PID), remove loss rules, then ``net.stop()``."""
         for proc in self._procs:
-            _terminate(proc)
+            stop_process(proc, grace=5.0)
         self._procs.clear()
         if self.net is not None:
             try:
@@ -323,7 +323,7 @@ class StarNetwork:
         """Stop the controller and BMv2 of :meth:`deploy_bmv2` (by PID), if running."""
         for proc in (self._deployer, self.bmv2_process):
             if proc is not None:
-                _terminate(proc)
+                stop_process(proc, grace=5.0)
         self._deployer = self.bmv2_process = None
 
     def set_loss(self, probability: float) -> None:
@@ -349,20 +349,6 @@ class StarNetwork:
             if code != 0:
                 raise MininetUnavailable(f"nftables rules failed on {node.name}: {err.strip() or out.strip()}")
         log.info("loss %.4g per link and direction (nftables)", probability)
-
-
-def _terminate(proc: subprocess.Popen) -> None:
-    """SIGTERM ``proc`` by its PID, SIGKILL after 5 s; nothing if it has exited."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=5)
-    except ProcessLookupError:
-        pass
 
 
 def _wait_for(ready: Any, proc: subprocess.Popen, log_path: Path, timeout: float, what: str) -> None:
