@@ -1,8 +1,9 @@
 """Build of the optional native data paths; all metadata lives in pyproject.toml.
 
-Two C extensions (sources in native/): ``switchml._native`` (worker engine loop and
-quantizer) and ``emulation._native_switch`` (the software switch's per-packet work).
-Both are optional: where they do not build (no compiler, no Python headers, not Linux)
+Three C extensions (sources in native/): ``switchml._native`` (worker engine loop and
+quantizer), ``emulation._native_switch`` (the software switch's per-packet work) and
+``benchmarks._native_bench`` (the load generator and UDP echo of ``switchml-bench pps``).
+All are optional: where they do not build (no compiler, no Python headers, not Linux)
 the install goes on without them and switchml uses its pure-Python data paths
 (``switchml.native`` logs which one it uses).
 """
@@ -85,6 +86,8 @@ def extensions() -> list[Extension]:
                   libraries=["m"], optional=True),
         Extension("emulation._native_switch", ["native/switch.c"], depends=HEADERS, include_dirs=["native"],
                   libraries=["pthread"], optional=True),
+        Extension("benchmarks._native_bench", ["native/bench.c"], depends=HEADERS, include_dirs=["native"],
+                  optional=True),
     ]
 
 

@@ -2,7 +2,7 @@
 the quantizer's throughput against a memory copy, in the same run.
 
 Packet rate. One process, loopback: N worker sockets driven by one closed-loop load
-generator in C (``emulation._native_switch.load``: each socket keeps ``window`` slots busy
+generator in C (``benchmarks._native_bench.load``, native/bench.c: each socket keeps ``window`` slots busy
 and sends a slot's next UPDATE when that slot's reply comes back, resending after ``rto``)
 against, in turn:
 
@@ -69,14 +69,22 @@ class PpsConfig:
 
 
 def _modules():
+    """(the benchmark extension: load generator and echo, the worker extension: quantizer);
+    the native switch data path itself is asked for by name (``dataplane="native"``)."""
+    import importlib
+
     from emulation.native import switch_module
     from switchml.native import worker_module
 
+    try:
+        bench, why_bench = importlib.import_module("benchmarks._native_bench"), None
+    except ImportError as exc:
+        bench, why_bench = None, f"benchmarks._native_bench did not load ({exc}); rebuild with pip install -e ."
     sw, why_sw = switch_module()
     wk, why_wk = worker_module()
-    if sw is None or wk is None:
-        raise RuntimeError(f"switchml-bench pps needs the native extensions: {why_sw or why_wk}")
-    return sw, wk
+    if bench is None or sw is None or wk is None:
+        raise RuntimeError(f"switchml-bench pps needs the native extensions: {why_bench or why_sw or why_wk}")
+    return bench, wk
 
 
 def _generate(module, socks: list[socket.socket], target: tuple[str, int], k: int, job: int, cfg: PpsConfig) -> dict:

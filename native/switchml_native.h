@@ -1,4 +1,4 @@
-/* Shared by the native data paths (native/switch.c, native/worker.c): wire-format constants,
+/* Shared by the native data paths (native/switch.c, native/worker.c) and native/bench.c: wire-format constants,
  * byte-order loops, the clock and batched UDP helpers.
  *
  * The constants mirror switchml/protocol.py and switchml/pipeline.py; each module exports
@@ -23,6 +23,7 @@
 #define SML_PREAMBLE_BYTES 10
 #define SML_MAX_K 4096
 #define SML_MAX_PACKET (SML_PREAMBLE_BYTES + 4 * SML_MAX_K)
+#define SML_MAX_BATCH 256 /* messages per recvmmsg: each has a 64 KB buffer (a coalesced receive) */
 #define SML_SLOT_MASK 0x3FFF
 #define SML_SET_BIT 0x8000
 #define SML_MSG_UPDATE 0
@@ -281,5 +282,22 @@ static inline int sml_rx_segment(sml_rx_t *r, unsigned m, size_t *offset, const 
     *offset = *offset + step;
     return 0;
 }
+
+/* ------------------------------------------------------------------ stop flags (Python side)
+ * A loop that runs without the GIL stops when byte 0 of a writable buffer (a bytearray the
+ * Python caller owns) turns non-zero. */
+#ifdef Py_PYTHON_H
+static int sml_parse_flag(PyObject *obj, Py_buffer *flag) {
+    if (PyObject_GetBuffer(obj, flag, PyBUF_WRITABLE) < 0) return -1;
+    if (flag->len < 1) {
+        PyBuffer_Release(flag);
+        PyErr_SetString(PyExc_ValueError, "stop flag: expected a writable buffer of at least 1 byte");
+        return -1;
+    }
+    return 0;
+}
+
+static inline int sml_flag_set(const Py_buffer *flag) { return __atomic_load_n((uint8_t *)flag->buf, __ATOMIC_RELAXED); }
+#endif
 
 #endif
