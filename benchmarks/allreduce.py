@@ -43,15 +43,15 @@ from benchmarks.common import (
     table,
     write_json,
 )
-from emulation.spawn import stop_process
+from emulation.spawn import child_env, spawn_switch, stop_process, wait_until_ready
 from switchml import defaults
 from switchml.deploy import P4_K
+from switchml.errors import SwitchMLError
 from switchml.protocol import MAX_WORKERS, SIZE_TO_K
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("switchml", "gloo")
-SWITCH_READY_LINE = "switchml software switch: data"
 #: Bytes of packets all workers may have in flight towards the switch: half of the 4 MB
 #: receive buffer the switch gets (DESIGN.md, "Pitfalls": n * W * packet must fit).
 IN_FLIGHT_BUDGET = 2 * 1024 * 1024
@@ -144,8 +144,10 @@ class _Loopback:
         self._procs.append(proc)
         return proc
 
-    def start_switch(self, args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
-        return self._popen(args, env, log_path)
+    def start_switch(self, log_path: Path, **options: Any) -> subprocess.Popen:
+        """``emulation.spawn.spawn_switch`` here, its output to ``log_path``."""
+        return spawn_switch(start=lambda cmd: self._popen(cmd, _child_env(), log_path), wait=wait_until_ready,
+                            **options)
 
     def start_worker(self, rank: int, args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
         return self._popen(args, env, log_path)
@@ -190,8 +192,11 @@ class _Mininet:
         endpoint = self.star.deploy_bmv2(tmp / "bmv2", window=window, drop_probability=loss, config=self._bmv2_config)
         return self.star.bmv2_process, endpoint
 
-    def start_switch(self, args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
-        return self.star.popen(self.star.switch, args, env=env, log_path=str(log_path), cwd=str(REPO_ROOT))
+    def start_switch(self, log_path: Path, **options: Any) -> subprocess.Popen:
+        """``emulation.spawn.spawn_switch`` on the switch host, ready when worker 0 gets ``hello``."""
+        return spawn_switch(start=lambda cmd: self.star.popen(self.star.switch, cmd, env=_child_env(),
+                                                              log_path=str(log_path), cwd=str(REPO_ROOT)),
+                            wait=self.star.wait_for_controller, **options)
 
     def start_worker(self, rank: int, args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
         return self.star.popen(self.star.hosts[rank], args, env=env, log_path=str(log_path), cwd=str(REPO_ROOT))
@@ -235,11 +240,8 @@ def _switch_command() -> list[str]:
 
 
 def _child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    env.update(extra or {})
-    return env
+    """``emulation.spawn.child_env`` with one thread per process: the ranks share the cores."""
+    return child_env({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(extra or {})})
 
 
 # ---------------------------------------------------------------- one backend
@@ -290,23 +292,19 @@ def run_switchml(place: Any, n: int, elements: int, loss: float, cfg: AllreduceC
     k, window = cfg.packet_k(), cfg.window_for(n)
     port, control_port = place.free_ports()
     switch_loss = loss if cfg.loss_at == "switch" else 0.0
-    switch_args = [*_switch_command(), "emulate", "--host", place.switch_host, "--port", str(port),
-                   "--control-port", str(control_port), "--window", str(window), "-k", str(k),
-                   "--pool-size", str(max(1024, window)), "--drop-probability", repr(switch_loss),
-                   "--seed", str(cfg.seed), "--heartbeat-timeout", str(max(10.0, cfg.timeout / 2))]
     switch_log = tmp / "switch.log"
     if cfg.switch == "bmv2":
         switch, controller = place.deploy_bmv2(tmp, window, switch_loss)
     else:
-        switch = place.start_switch(switch_args, _child_env(), switch_log)
+        try:
+            switch = place.start_switch(switch_log, host=place.switch_host, port=port, control_port=control_port,
+                                        window=window, k=k, pool_size=max(1024, window),
+                                        drop_probability=switch_loss, seed=cfg.seed,
+                                        heartbeat_timeout=max(10.0, cfg.timeout / 2))
+        except SwitchMLError as exc:
+            raise BenchmarkError(f"{exc}:\n{switch_log.read_text(errors='replace')[-2000:]}") from None
         controller = f"tcp://{place.switch_host}:{control_port}"
     try:
-        deadline = time.monotonic() + 30
-        while cfg.switch != "bmv2" and SWITCH_READY_LINE not in (
-                switch_log.read_text(errors="replace") if switch_log.exists() else ""):
-            if switch.poll() is not None or time.monotonic() > deadline:
-                raise BenchmarkError(f"the software switch did not start:\n{switch_log.read_text(errors='replace')[-2000:]}")
-            time.sleep(0.05)
         cpu0 = process_cpu_seconds(switch.pid)
         t0 = time.monotonic()
         procs = []

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import REPO_ROOT, machine_info, summarize, table, write_json
+from emulation.spawn import child_env
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,7 @@ def run_once(cfg: TrainBenchConfig, workers: int, backend: str, out: Path) -> di
     """One training run; its step times, loss curve and final metrics."""
     cmd = train_command(cfg, workers, backend, out)
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    env = child_env({"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     log_path = out / "train.log"
     with log_path.open("w") as log_file:
         try:

@@ -1,6 +1,7 @@
-"""``switchml-switch``: run the software switch with its controller, deploy to a P4 switch, or read counters.
+"""``switchml-switch``: run the software switch with its controller, deploy to a P4 switch, read
+counters, or wait until a controller answers.
 
-The one command-line home of all three: flags, signals and exit codes live here; the work is
+The one command-line home of all four: flags, signals and exit codes live here; the work is
 the library's (``emulation.runner``, ``switchml.deploy``, ``switchml.control``).
 """
 
@@ -114,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     stats = sub.add_parser("stats", help="print a running switch's counters and jobs as JSON")
     stats.add_argument("--controller", default=defaults.CONTROLLER, help="the controller's ZeroMQ endpoint")
     stats.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+
+    wait = sub.add_parser("wait", help="wait until a controller answers, then exit 0 (for scripts that start a "
+                          "switch and then its workers)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    wait.add_argument("--controller", default=defaults.CONTROLLER, help="the controller's ZeroMQ endpoint")
+    wait.add_argument("--timeout", type=float, default=30.0, help="seconds to keep asking before exit code 1")
     return parser
 
 
@@ -217,6 +223,16 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             client.close()
         print(json.dumps({"jobs": answer.jobs, "counters": answer.counters}, indent=2))
+        return 0
+    if args.command == "wait":
+        from emulation.spawn import wait_until_ready
+
+        try:
+            answer = wait_until_ready(args.controller, None, args.timeout)
+        except SwitchMLError as exc:
+            print(f"switchml-switch wait: {exc}", file=sys.stderr)
+            return 1
+        print(f"controller {args.controller} ready: switch data address {answer.switch[0]}:{answer.switch[1]}")
         return 0
     return 2
 

@@ -51,9 +51,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from emulation.spawn import stop_process
+from emulation.spawn import child_env, stop_process, wait_command
 from switchml import defaults
-from switchml.deploy import DEPLOYED_MESSAGE
+from switchml.errors import SwitchMLError
 
 log = logging.getLogger(__name__)
 
@@ -309,15 +309,40 @@ class StarNetwork:
         else:
             args += ["--p4info", str(config[0]), "--config", str(config[1])]
         deploy_log = workdir / "deploy.log"
-        repo = Path(__file__).resolve().parent.parent
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH")) if p)}
-        deployer = self.popen(self.controller_host, args, env=env, log_path=str(deploy_log), cwd=str(repo))
-        _wait_for(lambda: DEPLOYED_MESSAGE in deploy_log.read_text(errors="replace"), deployer, deploy_log, timeout,
-                  "switchml-switch deploy did not come up")
+        deployer = self.popen(self.controller_host, args, env=child_env(), log_path=str(deploy_log))
+        endpoint = f"tcp://{CONTROLLER_HOST_IP}:{defaults.CONTROL_PORT}"
+        try:
+            self.wait_for_controller(endpoint, deployer, timeout)
+        except SwitchMLError as exc:
+            tail = deploy_log.read_text(errors="replace")[-3000:] if deploy_log.exists() else "(no log)"
+            raise MininetUnavailable(f"switchml-switch deploy did not come up ({exc}); {deploy_log}:\n{tail}") from None
         log.info("BMv2 star: simple_switch_grpc pid %d, controller on %s (pid %d)", bmv2.pid, CONTROLLER_HOST_IP,
                  deployer.pid)
         self.bmv2_process, self._deployer = bmv2, deployer
-        return f"tcp://{CONTROLLER_HOST_IP}:{defaults.CONTROL_PORT}"
+        return endpoint
+
+    def wait_for_controller(self, endpoint: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+        """Return once the controller at ``endpoint`` answers ``hello`` from worker 0's namespace
+        (``switchml-switch wait``: the readiness check of ``emulation.spawn``, run where the
+        workers are); raise ``SwitchMLError`` if ``proc`` (the switch or deploy process) exits
+        first or ``timeout`` passes. ``emulation.spawn.spawn_switch`` takes it as ``wait``."""
+        waiter = self.hosts[0].popen(wait_command(endpoint, timeout), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env())
+        deadline = time.monotonic() + timeout + 10  # the waiter keeps its own deadline; this one is a backstop
+        try:
+            while waiter.poll() is None:
+                if proc.poll() is not None:
+                    raise SwitchMLError(f"the process serving {endpoint} exited with {proc.returncode} before "
+                                        "its controller answered")
+                if time.monotonic() > deadline:
+                    raise SwitchMLError(f"the controller at {endpoint} did not answer within {timeout:g} s")
+                time.sleep(0.1)
+        finally:
+            stop_process(waiter, grace=2.0)
+        with waiter.stdout:
+            output = waiter.stdout.read().decode(errors="replace").strip()
+        if waiter.returncode != 0:
+            raise SwitchMLError(output or f"switchml-switch wait exited with {waiter.returncode}")
 
     def stop_bmv2(self) -> None:
         """Stop the controller and BMv2 of :meth:`deploy_bmv2` (by PID), if running."""

@@ -2,16 +2,20 @@
 
 ``spawn_switch()`` runs ``switchml-switch emulate`` with typed options and returns once its
 controller answers ``hello``, the request every Worker starts with: ready means ready for
-workers, whatever the switch logs. The trainer's torchrun launcher and the tests start it
-this way; ``stop_process`` ends it.
+workers, whatever the switch logs. The trainer's torchrun launcher, the benchmarks and the
+tests start it this way (a Mininet placement passes its own ``start`` and ``wait``, which run
+the same command and the same ``hello`` inside network namespaces: ``wait_command``);
+``stop_process`` ends it and ``child_env`` is the environment every such child gets.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import IO
 
 from switchml import defaults
@@ -21,6 +25,25 @@ from switchml.messages import Hello, HelloAnswer
 
 #: How often ``wait_until_ready`` asks again (and checks that the process still runs).
 _POLL_S = 0.5
+
+#: The checkout (or site-packages) folder that holds ``switchml`` and ``emulation``.
+_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment for a child that runs switchml: the package importable
+    (``PYTHONPATH``, so a checkout works without an install), output unbuffered (its log is
+    read while it runs), then ``extra``."""
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
+    env.update(extra or {})
+    return env
+
+
+def wait_command(endpoint: str, timeout: float = 30.0) -> list[str]:
+    """``switchml-switch wait``: ``wait_until_ready`` as a command, for a namespace this process is not in."""
+    return [sys.executable, "-m", "emulation.cli", "wait", "--controller", endpoint, "--timeout", repr(float(timeout))]
 
 
 def emulate_command(host: str = defaults.SWITCH_HOST, port: int = defaults.SWITCH_PORT,
@@ -49,27 +72,38 @@ def wait_until_ready(endpoint: str, proc: subprocess.Popen | None = None, timeou
                 return client.request(Hello(), timeout=max(0.0, min(_POLL_S, deadline - time.monotonic())))
             except ControllerTimeout:
                 if (proc is not None and proc.poll() is not None) or time.monotonic() >= deadline:
-                    raise SwitchMLError(f"the software switch's controller at {endpoint} did not answer within "
+                    raise SwitchMLError(f"the controller at {endpoint} did not answer within "
                                         f"{timeout:g} s") from None
     finally:
         client.close()
 
 
+#: Starts a command line as a child process (where and with which output is the caller's).
+Start = Callable[[list[str]], subprocess.Popen]
+#: Returns once the controller at the endpoint answers; raises ``SwitchMLError`` if the
+#: process exits first or the timeout (seconds) passes.
+Wait = Callable[[str, subprocess.Popen, float], object]
+
+
 def spawn_switch(host: str = defaults.SWITCH_HOST, port: int = defaults.SWITCH_PORT,
                  control_port: int = defaults.CONTROL_PORT, *, ready_timeout: float = 30.0,
                  stdout: IO | int | None = None, stderr: IO | int | None = None, env: dict[str, str] | None = None,
-                 **options) -> subprocess.Popen:
+                 start: Start | None = None, wait: Wait = wait_until_ready, **options) -> subprocess.Popen:
     """Start ``switchml-switch emulate`` as a child process; return it once its controller answers.
 
-    ``options`` are ``emulate_command``'s (drop_probability, k, window, ...). If the switch does
-    not come up (a port in use, say), the child is killed and ``SwitchMLError`` says so.
+    ``options`` are ``emulate_command``'s (drop_probability, k, window, ...). ``start`` runs the
+    command (default: ``subprocess.Popen`` here with ``stdout``, ``stderr`` and ``env``) and
+    ``wait`` checks readiness (default: ``wait_until_ready`` from this process); a placement in
+    other network namespaces passes both. If the switch does not come up (a port in use, say),
+    the child is killed and ``SwitchMLError`` says so.
     """
-    proc = subprocess.Popen(emulate_command(host, port, control_port, **options), stdout=stdout, stderr=stderr,
-                            env=env)
+    command = emulate_command(host, port, control_port, **options)
+    proc = start(command) if start is not None else subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env)
     try:
-        wait_until_ready(f"tcp://{host}:{control_port}", proc, ready_timeout)
+        wait(f"tcp://{host}:{control_port}", proc, ready_timeout)
     except SwitchMLError:
-        proc.kill()
+        if proc.poll() is None:
+            proc.kill()
         proc.wait()
         raise SwitchMLError(f"the software switch did not start on {host}:{port}/{control_port} "
                             f"(exit code {proc.poll()}); is the port in use?") from None

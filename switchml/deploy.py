@@ -44,8 +44,6 @@ log = logging.getLogger(__name__)
 
 TARGETS = ("bmv2", "tofino", "emulator")
 PORT_BITS = 9  # v1model and TNA port ids
-#: What ``deploy`` logs once its controller serves: launchers wait for this line.
-DEPLOYED_MESSAGE = "switchml deployed on"
 
 
 class DeployError(SwitchMLError):
@@ -287,7 +285,7 @@ def deploy(plan: DeployPlan) -> Deployment:
     except BaseException:
         target.close()
         raise
-    log.info(DEPLOYED_MESSAGE + " %s (%s, device %d): controller %s, switch data address %s, k=%d, "
+    log.info("switchml deployed on %s (%s, device %d): controller %s, switch data address %s, k=%d, "
              "window %d, pool %d", plan.target, plan.grpc, plan.device_id, controller.endpoint,
              "{}:{}".format(*controller.options.switch_address), plan.k, plan.window, pool_size)
     return Deployment(plan, target, controller)

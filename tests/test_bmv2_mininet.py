@@ -25,6 +25,7 @@ import pytest
 from mpworkers import assert_within_quantization_bound, expected_sum
 
 from emulation.mininet import CONTROLLER_HOST_IP, StarNetwork, bmv2_problem, worker_ip
+from emulation.spawn import child_env
 from switchml.deploy import P4_K, compile_bmv2
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,8 +45,9 @@ def star():
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1",
-            "PYTHONUNBUFFERED": "1"}
+    env = child_env({"OMP_NUM_THREADS": "1"})
+    env["PYTHONPATH"] += os.pathsep + str(REPO / "tests")  # host_allreduce.py
+    return env
 
 
 def _allreduce_on_hosts(star: StarNetwork, endpoint: str, job: str, workdir: Path, seed: int) -> list[dict]:

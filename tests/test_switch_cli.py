@@ -25,6 +25,10 @@ def test_emulate_serves_a_job_and_stats_reports_its_counters():
                               stderr=subprocess.PIPE, text=True)
     endpoint = f"tcp://127.0.0.1:{control}"
     try:
+        ready = subprocess.run([PY, "-m", "emulation.cli", "wait", "--controller", endpoint, "--timeout", "60"],
+                               capture_output=True, text=True, timeout=90)
+        assert ready.returncode == 0, ready.stderr
+        assert ready.stdout.strip() == f"controller {endpoint} ready: switch data address 127.0.0.1:{port}"
         with Worker(endpoint, "cli", 0, 1, control_timeout=30) as w:
             assert w.info.k == 256 and w.info.window == 4
             assert w.allreduce(np.arange(1000, dtype=np.int32)).tolist() == list(range(1000))
@@ -48,6 +52,14 @@ def test_stats_without_a_switch_fails_clearly():
     proc = subprocess.run([PY, "-m", "emulation.cli", "stats", "--controller", f"tcp://127.0.0.1:{free_port()}",
                            "--timeout", "1"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "no answer from the controller" in proc.stderr
+
+
+def test_wait_without_a_switch_gives_up_at_its_timeout():
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = subprocess.run([PY, "-m", "emulation.cli", "wait", "--controller", endpoint, "--timeout", "1"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert f"the controller at {endpoint} did not answer within 1 s" in proc.stderr
 
 
 def test_emulate_rejects_bad_options():
