@@ -194,9 +194,10 @@ class _Mininet:
 
     def start_switch(self, log_path: Path, **options: Any) -> subprocess.Popen:
         """``emulation.spawn.spawn_switch`` on the switch host, ready when worker 0 gets ``hello``."""
+        # the star's namespaces are this run's own, reachable from nothing else: an open control channel
         return spawn_switch(start=lambda cmd: self.star.popen(self.star.switch, cmd, env=_child_env(),
                                                               log_path=str(log_path), cwd=str(REPO_ROOT)),
-                            wait=self.star.wait_for_controller, **options)
+                            wait=self.star.wait_for_controller, extra=["--insecure"], **options)
 
     def start_worker(self, rank: int, args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
         return self.star.popen(self.star.hosts[rank], args, env=env, log_path=str(log_path), cwd=str(REPO_ROOT))

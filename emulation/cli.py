@@ -41,6 +41,38 @@ def _advertised(text: str) -> tuple[str, int | None]:
     return parsed
 
 
+def _add_secret_flags(parser: argparse.ArgumentParser, server: bool) -> None:
+    """--secret-file (and a server's --insecure): the control channel's security, docs/security.md."""
+    parser.add_argument("--secret-file", metavar="FILE", default=None,
+                        help="file holding the cluster secret that authenticates and encrypts the control channel "
+                        f"(CurveZMQ); default: ${defaults.SECRET_ENV}, else the file ${defaults.SECRET_FILE_ENV} names")
+    if server:
+        parser.add_argument("--insecure", action="store_true",
+                            help="run the control channel open (no secret) even where other hosts can reach it; "
+                            "without a secret the controller otherwise binds only loopback addresses")
+
+
+def _add_tls_client_flags(parser: argparse.ArgumentParser, whose: str) -> None:
+    """--tls-ca, --tls-cert, --tls-key, --tls-server-name: P4Runtime over TLS, as a client."""
+    parser.add_argument("--tls-ca", metavar="PEM", default=None,
+                        help=f"{whose} P4Runtime over TLS: the CA (or self-signed certificate) that signed the "
+                        "switch's certificate (default: plain text)")
+    parser.add_argument("--tls-cert", metavar="PEM", default=None,
+                        help="client certificate for mutual TLS (with --tls-key)")
+    parser.add_argument("--tls-key", metavar="PEM", default=None, help="private key of --tls-cert")
+    parser.add_argument("--tls-server-name", metavar="NAME", default=None,
+                        help="the name the switch's certificate must carry (default: the host dialled)")
+
+
+def _tls_client(args: argparse.Namespace):
+    """The client ``TLSFiles`` of --tls-* flags, or None (plain text) without any."""
+    from switchml.security import TLSFiles
+
+    if not (args.tls_ca or args.tls_cert or args.tls_key):
+        return None
+    return TLSFiles(args.tls_cert, args.tls_key, args.tls_ca, args.tls_server_name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="switchml-switch",
@@ -80,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
                      f"(or ${ENV_VAR})")
     emu.add_argument("--threads", type=int, default=1,
                      help="native data path: threads receiving on the switch's socket")
+    emu.add_argument("--p4runtime-tls-cert", metavar="PEM", default=None,
+                     help="serve P4Runtime over TLS with this certificate (with --p4runtime-tls-key)")
+    emu.add_argument("--p4runtime-tls-key", metavar="PEM", default=None, help="private key of --p4runtime-tls-cert")
+    emu.add_argument("--p4runtime-tls-client-ca", metavar="PEM", default=None,
+                     help="mutual TLS: refuse P4Runtime clients without a certificate signed by this CA")
+    _add_tls_client_flags(emu, "this switch's own controller speaks")
+    _add_secret_flags(emu, server=True)
     emu.add_argument("-v", "--verbose", action="store_true", help="log every control event")
 
     dep = sub.add_parser("deploy", help="push switchml to a P4Runtime switch (BMv2, Tofino, the software switch) "
@@ -110,16 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="emulated loss: program the switch's loss table to drop this fraction of the packets "
                      "arriving on every port of --ports (P4 programs drop on ingress)")
     dep.add_argument("--timeout", type=float, default=10.0, help="deadline of each P4Runtime call, in seconds")
+    _add_tls_client_flags(dep, "the controller speaks")
+    _add_secret_flags(dep, server=True)
     dep.add_argument("-v", "--verbose", action="store_true", help="log every control event")
 
     stats = sub.add_parser("stats", help="print a running switch's counters and jobs as JSON")
     stats.add_argument("--controller", default=defaults.CONTROLLER, help="the controller's ZeroMQ endpoint")
     stats.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+    _add_secret_flags(stats, server=False)
 
     wait = sub.add_parser("wait", help="wait until a controller answers, then exit 0 (for scripts that start a "
                           "switch and then its workers)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     wait.add_argument("--controller", default=defaults.CONTROLLER, help="the controller's ZeroMQ endpoint")
     wait.add_argument("--timeout", type=float, default=30.0, help="seconds to keep asking before exit code 1")
+    _add_secret_flags(wait, server=False)
     return parser
 
 
@@ -140,15 +183,24 @@ def run_until_signalled(stop: threading.Event | None = None, ready: threading.Ev
 def emulate(args: argparse.Namespace, ready: threading.Event | None = None, stop: threading.Event | None = None) -> None:
     """Run switch and controller until SIGINT/SIGTERM (or ``stop`` is set)."""
     from emulation.runner import SoftwareSwitchRunner
+    from switchml.security import TLSFiles, read_secret
 
     if args.no_controller and args.p4runtime_port is None:
         raise OSError("--no-controller needs --p4runtime-port: nothing could program the switch")
+    server_tls = None
+    if args.p4runtime_tls_cert or args.p4runtime_tls_key or args.p4runtime_tls_client_ca:
+        if args.p4runtime_port is None:
+            raise ValueError("--p4runtime-tls-* need --p4runtime-port: there is no P4Runtime server to secure")
+        server_tls = TLSFiles(args.p4runtime_tls_cert, args.p4runtime_tls_key, args.p4runtime_tls_client_ca,
+                              flags=("--p4runtime-tls-cert", "--p4runtime-tls-key", "--p4runtime-tls-client-ca"))
     runner = SoftwareSwitchRunner(args.host, args.port, args.control_port, args.pool_size, args.drop_probability,
                                   args.seed, p4runtime_port=args.p4runtime_port, device_id=args.device_id,
                                   with_controller=not args.no_controller, dataplane=args.dataplane,
                                   threads=args.threads, window=args.window, k=args.k,
                                   heartbeat_timeout=args.heartbeat_timeout,
-                                  advertise_address=args.advertise_address)
+                                  advertise_address=args.advertise_address, p4runtime_tls=server_tls,
+                                  controller_tls=_tls_client(args), secret=read_secret(args.secret_file),
+                                  insecure=args.insecure)
     log.info("switchml software switch: data %s:%d, controller %s, k=%d, window %d, pool %d, loss %.4g, %s data path",
              *runner.server.address, runner.endpoint if runner.controller else "none (--no-controller)", args.k,
              args.window, args.pool_size, args.drop_probability, runner.switch.dataplane)
@@ -173,12 +225,14 @@ def emulate(args: argparse.Namespace, ready: threading.Event | None = None, stop
 def deploy_plan(args: argparse.Namespace):
     """``deploy``'s flags as a typed ``switchml.deploy.DeployPlan`` (compiles with --compile)."""
     from switchml.deploy import make_plan
+    from switchml.security import read_secret
 
     return make_plan(args.target, args.grpc, device_id=args.device_id, election_id=args.election_id,
                      p4info=args.p4info, config=args.config, compile=args.compile, build_dir=args.build_dir,
                      no_push=args.no_push, ports=args.ports, switch_address=args.switch_address,
                      control_host=args.control_host, control_port=args.control_port, pool_size=args.pool_size,
-                     window=args.window, k=args.k, drop_probability=args.drop_probability, timeout=args.timeout)
+                     window=args.window, k=args.k, drop_probability=args.drop_probability, timeout=args.timeout,
+                     tls=_tls_client(args), secret=read_secret(args.secret_file), insecure=args.insecure)
 
 
 def deploy(args: argparse.Namespace, ready: threading.Event | None = None, stop: threading.Event | None = None) -> None:
@@ -196,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "emulate":
         try:
             emulate(args)
-        except (OSError, NativeUnavailable, MissingExtra) as exc:
+        except (OSError, ValueError, NativeUnavailable, MissingExtra) as exc:  # ValueError: a bad secret or TLS file
             print(f"switchml-switch: cannot start: {exc}", file=sys.stderr)
             return 1
         return 0
@@ -206,30 +260,31 @@ def main(argv: list[str] | None = None) -> int:
         except SwitchMLError as exc:  # switchml.deploy.DeployError among them
             print(f"switchml-switch deploy: {exc}", file=sys.stderr)
             return 1
-        except (OSError, MissingExtra) as exc:
+        except (OSError, ValueError, MissingExtra) as exc:
             print(f"switchml-switch deploy: cannot start: {exc}", file=sys.stderr)
             return 1
         return 0
     if args.command == "stats":
         from switchml.control import ControlClient
         from switchml.messages import Stats
+        from switchml.security import read_secret
 
-        client = ControlClient(args.controller, args.timeout)
         try:
+            client = ControlClient(args.controller, args.timeout, secret=read_secret(args.secret_file))
             answer = client.request(Stats())
-        except SwitchMLError as exc:
+        except (SwitchMLError, ValueError) as exc:
             print(f"switchml-switch stats: {exc}", file=sys.stderr)
             return 1
-        finally:
-            client.close()
+        client.close()
         print(json.dumps({"jobs": answer.jobs, "counters": answer.counters}, indent=2))
         return 0
     if args.command == "wait":
         from emulation.spawn import wait_until_ready
+        from switchml.security import read_secret
 
         try:
-            answer = wait_until_ready(args.controller, None, args.timeout)
-        except SwitchMLError as exc:
+            answer = wait_until_ready(args.controller, None, args.timeout, secret=read_secret(args.secret_file))
+        except (SwitchMLError, ValueError) as exc:
             print(f"switchml-switch wait: {exc}", file=sys.stderr)
             return 1
         print(f"controller {args.controller} ready: switch data address {answer.switch[0]}:{answer.switch[1]}")

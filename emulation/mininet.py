@@ -302,7 +302,8 @@ class StarNetwork:
         ports.write_text(json.dumps(self.port_map(), indent=1))
         args = [sys.executable, "-m", "emulation.cli", "deploy", "--target", "bmv2", "--grpc", f"unix:{socket_path}",
                 "--device-id", str(BMV2_DEVICE_ID), "--ports", str(ports), "--switch-address", SWITCH_IP,
-                "--control-host", CONTROLLER_HOST_IP, "--window", str(window),
+                # --insecure: the star's namespaces are this process's own, reachable from nothing else
+                "--control-host", CONTROLLER_HOST_IP, "--insecure", "--window", str(window),
                 "--drop-probability", repr(drop_probability), "--timeout", "30"]
         if config is None:
             args += ["--compile", "--build-dir", str(workdir / "p4")]

@@ -60,6 +60,7 @@ from switchml.p4info import (
     int_to_mac,
 )
 from switchml.pipeline import Replica, WorkerEntry
+from switchml.security import TLSFiles
 
 with needs("p4", "the software switch's P4Runtime server (emulation.p4runtime_server)"):
     import grpc
@@ -766,11 +767,13 @@ class P4RuntimeServer:
         port: TCP port (``defaults.P4RUNTIME_PORT``, 9559; 0 picks a free one).
         device_id: the device id clients must name (0, simple_switch_grpc's default).
         p4info: the pipeline it serves (default ``p4/switchml_v1model.p4info.txtpb``).
+        tls: serve over TLS (``switchml.security.TLSFiles``: cert and key are the server's;
+            ca, if given, must sign every client's certificate: mutual TLS). None: plain text.
     """
 
     def __init__(self, switch: SoftwareSwitch, host: str = defaults.SWITCH_HOST,
                  port: int = defaults.P4RUNTIME_PORT, device_id: int = 0,
-                 p4info: P4Info | str | Path | None = None) -> None:
+                 p4info: P4Info | str | Path | None = None, tls: TLSFiles | None = None) -> None:
         p4info = p4info if isinstance(p4info, P4Info) else P4Info.load(p4info)
         for name in (pipeline.ADMISSION_TABLE, pipeline.EGRESS_REWRITE_TABLE, pipeline.LOSS_TABLE):
             p4info.table(name)  # fail early on a P4Info that is not switchml's
@@ -783,12 +786,18 @@ class P4RuntimeServer:
         p4runtime_pb2_grpc.add_P4RuntimeServicer_to_server(_Servicer(self.device), self._server)
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
-            bound = self._server.add_insecure_port(target)
+            if tls is None:
+                bound = self._server.add_insecure_port(target)
+            else:
+                cert, key, client_ca = tls.server_credentials()
+                bound = self._server.add_secure_port(target, grpc.ssl_server_credentials(
+                    [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None))
         except RuntimeError as exc:  # grpcio >= 1.50 raises where older versions returned 0
             raise OSError(f"cannot serve P4Runtime on {target}: {exc} (is the port taken?)") from None
         if bound == 0:
             raise OSError(f"cannot serve P4Runtime on {target} (is the port taken?)")
         self.host, self.port = host, bound
+        self.tls = tls
         self._started = False
 
     @property
@@ -799,7 +808,9 @@ class P4RuntimeServer:
     def start(self) -> P4RuntimeServer:
         self._server.start()
         self._started = True
-        log.info("P4Runtime server for device %d on %s", self.device.device_id, self.grpc_address)
+        log.info("P4Runtime server for device %d on %s (%s)", self.device.device_id, self.grpc_address,
+                 "plain text" if self.tls is None else
+                 f"TLS{', client certificates required' if self.tls.ca else ''}")
         return self
 
     def stop(self, grace: float = 1.0) -> None:

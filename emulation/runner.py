@@ -15,6 +15,7 @@ from emulation.target import InProcessTarget
 from switchml import defaults
 from switchml.controller import Controller, ControllerOptions
 from switchml.pipeline import check_drop_probability, supported_k
+from switchml.security import TLSFiles
 from switchml.targets import SwitchTarget
 
 if TYPE_CHECKING:
@@ -48,14 +49,21 @@ class SoftwareSwitchRunner:
         advertise_address: (ip, port) the controller tells workers to send to, where ``host``
             is not reachable from them (a wildcard such as 0.0.0.0, or behind NAT); a port of
             None is the switch's own. Default: the address the switch is bound to.
-        **options: further ``ControllerOptions`` (window, k, heartbeat_timeout, ...).
+        p4runtime_tls: serve P4Runtime over TLS with these files (cert, key; ca: require
+            client certificates signed by it). None: plain text.
+        controller_tls: the TLS files the controller connects to that server with (ca; cert
+            and key for mutual TLS). Default with ``p4runtime_tls``: the server's certificate
+            as the CA (a self-signed one), no client certificate.
+        **options: further ``ControllerOptions`` (window, k, heartbeat_timeout, secret,
+            insecure, ...).
     """
 
     def __init__(self, host: str = defaults.SWITCH_HOST, port: int = defaults.SWITCH_PORT,
                  control_port: int = defaults.CONTROL_PORT, pool_size: int = defaults.POOL_SIZE,
                  drop_probability: float = 0.0, seed: int | None = None, p4runtime_port: int | None = None,
                  device_id: int = 0, with_controller: bool = True, dataplane: str | None = None, threads: int = 1,
-                 advertise_address: tuple[str, int | None] | None = None, **options) -> None:
+                 advertise_address: tuple[str, int | None] | None = None, p4runtime_tls: TLSFiles | None = None,
+                 controller_tls: TLSFiles | None = None, **options) -> None:
         check_drop_probability(drop_probability)
         self.switch = SoftwareSwitch(pool_size=pool_size, seed=seed, dataplane=dataplane)
         self.server = SwitchServer(self.switch, host, port, threads=threads).start()
@@ -66,7 +74,11 @@ class SoftwareSwitchRunner:
             if p4runtime_port is not None:
                 from emulation.p4runtime_server import P4RuntimeServer  # gRPC only when asked for
 
-                self.p4runtime = P4RuntimeServer(self.switch, host, p4runtime_port, device_id).start()
+                self.p4runtime = P4RuntimeServer(self.switch, host, p4runtime_port, device_id,
+                                                 tls=p4runtime_tls).start()
+                if p4runtime_tls is not None and controller_tls is None:
+                    controller_tls = TLSFiles(ca=p4runtime_tls.cert)
+            self._controller_tls = controller_tls
             if with_controller:
                 if self.p4runtime is None:
                     self.target = InProcessTarget(self.switch)
@@ -74,7 +86,7 @@ class SoftwareSwitchRunner:
                     from switchml.p4runtime_target import P4RuntimeTarget
 
                     self.target = P4RuntimeTarget(self.p4runtime.grpc_address, device_id,
-                                                  supported_k=supported_k(self.switch.sizes))
+                                                  supported_k=supported_k(self.switch.sizes), tls=controller_tls)
                 if drop_probability:
                     self.target.set_drop_probability(None, drop_probability)
                 switch_address = self.server.address
@@ -99,7 +111,8 @@ class SoftwareSwitchRunner:
             return
         from switchml.p4runtime_target import P4RuntimeTarget
 
-        target = P4RuntimeTarget(self.p4runtime.grpc_address, device_id, supported_k=supported_k(self.switch.sizes))
+        target = P4RuntimeTarget(self.p4runtime.grpc_address, device_id, supported_k=supported_k(self.switch.sizes),
+                                 tls=self._controller_tls)
         try:
             target.set_drop_probability(None, drop_probability)
         finally:

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import IO
 
 from switchml import defaults
-from switchml.control import ControlClient
-from switchml.errors import ControllerTimeout, SwitchMLError
+from switchml.control import FROM_ENV, ControlClient
+from switchml.errors import ControlAuthError, ControllerTimeout, SwitchMLError
 from switchml.messages import Hello, HelloAnswer
 
 #: How often ``wait_until_ready`` asks again (and checks that the process still runs).
@@ -61,10 +61,12 @@ def emulate_command(host: str = defaults.SWITCH_HOST, port: int = defaults.SWITC
     return cmd + list(extra)
 
 
-def wait_until_ready(endpoint: str, proc: subprocess.Popen | None = None, timeout: float = 30.0) -> HelloAnswer:
+def wait_until_ready(endpoint: str, proc: subprocess.Popen | None = None, timeout: float = 30.0,
+                     secret: bytes | None = FROM_ENV) -> HelloAnswer:
     """Ask the controller at ``endpoint`` ``hello`` until it answers; raise ``SwitchMLError`` if
-    ``proc`` exits first or ``timeout`` passes."""
-    client = ControlClient(endpoint, timeout)
+    ``proc`` exits first or ``timeout`` passes (``ControlAuthError`` at once if its secret differs;
+    ``secret``: ``ControlClient``'s, by default the environment's)."""
+    client = ControlClient(endpoint, timeout, secret=secret)
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -101,10 +103,12 @@ def spawn_switch(host: str = defaults.SWITCH_HOST, port: int = defaults.SWITCH_P
     proc = start(command) if start is not None else subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env)
     try:
         wait(f"tcp://{host}:{control_port}", proc, ready_timeout)
-    except SwitchMLError:
+    except SwitchMLError as exc:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+        if isinstance(exc, ControlAuthError):
+            raise
         raise SwitchMLError(f"the software switch did not start on {host}:{port}/{control_port} "
                             f"(exit code {proc.poll()}); is the port in use?") from None
     return proc

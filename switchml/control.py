@@ -13,6 +13,11 @@ it is). On the wire, requests carry ``op``; answers carry ``ok`` and, when not o
 |           |                                         | failed_ranks (the ranks that went silent)     |
 | leave     | job, rank                               | ok                                            |
 | stats     |                                         | jobs and switch counters                      |
+
+``register``'s answer carries a ``session`` token; ``barrier``, ``heartbeat`` and ``leave`` must
+carry it back, from the address that registered, or the controller refuses them (a rank
+acts only for its own registration). With a cluster secret the channel is CurveZMQ
+(``switchml.security``); a handshake that fails raises ``ControlAuthError`` at once.
 """
 
 from __future__ import annotations
@@ -24,10 +29,18 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from switchml.errors import ControllerError, ControllerGone, ControllerTimeout
+from switchml import defaults
+from switchml.errors import ControlAuthError, ControllerError, ControllerGone, ControllerTimeout
 from switchml.messages import Request, decode_answer, to_json
+from switchml.security import CurveKeys, read_secret
 
 log = logging.getLogger(__name__)
+
+#: ``ControlClient(secret=...)`` not given: the cluster secret of the environment (``read_secret``).
+FROM_ENV: Any = object()
+#: Monitor events of a failed handshake: a wrong or missing key on either side.
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
 class ControlClient:
@@ -37,22 +50,32 @@ class ControlClient:
     monitor): when the controller's process ends, its kernel closes the connection, and
     ``call`` and ``wait_for_disconnect`` raise ``ControllerGone`` at once rather than at a
     timeout. A controller that hangs, or a host that vanishes, still shows only as a timeout.
+
+    ``secret``: the cluster secret (bytes) that makes the channel CurveZMQ, None for an open
+    channel, or by default the environment's (``switchml.security.read_secret``). A handshake
+    that fails (another secret, or none on one side) raises ``ControlAuthError`` as soon as
+    the socket monitor reports it, not at the timeout.
     """
 
-    def __init__(self, endpoint: str, timeout: float, watch_connection: bool = False) -> None:
+    def __init__(self, endpoint: str, timeout: float, watch_connection: bool = False,
+                 secret: bytes | None = FROM_ENV) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
         self._ctx = zmq.Context.instance()
         self._sock: zmq.Socket | None = None
         self._watch = watch_connection
         self._monitor: zmq.Socket | None = None
+        secret = read_secret() if secret is FROM_ENV else secret
+        self._keys = CurveKeys.from_secret(secret) if secret else None
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
             self._sock = self._ctx.socket(zmq.REQ)
             self._sock.setsockopt(zmq.LINGER, 0)
-            if self._watch:
-                self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            if self._keys is not None:
+                self._keys.secure_client(self._sock)
+            self._monitor = self._sock.get_monitor_socket(
+                _HANDSHAKE_FAILED | (zmq.EVENT_DISCONNECTED if self._watch else 0))
             self._sock.connect(self.endpoint)
         return self._sock
 
@@ -63,7 +86,7 @@ class ControlClient:
     def wait_for_disconnect(self, timeout: float) -> None:
         """Wait up to ``timeout`` s; raise ControllerGone if the watched connection closes meanwhile."""
         self._socket()
-        if self._monitor is None:
+        if not self._watch:
             raise ValueError("wait_for_disconnect needs ControlClient(..., watch_connection=True)")
         if self._monitor.poll(int(timeout * 1000), zmq.POLLIN):
             self._raise_if_gone()
@@ -71,10 +94,26 @@ class ControlClient:
     def _raise_if_gone(self) -> None:
         while self._monitor is not None and self._monitor.poll(0, zmq.POLLIN):
             event = recv_monitor_message(self._monitor)
+            if event["event"] & _HANDSHAKE_FAILED:
+                self.close()
+                raise ControlAuthError(self._handshake_message(event["event"]))
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 self.close()
                 raise ControllerGone(f"the connection to the controller at {self.endpoint} closed: its process "
                                      "ended (with it, the software switch it runs)")
+
+    def _handshake_message(self, event: int) -> str:
+        mine = "with a cluster secret" if self._keys is not None else "without a cluster secret"
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            why = "the controller refused this client's key: it was derived from another cluster secret"
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            why = ("one side uses CurveZMQ and the other does not" if self._keys is None else
+                   "the controller runs open (no cluster secret) or speaks another protocol")
+        else:
+            why = "the controller could not authenticate this client: it holds another cluster secret"
+        return (f"control channel to {self.endpoint}: the CurveZMQ handshake failed ({why}); this client connects "
+                f"{mine}. Give every rank and the controller the same secret (--secret-file FILE, "
+                f"${defaults.SECRET_ENV} or ${defaults.SECRET_FILE_ENV}); nothing was sent")
 
     def request(self, message: Request | dict[str, Any], timeout: float | None = None) -> Any:
         """Send ``message`` and wait for its answer (a typed request: its answer's dataclass);
@@ -104,7 +143,8 @@ class ControlClient:
         while sock not in (ready := dict(poller.poll(max(0, int((deadline - time.monotonic()) * 1000))))):
             if self._monitor in ready:
                 self._raise_if_gone()  # other events (none are subscribed) fall through
-                continue
+                if time.monotonic() < deadline:
+                    continue
             self.close()  # a REQ socket that missed its answer cannot send again
             raise ControllerTimeout(
                 f"no answer from the controller at {self.endpoint} to {message.get('op')!r} within {timeout:g} s "

@@ -13,12 +13,19 @@ rank of a job has registered, the controller
 
 A job ends when all its ranks leave, or fails when one stops sending heartbeats; either
 way its entries are deleted and its slots and job number go back to the pool.
+
+Security (docs/security.md): with a cluster secret the ZeroMQ socket is a CurveZMQ server
+that admits only clients holding the same secret; without one it refuses to bind an address
+other hosts can reach unless ``insecure`` says so. Each registration is answered with a
+random session token, and a rank's ``barrier``, ``heartbeat`` and ``leave`` are served only
+with that token and from the IP address that registered it; others are refused and logged.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import secrets
 import socket
 import threading
 import time
@@ -49,6 +56,7 @@ from switchml.messages import (
 from switchml.net import local_ip_towards
 from switchml.pipeline import Replica, WorkerEntry
 from switchml.protocol import MAX_JOBS, MsgType
+from switchml.security import CurveKeys, is_local_endpoint
 from switchml.targets import SwitchTarget
 
 log = logging.getLogger(__name__)
@@ -81,6 +89,16 @@ class ControllerOptions:
     port_of: Callable[[Address], int] | None = None
     #: MAC address of a worker (P4 targets rewrite Ethernet too).
     mac_of: Callable[[Address], str] | None = None
+    #: The cluster secret: the control channel is CurveZMQ and admits only clients holding it
+    #: (``switchml.security``). None: an open channel, which ``bind`` must keep to this host.
+    secret: bytes | None = field(default=None, repr=False)
+    #: Serve an open channel on an address other hosts can reach (anyone there can then
+    #: register, leave and read every job's state).
+    insecure: bool = False
+
+
+class InsecureBind(ValueError):
+    """An open control channel on an address other hosts can reach, without ``insecure``."""
 
 
 @dataclass
@@ -91,6 +109,7 @@ class _Job:
     k: int
     addresses: dict[int, Address] = field(default_factory=dict)
     peers: dict[int, str] = field(default_factory=dict)  # the control connection's source IP, per rank
+    sessions: dict[int, str] = field(default_factory=dict)  # the token each rank's register answer carried
     identities: dict[int, bytes] = field(default_factory=dict)  # pending register answers
     number: int = -1
     mgid: int = 0
@@ -130,9 +149,26 @@ class Controller:
         self._virtual_ports: dict[Address, int] = {}
         self._peer: str | None = None  # source IP of the request being handled
         self._local: dict[str, bool] = {}  # peer IP -> is it an address of this host
-        self._ctx = zmq.Context.instance()
+        self._auth = None
+        if o.secret:
+            # the ZAP authenticator takes its context's one ZAP endpoint: a context of our own
+            # lets several controllers live in one process
+            self._ctx = zmq.Context()
+        else:
+            if not is_local_endpoint(o.bind) and not o.insecure:
+                raise InsecureBind(
+                    f"the controller would bind {o.bind}, which other hosts can reach, without authentication: "
+                    "anyone there could register, make ranks leave and read every job. Give it a cluster secret "
+                    f"(--secret-file FILE or ${defaults.SECRET_ENV}; docs/security.md), bind a loopback address, "
+                    "or pass --insecure to run it open")
+            if not is_local_endpoint(o.bind):
+                log.warning("control channel on %s is open (--insecure): anyone who reaches it can register, "
+                            "make ranks leave and read every job", o.bind)
+            self._ctx = zmq.Context.instance()
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
+        if o.secret:
+            self._auth = CurveKeys.from_secret(o.secret).secure_server(self._router)
         self._router.bind(o.bind)
         self.endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -156,6 +192,9 @@ class Controller:
             if job.state == "running":
                 self._release(job, "ended", "controller stopped")
         self._router.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+            self._ctx.term()
         self._udp.close()
 
     def __enter__(self) -> Controller:
@@ -244,6 +283,7 @@ class Controller:
             return error
         job.addresses[rank] = address
         job.identities[rank] = identity
+        job.sessions[rank] = secrets.token_urlsafe(16)
         if self._peer is not None:
             job.peers[rank] = self._peer
         if len(job.addresses) == world_size:
@@ -301,7 +341,7 @@ class Controller:
                  job.pool_base, job.pool_base + job.pool_size - 1, job.k, job.world_size)
         for rank, identity in job.identities.items():
             self._answer(identity, JobInfo(job.number, rank, job.world_size, job.k, job.pool_size, job.pool_base,
-                                           self.options.switch_address))
+                                           self.options.switch_address, job.sessions[rank]))
         job.identities.clear()
 
     def _allocate(self, job: _Job) -> str | None:
@@ -369,6 +409,14 @@ class Controller:
             return None, f"no job {msg.job!r}"
         if msg.rank not in job.addresses:
             return None, f"job {job.name!r} has no rank {msg.rank!r}"
+        registered_from = job.peers.get(msg.rank)
+        token_ok = secrets.compare_digest(msg.session.encode(), job.sessions[msg.rank].encode())
+        if not token_ok or (registered_from is not None and self._peer != registered_from):
+            why = "from another address" if token_ok else "without its session token"
+            log.warning("refused %r for job %r, rank %d from %s: %s (rank %d registered from %s)", msg.op, job.name,
+                        msg.rank, self._peer or "an unknown address", why, msg.rank, registered_from or "unknown")
+            return None, (f"{msg.op!r} for job {job.name!r}, rank {msg.rank} refused: it does not come from the "
+                          f"worker that registered that rank ({why}); a rank acts only for its own registration")
         return job, None
 
     def _barrier(self, identity: bytes, msg: Barrier) -> str | None:

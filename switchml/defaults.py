@@ -56,3 +56,12 @@ PROBE_TIMEOUT_S = 5.0
 
 #: Socket buffer the worker and the software switch ask for (SO_RCVBUF / SO_SNDBUF).
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+
+#: The cluster secret that authenticates and encrypts the control channel (CurveZMQ keys
+#: are derived from it, ``switchml.security``): its text in SECRET_ENV, or a file holding
+#: it named by SECRET_FILE_ENV (``--secret-file`` of every command). Launchers hand it to
+#: every rank through these variables.
+SECRET_ENV = "SWITCHML_SECRET"
+SECRET_FILE_ENV = "SWITCHML_SECRET_FILE"
+#: Shortest cluster secret accepted, in bytes (32 random bytes, base64: 44 characters).
+SECRET_MIN_BYTES = 16

@@ -36,6 +36,7 @@ from switchml import defaults
 from switchml.errors import SwitchMLError
 from switchml.p4info import P4Info, default_p4info_path, mac_to_int, p4_dir
 from switchml.pipeline import P4_K, P4_SUPPORTED_K, SOFTWARE_SWITCH_K
+from switchml.security import TLSFiles, is_local_endpoint
 
 __all__ = ["P4_K", "TARGETS", "DeployError", "DeployPlan", "Deployment", "HostPort", "compile_bmv2", "deploy",
            "load_ports", "make_plan", "parse_address", "port_lookup"]
@@ -163,6 +164,9 @@ class DeployPlan:
     window: int = defaults.WINDOW
     drop_probability: float = 0.0
     timeout: float = 10.0  #: deadline of each P4Runtime call, in seconds
+    tls: TLSFiles | None = None  #: P4Runtime over TLS (None: plain text)
+    secret: bytes | None = field(default=None, repr=False)  #: the control channel's cluster secret
+    insecure: bool = False  #: allow an open control channel on an address other hosts reach
 
 
 def make_plan(target: str, grpc: str, *, device_id: int = 0, election_id: int = 1, p4info: str | Path | None = None,
@@ -170,7 +174,8 @@ def make_plan(target: str, grpc: str, *, device_id: int = 0, election_id: int = 
               no_push: bool = False, ports: str | Path | None = None, switch_address: str | None = None,
               control_host: str = "*", control_port: int = defaults.CONTROL_PORT, pool_size: int | None = None,
               window: int = defaults.WINDOW, k: int | None = None, drop_probability: float = 0.0,
-              timeout: float = 10.0) -> DeployPlan:
+              timeout: float = 10.0, tls: TLSFiles | None = None, secret: bytes | None = None,
+              insecure: bool = False) -> DeployPlan:
     """Resolve defaults per target; compile when asked. Errors name the command line's flags."""
     p4info_path = Path(p4info) if p4info else None
     device_config: bytes | None = None
@@ -208,9 +213,16 @@ def make_plan(target: str, grpc: str, *, device_id: int = 0, election_id: int = 
     if switch_address is None and target != "emulator":
         raise DeployError(f"--target {target} needs --switch-address: the IP workers send to (any unused address "
                           "of their subnet, with a static ARP entry on each host; see docs/deploy.md)")
+    control_bind = f"tcp://{control_host}:{control_port}"
+    if not secret and not insecure and not is_local_endpoint(control_bind):
+        # before the switch is touched: the controller would refuse to start open anyway
+        raise DeployError(f"--control-host {control_host}: other hosts can reach the controller there, and it has no "
+                          f"cluster secret: pass --secret-file FILE (or set ${defaults.SECRET_ENV}; docs/security.md), "
+                          "or --insecure to run the control channel open")
     return DeployPlan(target, grpc, device_id, election_id, p4info_path, device_config, supported, k, hosts,
                       str(ports), parse_address(switch_address or defaults.SWITCH_HOST, defaults.SWITCH_PORT),
-                      f"tcp://{control_host}:{control_port}", pool_size, window, drop_probability, timeout)
+                      control_bind, pool_size, window, drop_probability, timeout, tls,
+                      secret, insecure)
 
 
 def _read(path: str | Path, flag: str) -> bytes:
@@ -265,7 +277,7 @@ def deploy(plan: DeployPlan) -> Deployment:
     except (OSError, ValueError) as exc:
         raise DeployError(f"--p4info {plan.p4info}: {exc}") from None
     target = P4RuntimeTarget(plan.grpc, plan.device_id, plan.election_id, p4info, timeout=plan.timeout,
-                             supported_k=plan.supported_k)
+                             supported_k=plan.supported_k, tls=plan.tls)
     try:
         if plan.config is not None:
             target.set_pipeline(plan.config)
@@ -281,7 +293,7 @@ def deploy(plan: DeployPlan) -> Deployment:
         pool_size = plan.pool_size or p4info.counter("SwitchIngress.results_multicast").size
         controller = Controller(target, ControllerOptions(
             bind=plan.control_bind, switch_address=plan.switch_address, pool_size=pool_size, window=plan.window,
-            k=plan.k, port_of=port_of, mac_of=mac_of)).start()
+            k=plan.k, port_of=port_of, mac_of=mac_of, secret=plan.secret, insecure=plan.insecure)).start()
     except BaseException:
         target.close()
         raise

@@ -15,6 +15,11 @@ class ControllerError(SwitchMLError):
     """The controller answered with an error (bad request, failed job, pool exhausted)."""
 
 
+class ControlAuthError(ControllerError):
+    """The control channel's CurveZMQ handshake failed: this client and the controller do not
+    share the cluster secret (or one of them has none)."""
+
+
 class AllreduceTimeout(SwitchMLError, TimeoutError):
     """An allreduce made no progress in time: a peer or the switch is gone."""
 

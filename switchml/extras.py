@@ -8,7 +8,7 @@ the DDP hook (numpy, pyzmq, torch); the rest comes with an extra, and a missing 
 | ``ray`` | ray[train] | ``switchml-train --launcher ray`` |
 | ``clip`` | open_clip_torch (and ``train``) | ``switchml-train clip`` |
 | ``bench`` | matplotlib, tqdm (and ``train``) | ``switchml-bench`` |
-| ``test`` | pytest, hypothesis, ruff, scapy | the test suite |
+| ``test`` | pytest, hypothesis, ruff, scapy, cryptography | the test suite (cryptography: throw-away TLS certificates) |
 | ``all`` | all but ``test`` | |
 """
 

@@ -95,12 +95,15 @@ class JobInfo:
     window: int
     pool_base: int
     switch: Address
+    #: This registration's token: ``Barrier``, ``Heartbeat`` and ``Leave`` of this rank carry it.
+    session: str = ""
 
     @classmethod
     def from_json(cls, msg: dict[str, Any]) -> JobInfo:
         try:
             return cls(int(msg["job_number"]), int(msg["worker_id"]), int(msg["num_workers"]), int(msg["k"]),
-                       int(msg["window"]), int(msg["pool_base"]), _address(msg["switch"], "switch"))
+                       int(msg["window"]), int(msg["pool_base"]), _address(msg["switch"], "switch"),
+                       str(msg.get("session", "")))
         except (KeyError, TypeError, ValueError) as exc:
             raise MessageError(f"the controller's register answer lacks or garbles {exc}: {msg!r}") from None
 
@@ -184,20 +187,24 @@ class Register(Request):
 
 @dataclass(frozen=True)
 class _OfRank(Request):
-    """A request of one rank of a running job."""
+    """A request of one rank of a running job, with the ``session`` its registration was
+    answered with (the controller refuses it from anyone else)."""
 
     job: str
     rank: int
+    session: str = ""
 
     def check(self) -> None:
         if not isinstance(self.job, str):
             raise MessageError(f"job={self.job!r}: expected a job name")
         if not _int(self.rank):
             raise MessageError(f"rank={self.rank!r}: expected an integer")
+        if not isinstance(self.session, str):
+            raise MessageError(f"session={self.session!r}: expected the token of the rank's register answer")
 
     @classmethod
     def from_json(cls, msg: dict[str, Any]) -> _OfRank:
-        message = cls(msg.get("job"), msg.get("rank"))
+        message = cls(msg.get("job"), msg.get("rank"), msg.get("session", ""))
         message.check()
         return message
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
+import ssl
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ from switchml.p4info import (
     mac_to_int,
 )
 from switchml.pipeline import Replica, WorkerEntry
+from switchml.security import TLSFiles
 from switchml.targets import SwitchTarget
 
 with needs("p4", "P4Runtime (switchml.p4runtime_target)"):
@@ -102,6 +105,50 @@ def write_errors(exc: grpc.RpcError) -> list[tuple[int, int, str]]:
     return errors
 
 
+def _channel(address: str, tls: TLSFiles | None) -> grpc.Channel:
+    """A gRPC channel to ``address``: plain text, or TLS with grpc's own credentials."""
+    if tls is None:
+        return grpc.insecure_channel(address)
+    try:
+        ca, cert, key = tls.client_credentials()
+    except ValueError as exc:
+        raise P4RuntimeError(f"P4Runtime over TLS to {address}: {exc}") from None
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+    options = [("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else []
+    return grpc.secure_channel(address, credentials, options=options)
+
+
+def _diagnose(address: str, tls: TLSFiles | None) -> str:
+    """Why a channel to ``address`` did not come up, as far as one TLS handshake can tell
+    (Python's ssl module, certificates unchecked: it only asks whether the server speaks TLS)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or address.startswith("unix:") or not port.isdigit():
+        return "is the switch running, and is this its gRPC address?"
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=2.0) as raw:
+            with context.wrap_socket(raw, server_hostname=host.strip("[]")):
+                speaks_tls = True
+    except ssl.SSLError as exc:
+        # a server that demands a client certificate may still complete the handshake here
+        # (TLS 1.3 checks it afterwards) or refuse it with an alert: both are TLS servers
+        speaks_tls = "alert" in str(exc).lower() or "certificate" in str(exc).lower()
+    except OSError:
+        return "nothing accepts connections there: is the switch running, and is this its gRPC address?"
+    if speaks_tls and tls is None:
+        return ("the server speaks TLS and this client connects in plain text: pass the CA that signed its "
+                "certificate (deploy: --tls-ca FILE; with mutual TLS also --tls-cert and --tls-key)")
+    if not speaks_tls and tls is not None:
+        return "the server speaks plain text, not TLS: connect without --tls-ca, or start the switch with TLS"
+    if tls is not None:
+        return ("the server speaks TLS but the handshake failed: does --tls-ca sign its certificate, does the "
+                "certificate name the host dialled (or --tls-server-name), and does the server require a client "
+                "certificate (--tls-cert, --tls-key) signed by the CA it trusts?")
+    return "is the switch running, and is this its gRPC address?"
+
+
 class P4RuntimeConnection:
     """One P4Runtime client session with a device: a channel, a StreamChannel, arbitration.
 
@@ -113,10 +160,13 @@ class P4RuntimeConnection:
         timeout: deadline in seconds of connecting, of arbitration and of every call.
         require_primary: raise ``P4RuntimeError`` unless this client becomes primary
             (False: stay connected as a backup, with read access only).
+        tls: connect over TLS (``TLSFiles``: ca verifies the server; cert and key are a
+            client certificate for mutual TLS). None: plain text. A connection that fails
+            says whether the server speaks TLS when this client does not, or the reverse.
     """
 
     def __init__(self, address: str, device_id: int = DEFAULT_DEVICE_ID, election_id: int = DEFAULT_ELECTION_ID,
-                 timeout: float = DEFAULT_TIMEOUT_S, require_primary: bool = True) -> None:
+                 timeout: float = DEFAULT_TIMEOUT_S, require_primary: bool = True, tls: TLSFiles | None = None) -> None:
         if not 0 <= election_id < 1 << 128:
             raise ValueError(f"election_id={election_id}: expected an unsigned 128-bit integer")
         self.address, self.device_id, self.election_id, self.timeout = address, device_id, election_id, timeout
@@ -124,13 +174,15 @@ class P4RuntimeConnection:
         self.primary_election_id: int | None = None
         self._closed = threading.Event()
         self._require_primary = require_primary
-        self.channel = grpc.insecure_channel(address)
+        self.tls = tls
+        self.channel = _channel(address, tls)
         try:
             grpc.channel_ready_future(self.channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
             self.channel.close()
-            raise P4RuntimeError(f"no P4Runtime server answers at {address} (waited {timeout:g} s): is the switch "
-                                 "running, and is this its gRPC address?", grpc.StatusCode.UNAVAILABLE) from None
+            raise P4RuntimeError(f"no P4Runtime server answers at {address} {'over TLS' if tls else 'in plain text'} "
+                                 f"(waited {timeout:g} s): {_diagnose(address, tls)}",
+                                 grpc.StatusCode.UNAVAILABLE) from None
         self.stub = p4runtime_pb2_grpc.P4RuntimeStub(self.channel)
         try:
             self._open_stream()
@@ -316,12 +368,13 @@ class P4RuntimeTarget(SwitchTarget):
             VERIFY_AND_COMMIT): the device config bytes (BMv2 JSON; b"" for the software switch).
         require_primary: False connects as a backup that may only read (counters, tables):
             a monitor beside the controller.
+        tls: P4Runtime over TLS (``P4RuntimeConnection``'s); None: plain text.
     """
 
     def __init__(self, address: str, device_id: int = DEFAULT_DEVICE_ID, election_id: int = DEFAULT_ELECTION_ID,
                  p4info: P4Info | str | Path | None = None, timeout: float = DEFAULT_TIMEOUT_S,
                  supported_k: Sequence[int] = pipeline.P4_SUPPORTED_K, pipeline_config: bytes | None = None,
-                 require_primary: bool = True) -> None:
+                 require_primary: bool = True, tls: TLSFiles | None = None) -> None:
         self.p4info = p4info if isinstance(p4info, P4Info) else P4Info.load(p4info)
         self.supported_k = tuple(sorted(supported_k, reverse=True))
         # Resolve the contract first: a P4Info without switchml's tables fails before connecting.
@@ -336,7 +389,7 @@ class P4RuntimeTarget(SwitchTarget):
         for name in (pipeline.RESULTS_COUNTER, pipeline.RETRANSMISSIONS_COUNTER, pipeline.DROPS_COUNTER,
                      pipeline.PACKETS_COUNTER):
             self.p4info.counter(name)
-        self.connection = P4RuntimeConnection(address, device_id, election_id, timeout, require_primary)
+        self.connection = P4RuntimeConnection(address, device_id, election_id, timeout, require_primary, tls)
         if pipeline_config is not None:
             try:
                 self.set_pipeline(pipeline_config)

@@ -59,6 +59,7 @@ from switchml.protocol import (
     k_to_size,
     packet_bytes,
 )
+from switchml.security import read_secret
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,9 @@ class WorkerOptions:
     #: The engine's data path: "native" (C), "python" (the reference) or None: native where its
     #: extension is built, unless ``$SWITCHML_DATAPLANE`` says otherwise (``switchml.native``).
     dataplane: str | None = None
+    #: The cluster secret of a secured controller (CurveZMQ, ``switchml.security``); None: the
+    #: environment's ($SWITCHML_SECRET, $SWITCHML_SECRET_FILE), or an open channel without one.
+    secret: bytes | None = dataclasses.field(default=None, repr=False)
 
 
 class Worker:
@@ -114,7 +118,7 @@ class Worker:
         world_size: number of ranks in the job (at most 32).
         options: the worker's knobs (``WorkerOptions``; None: the defaults).
         k, timeout, control_timeout, retransmit_timeout, heartbeat_interval, probe_timeout,
-            dataplane: each, when passed, overrides the field of ``options`` of the same name
+            dataplane, secret: each, when passed, overrides the field of ``options`` of the same name
             (see ``WorkerOptions``).
 
     Attributes set by the heartbeat thread when the job fails:
@@ -138,11 +142,12 @@ class Worker:
         heartbeat_interval: float = _UNSET,
         probe_timeout: float = _UNSET,
         dataplane: str | None = _UNSET,
+        secret: bytes | None = _UNSET,
     ) -> None:
         passed = {name: value for name, value in (
             ("k", k), ("timeout", timeout), ("control_timeout", control_timeout),
             ("retransmit_timeout", retransmit_timeout), ("heartbeat_interval", heartbeat_interval),
-            ("probe_timeout", probe_timeout), ("dataplane", dataplane)) if value is not _UNSET}
+            ("probe_timeout", probe_timeout), ("dataplane", dataplane), ("secret", secret)) if value is not _UNSET}
         self.options = o = dataclasses.replace(options or WorkerOptions(), **passed)
         if o.k is not None:
             k_to_size(o.k)  # raises a clear error for a k the wire format lacks
@@ -151,7 +156,8 @@ class Worker:
         self.job, self.rank, self.world_size = job, rank, world_size
         self.timeout, self.retransmit_timeout = o.timeout, o.retransmit_timeout
         self.stats = WorkerStats()
-        self._control = ControlClient(controller, o.control_timeout)
+        self._secret = o.secret if o.secret is not None else read_secret()
+        self._control = ControlClient(controller, o.control_timeout, secret=self._secret)
         hello: HelloAnswer = self._control.request(Hello())
         self._sock = open_udp_socket(local_ip_towards(hello.switch), 0)
         self.address: tuple[str, int] = self._sock.getsockname()
@@ -169,7 +175,7 @@ class Worker:
             self._probe_switch(o.probe_timeout)
         except SwitchMLError:
             try:  # free the job's slots now rather than after the heartbeat timeout
-                self._control.request(Leave(job, rank), timeout=2.0)
+                self._control.request(Leave(job, rank, self.info.session), timeout=2.0)
             except SwitchMLError as exc:
                 log.debug("leave: %s", exc)
             self._sock.close()
@@ -223,7 +229,7 @@ class Worker:
 
     def barrier(self, timeout: float | None = None) -> None:
         """Wait until every rank of the job has called ``barrier``."""
-        self._control.request(Barrier(self.job, self.rank), timeout)
+        self._control.request(Barrier(self.job, self.rank, self.info.session), timeout)
 
     @property
     def failure(self) -> str | None:
@@ -241,7 +247,7 @@ class Worker:
         self._heartbeat.join(timeout=5)
         if not self.controller_lost:  # else nobody answers: a fallback step must not wait for it
             try:
-                self._control.request(Leave(self.job, self.rank), timeout=2.0)
+                self._control.request(Leave(self.job, self.rank, self.info.session), timeout=2.0)
             except SwitchMLError as exc:
                 log.debug("leave: %s", exc)
         self._control.close()
@@ -350,7 +356,7 @@ class Worker:
         (``failed_ranks``). Either way: ``failed_ranks``/``controller_lost`` first, then the
         abort the engine checks.
         """
-        client = ControlClient(controller, max(interval * 5, 2.0), watch_connection=True)
+        client = ControlClient(controller, max(interval * 5, 2.0), watch_connection=True, secret=self._secret)
         try:
             client.connect()  # watched from now on, before the first heartbeat
             due = time.monotonic() + interval
@@ -360,7 +366,7 @@ class Worker:
                     continue
                 due = time.monotonic() + interval
                 try:
-                    answer = client.call(Heartbeat(self.job, self.rank))
+                    answer = client.call(Heartbeat(self.job, self.rank, self.info.session))
                 except ControllerGone:
                     raise
                 except ControllerTimeout as exc:

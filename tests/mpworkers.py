@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -55,6 +56,25 @@ def run_processes(target: Callable, args_of_rank: Callable[[int], tuple], n: int
                 os.kill(p.pid, signal.SIGKILL)
     reports.sort(key=lambda r: r[0])
     return reports
+
+
+def run_threads(target: Callable[[int], Any], n: int, timeout: float = 90) -> list[Any]:
+    """``target(rank)`` for ranks 0..n-1 in threads of this process (a rank's ``Worker``
+    registers and blocks until all have): each rank's return value, or the exception it raised."""
+    out: list[Any] = [None] * n
+
+    def one(rank: int) -> None:
+        try:
+            out[rank] = target(rank)
+        except BaseException as exc:  # noqa: BLE001 - returned to the caller
+            out[rank] = exc
+
+    threads = [threading.Thread(target=one, args=(r,), daemon=True) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return out
 
 
 def allreduce_job(endpoint: str, job: str, n: int, sizes: Sequence[int], seed: int = 0, dtype: str = "float32",

@@ -84,6 +84,8 @@ def test_deploy_explains_what_it_is_missing(capsys, tmp_path):
     code, err = run_main(capsys, "--target", "emulator", "--grpc", grpc, "-k", "100")
     assert code == 1 and "-k 100" in err
     code, err = run_main(capsys, "--target", "emulator", "--grpc", grpc, "--timeout", "1")
+    assert code == 1 and "--control-host *: other hosts can reach" in err and "--secret-file" in err  # secure by default
+    code, err = run_main(capsys, "--target", "emulator", "--grpc", grpc, "--timeout", "1", "--insecure")
     assert code == 1 and "no P4Runtime server answers at " + grpc in err
 
 
@@ -207,7 +209,8 @@ def test_a_typed_plan_and_one_k_per_target(tmp_path):
     config, ports = tmp_path / "switch.json", tmp_path / "ports.csv"
     config.write_text("{}")
     ports.write_text("10.0.0.1,1,02:00:00:00:00:01\n")
-    bmv2 = make_plan("bmv2", "x:1", config=config, ports=ports, switch_address="10.0.0.100")
+    bmv2 = make_plan("bmv2", "x:1", config=config, ports=ports, switch_address="10.0.0.100", secret=b"s" * 32)
+    assert bmv2.control_bind == f"tcp://*:{defaults.CONTROL_PORT}" and bmv2.secret == b"s" * 32
     assert bmv2.supported_k == (pipeline.P4_K,) and bmv2.k == pipeline.P4_K and bmv2.config == b"{}"
     assert InProcessTarget(SoftwareSwitch()).supported_k == pipeline.SOFTWARE_SWITCH_K
     assert InProcessTarget(SoftwareSwitch(sizes=(1, 3))).supported_k == (256, 64)

@@ -151,8 +151,9 @@ def remote_host():
 
 def _emulate(*extra: str) -> tuple[subprocess.Popen, int]:
     port, control = free_port(), free_port()
+    # --insecure: an open control channel on the wildcard address (reached only from the test's namespace)
     proc = subprocess.Popen([PY, "-m", "emulation.cli", "emulate", "--host", "0.0.0.0", "--port", str(port),
-                             "--control-port", str(control), "-k", "64", "--window", "4", *extra],
+                             "--control-port", str(control), "-k", "64", "--window", "4", "--insecure", *extra],
                             cwd=ROOT, stderr=subprocess.PIPE, text=True)
     return proc, control
 

@@ -14,7 +14,7 @@ from switchml.errors import ControllerError
 
 @pytest.mark.parametrize("request_", [
     m.Hello(), m.Stats(), m.Register("job", 1, 2, ("10.0.0.1", 5000), 64), m.Register("job", 0, 1, ("::1", 1)),
-    m.Barrier("job", 0), m.Heartbeat("job", 1), m.Leave("job", 1),
+    m.Barrier("job", 0), m.Heartbeat("job", 1), m.Leave("job", 1), m.Leave("job", 1, "token-of-rank-1"),
 ])
 def test_requests_round_trip(request_):
     wire = zmq.utils.jsonapi.loads(zmq.utils.jsonapi.dumps(m.to_json(request_)))
@@ -23,6 +23,7 @@ def test_requests_round_trip(request_):
 
 @pytest.mark.parametrize("answer", [
     m.HelloAnswer(("127.0.0.1", 48864), (256, 64)), m.JobInfo(3, 1, 2, 64, 8, 16, ("10.0.0.9", 48864)),
+    m.JobInfo(3, 1, 2, 64, 8, 16, ("10.0.0.9", 48864), "session-token"),
     m.HeartbeatAnswer("running"), m.StatsAnswer([{"name": "j"}], {"drop_malformed": 0}), m.Ack(),
 ])
 def test_answers_round_trip(answer):
@@ -48,6 +49,7 @@ def test_a_refusal_carries_its_error_and_silent_ranks():
     ({"op": "register", "job": "j", "rank": 0, "world_size": 1, "addr": ["a", 1], "k": "64"}, "k='64'"),
     ({"op": "heartbeat", "job": ["j"], "rank": 0}, "job=\\['j'\\]: expected a job name"),
     ({"op": "leave", "job": "j", "rank": "0"}, "rank='0': expected an integer"),
+    ({"op": "leave", "job": "j", "rank": 0, "session": 5}, "session=5: expected the token"),
 ])
 def test_malformed_requests_are_named(msg, error):
     with pytest.raises(m.MessageError, match=error):

@@ -75,6 +75,10 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
                       help="after a fallback, try the switch again after this many steps")
     comm.add_argument("--drop-probability", type=parse_drop_probability, default=0.0,
                       help="emulated loss in the software switch this launcher starts (0.01 = 1%%)")
+    comm.add_argument("--secret-file", metavar="FILE", default=None,
+                      help="the cluster secret of the control channel (CurveZMQ), handed to every rank and to the "
+                      f"switch this launcher starts (default: ${defaults.SECRET_ENV} or ${defaults.SECRET_FILE_ENV}; "
+                      "local and ray launchers make a fresh one for the switch they start)")
 
     ray = p.add_argument_group("ray")
     ray.add_argument("--ray-address", default=None, help="address of a running Ray cluster (default: a local one)")

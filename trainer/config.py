@@ -46,6 +46,7 @@ class TrainConfig:
     retry_after_steps: int | None
     drop_probability: float
     ray_address: str | None
+    secret_file: str | None = None  #: the control channel's cluster secret (docs/security.md)
     options: dict[str, Any] = field(default_factory=dict)  #: the task's own flags, by name
 
     @classmethod

@@ -1,7 +1,10 @@
 """Launchers: one machine (``local``), ``torchrun``, and Ray Train.
 
 Each starts the software switch when the job trains through switchml and no
-``--controller`` was given, then runs ``trainer.loop.train_rank`` on every rank.
+``--controller`` was given, then runs ``trainer.loop.train_rank`` on every rank. Each hands
+the control channel's cluster secret (``--secret-file`` or the environment's) to every rank
+and to the switch through ``$SWITCHML_SECRET``; the local and Ray launchers make a fresh one
+for a switch they start, so their control channel is always authenticated (docs/security.md).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import time
 from pathlib import Path
 
@@ -16,9 +20,22 @@ from emulation.spawn import spawn_switch, stop_process
 from switchml import defaults
 from switchml.extras import needs
 from switchml.net import free_port
+from switchml.security import is_local_endpoint, read_secret, secret_env
 from trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)
+
+
+def _cluster_secret(args: TrainConfig, fresh: bool) -> bytes | None:
+    """The secret of the control channel: --secret-file, else the environment's, else (``fresh``:
+    this launcher starts the switch itself) a new random one. Put into this process's
+    environment, which every rank and switch it starts inherits."""
+    secret = read_secret(args.secret_file)
+    if secret is None and fresh:
+        secret = secrets.token_urlsafe(32).encode()
+    if secret is not None:
+        os.environ.update(secret_env(secret))
+    return secret
 
 
 def _local_entry(index: int, args: TrainConfig, world_size: int) -> None:
@@ -36,12 +53,14 @@ def launch_local(args: TrainConfig) -> tuple[TrainConfig, dict]:
     import torch.multiprocessing as mp
 
     runner = None
-    if args.comm == "switchml" and not args.controller:
-        from emulation.runner import SoftwareSwitchRunner
+    if args.comm == "switchml":
+        secret = _cluster_secret(args, fresh=not args.controller)
+        if not args.controller:
+            from emulation.runner import SoftwareSwitchRunner
 
-        runner = SoftwareSwitchRunner("127.0.0.1", 0, 0, drop_probability=args.drop_probability,
-                                      **({"k": args.k} if args.k else {}))
-        args = args.replace(controller=runner.endpoint)
+            runner = SoftwareSwitchRunner("127.0.0.1", 0, 0, drop_probability=args.drop_probability, secret=secret,
+                                          **({"k": args.k} if args.k else {}))
+            args = args.replace(controller=runner.endpoint)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(free_port())
     try:
@@ -73,11 +92,18 @@ def launch_torchrun(args: TrainConfig) -> tuple[TrainConfig, dict]:
     # torchrun, not --workers, decides how many ranks there are; the summary reports args.workers
     args = args.replace(workers=world_size)
     switch = None
+    # ranks cannot agree on a fresh secret before they talk: it is the user's (torchrun's
+    # environment, or --secret-file on every rank's command line)
+    secret = _cluster_secret(args, fresh=False) if args.comm == "switchml" else None
     if args.comm == "switchml" and not args.controller:
         host = os.environ.get("MASTER_ADDR", defaults.SWITCH_HOST)
         if host == "localhost":
             host = "127.0.0.1"
         args = args.replace(controller=f"tcp://{host}:{defaults.CONTROL_PORT}")
+        if secret is None and not is_local_endpoint(args.controller):
+            raise SystemExit(f"switchml-train --launcher torchrun: the software switch would serve its control channel "
+                             f"on MASTER_ADDR {host}, which other hosts reach, without a secret: pass --secret-file FILE "
+                             f"(the same file on every host) or set ${defaults.SECRET_ENV} (docs/security.md)")
         if rank == 0:
             switch = spawn_switch(host, defaults.SWITCH_PORT, defaults.CONTROL_PORT,
                                   drop_probability=args.drop_probability, k=args.k or None)
@@ -112,18 +138,21 @@ def launch_ray(args: TrainConfig) -> tuple[TrainConfig, dict]:
         from ray.train.torch import TorchConfig, TorchTrainer
 
     use_gpu = args.device == "cuda"
+    secret = _cluster_secret(args, fresh=not args.controller) if args.comm == "switchml" else None
+    # every rank gets the secret through the job's environment, on whichever node it runs
+    runtime_env = {"env_vars": secret_env(secret)} if secret else None
     if args.ray_address:
-        ray.init(address=args.ray_address, include_dashboard=False)
+        ray.init(address=args.ray_address, include_dashboard=False, runtime_env=runtime_env)
         host = ray.util.get_node_ip_address()
     else:
-        ray.init(num_cpus=max(2, args.workers + 1), include_dashboard=False)
+        ray.init(num_cpus=max(2, args.workers + 1), include_dashboard=False, runtime_env=runtime_env)
         host = "127.0.0.1"
     runner = None
     try:
         if args.comm == "switchml" and not args.controller:
             from emulation.runner import SoftwareSwitchRunner
 
-            runner = SoftwareSwitchRunner(host, 0, 0, drop_probability=args.drop_probability,
+            runner = SoftwareSwitchRunner(host, 0, 0, drop_probability=args.drop_probability, secret=secret,
                                           **({"k": args.k} if args.k else {}))
             args = args.replace(controller=runner.endpoint)
         out = Path(args.out).resolve()
