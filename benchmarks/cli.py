@@ -5,6 +5,7 @@
     switchml-bench scale --measured benchmarks/results/allreduce_mininet.json --plot scale.png
     switchml-bench pps --payload 256,1024 --json benchmarks/results/pps.json
     switchml-bench train --task digits --workers 4 --steps 100 --plot train.png -- --width 64
+    switchml-bench fuzz --packets 1000000 --json benchmarks/results/fuzz_1M.json
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "that made them) and PNG, by convention under benchmarks/results/.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{allreduce,scale,pps,train}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{allreduce,scale,pps,train,fuzz}")
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     ar = sub.add_parser(
@@ -154,6 +155,28 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bytes of float32 for the quantizer's throughput (0: skip)")
     pp.add_argument("--json", metavar="FILE", help="write every run, the machine and the command here")
 
+    fz = sub.add_parser(
+        "fuzz", formatter_class=fmt,
+        help="malformed, truncated, forged and replayed packets at the software switch while an honest job runs",
+        description="Per data path: the software switch with its controller in this process, N honest "
+                    "switchml.Worker processes summing int32 arrays over UDP on 127.0.0.1 with exact checks, and "
+                    "PACKETS hostile packets, each built with the drop reason the switch must count for it: "
+                    "most through the data plane's process-a-packet entry point (from unadmitted senders, and "
+                    "packets any sender must be refused for from the workers' own addresses), a share as UDP "
+                    "datagrams from unadmitted sockets. Fails (exit 3) on a crash, a wrong sum, a reply to a "
+                    "forged packet, or a drop counter that differs from the packets forged for its reason. "
+                    "The threat model: docs/security.md.")
+    fz.add_argument("--packets", type=int, default=1_000_000, help="hostile packets per data path")
+    fz.add_argument("--dataplanes", type=_arg(lambda t: parse_list(t, str.strip), "--dataplanes"),
+                    default=["python", "native"], metavar="D[,D...]", help="the switch's data paths to fuzz")
+    fz.add_argument("--workers", type=int, default=4, help="ranks of the honest job")
+    fz.add_argument("--udp-fraction", type=_arg(parse_fraction, "--udp-fraction"), default=0.1,
+                    help="share of the packets sent as UDP datagrams rather than in-process")
+    fz.add_argument("--elements", type=int, default=4096, help="int32 elements per honest allreduce")
+    fz.add_argument("--seed", type=int, default=0, help="seed of the packets and of the honest arrays")
+    fz.add_argument("--note", default=None, help="a remark stored with the machine's description (e.g. its load)")
+    fz.add_argument("--json", metavar="FILE", help="write the figures, the machine and the command here")
+
     tr = sub.add_parser(
         "train", formatter_class=fmt,
         help="a training run through SwitchML against DDP's allreduce: step time, samples/s, time to a loss",
@@ -208,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         return scale.main(args, command)
     if args.command == "pps":
         return _pps(args, command)
+    if args.command == "fuzz":
+        return _fuzz(args, command)
     return _train(args, command, passthrough)
 
 
@@ -234,6 +259,31 @@ def _train(args: argparse.Namespace, command: str, passthrough: list[str]) -> in
         return 1
     _report(train, doc, args.json, args.plot)
     return 0
+
+
+def _fuzz(args: argparse.Namespace, command: str) -> int:
+    from benchmarks import fuzz
+    from switchml.native import DATAPLANES
+
+    if unknown := [d for d in args.dataplanes if d not in DATAPLANES]:
+        print(f"switchml-bench fuzz: --dataplanes {unknown}: expected some of {', '.join(DATAPLANES)}", file=sys.stderr)
+        return 2
+    if args.packets < 1 or args.workers < 1 or args.elements < 1:
+        print(f"switchml-bench fuzz: --packets {args.packets}, --workers {args.workers}, --elements {args.elements}: "
+              "expected positive integers", file=sys.stderr)
+        return 2
+    cfg = fuzz.FuzzConfig(packets=args.packets, dataplanes=tuple(args.dataplanes), workers=args.workers,
+                          udp_fraction=args.udp_fraction, elements=args.elements, seed=args.seed)
+    try:
+        doc = fuzz.run(cfg, command, args.note)
+    except (RuntimeError, ValueError, OSError) as exc:
+        print(f"switchml-bench fuzz: {exc}", file=sys.stderr)
+        return 1
+    print(fuzz.format_report(doc))
+    fuzz.save(doc, args.json)
+    if args.json:
+        print(f"JSON: {args.json}")
+    return 0 if doc["ok"] else 3
 
 
 def _pps(args: argparse.Namespace, command: str) -> int:
