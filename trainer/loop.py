@@ -6,8 +6,9 @@ Per stage of the task:
 2. shard the data with a DistributedSampler; on ``--resume`` load the stage's checkpoint;
 3. train: loss, backward (gradients averaged by the hook or DDP's allreduce), step;
    with ``--accumulate A`` the first A-1 micro-batches run under ``no_sync()``;
-4. rank 0 logs JSON lines to ``<out>/metrics.jsonl``, shows a progress bar and writes
-   ``<out>/<stage>.pt`` every ``--checkpoint-every`` steps and at the end;
+4. rank 0 logs JSON lines to ``<out>/metrics.jsonl`` (with ``comm_wait``, see
+   ``CommWaitClock``), shows a progress bar and writes ``<out>/<stage>.pt`` every
+   ``--checkpoint-every`` steps and at the end;
 5. close the hook (before the process group goes), evaluate on rank 0, call ``finish``.
 """
 
@@ -42,6 +43,41 @@ class MetricsLog:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+class CommWaitClock:
+    """How long each step's backward stays blocked on gradient communication.
+
+    DDP launches a bucket's allreduce (or the switchml hook) as soon as the bucket's last
+    gradient is computed, overlapping communication with the rest of the backward pass,
+    and ``backward()`` returns only once every bucket's reduction has completed and been
+    copied back. So the time from the last gradient computed (a post-accumulate-grad hook
+    on every parameter, whose last firing is when autograd produced the step's last
+    gradient) to the return of ``backward()`` is the communication the step could not
+    hide: the time it waits for the allreduce. It is the same measure for every backend
+    (the switchml hook or DDP's own allreduce). Not in it: the communication that overlapped
+    backward, and DDP's broadcast of buffers (BatchNorm statistics) at the start of forward.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        self._last_grad: float | None = None
+        self._handles = [p.register_post_accumulate_grad_hook(self._mark) for p in params if p.requires_grad]
+
+    def _mark(self, param: torch.Tensor) -> None:
+        self._last_grad = time.monotonic()
+
+    def backward(self, loss: torch.Tensor) -> float:
+        """``loss.backward()``; returns the seconds it waited after the last gradient (0 if none)."""
+        self._last_grad = None
+        loss.backward()
+        end = time.monotonic()
+        return max(0.0, end - self._last_grad) if self._last_grad is not None else 0.0
+
+    def remove(self) -> None:
+        """Remove the hooks from the parameters."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
 
 def _device(args: TrainConfig, local_rank: int) -> torch.device:
@@ -103,6 +139,8 @@ def train_stage(args: TrainConfig, stage: Stage, ctx: StageContext, metrics: Met
             from tqdm import tqdm
 
         progress = tqdm(total=total_steps, initial=step, desc=stage.name, unit="step", dynamic_ncols=True)
+    clock = CommWaitClock(list(model.parameters()))
+    comm_wait_total = 0.0
     ddp.train()
     start = time.monotonic()
     while step < total_steps:
@@ -115,12 +153,14 @@ def train_stage(args: TrainConfig, stage: Stage, ctx: StageContext, metrics: Met
                     (loss / args.accumulate).backward()
             else:
                 loss, extra = stage.loss(ddp, batch, ctx)
-                (loss / args.accumulate).backward()
+                comm_wait = clock.backward(loss / args.accumulate)  # the micro-batch that communicates
+        comm_wait_total += comm_wait
         optimizer.step()
         step += 1
         if ctx.rank == 0:
             if step % args.log_every == 0 or step == total_steps:
                 metrics.write(stage=stage.name, step=step, loss=loss.item(), time=time.monotonic() - start,
+                              comm_wait=comm_wait,
                               comm=args.comm if state is None or state.using_switch else "fallback", **extra)
             if progress is not None:
                 progress.update(1)
@@ -131,6 +171,7 @@ def train_stage(args: TrainConfig, stage: Stage, ctx: StageContext, metrics: Met
     if progress is not None:
         progress.close()
     elapsed = time.monotonic() - start
+    clock.remove()
     if state is not None:
         summary = {"buckets_through_switch": state.buckets_through_switch,
                    "buckets_on_fallback": state.buckets_on_fallback}
@@ -141,6 +182,7 @@ def train_stage(args: TrainConfig, stage: Stage, ctx: StageContext, metrics: Met
     if ctx.rank == 0:
         model.eval()
         result = {**stage.evaluate(model, ctx), **summary, "steps": step, "train_seconds": elapsed,
+                  "comm_wait_seconds": comm_wait_total,
                   "batch_size": batch_size, "world_size": ctx.world_size}
         stage.finish(model, ctx)
         metrics.write(stage=stage.name, final=True, **result)
