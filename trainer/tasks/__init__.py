@@ -12,6 +12,7 @@ TASKS: dict[str, str] = {
     "digits": "trainer.tasks.digits:DigitsTask",
     "attribution": "trainer.tasks.attribution:AttributionTask",
     "clip": "trainer.tasks.clip:ClipTask",
+    "shapes_resnet": "trainer.tasks.convnet:ShapesResNetTask",
 }
 
 

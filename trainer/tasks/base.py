@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -30,6 +31,14 @@ class StageContext:
     world_size: int
     device: torch.device
     seed: int
+
+
+def classification_loss(model: nn.Module, batch: Any, ctx: StageContext) -> tuple[torch.Tensor, dict[str, float]]:
+    """Cross-entropy of a batch of (images, labels) and its accuracy: ``Stage.loss`` of a classifier."""
+    images, labels = (t.to(ctx.device) for t in batch)
+    logits = model(images)
+    loss = F.cross_entropy(logits, labels)
+    return loss, {"accuracy": (logits.argmax(1) == labels).float().mean().item()}
 
 
 class Stage(ABC):

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from switchml.extras import needs
-from trainer.tasks.base import Stage, StageContext, Task
+from trainer.tasks.base import Stage, StageContext, Task, classification_loss
 
 
 def digits_split(train: bool, seed: int = 0) -> TensorDataset:
@@ -65,10 +65,7 @@ class DigitsStage(Stage):
         return digits_split(train=True)
 
     def loss(self, model: nn.Module, batch, ctx: StageContext) -> tuple[torch.Tensor, dict[str, float]]:
-        images, labels = (t.to(ctx.device) for t in batch)
-        logits = model(images)
-        loss = F.cross_entropy(logits, labels)
-        return loss, {"accuracy": (logits.argmax(1) == labels).float().mean().item()}
+        return classification_loss(model, batch, ctx)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, ctx: StageContext) -> dict[str, float]:
