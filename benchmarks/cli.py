@@ -5,6 +5,7 @@
     switchml-bench scale --measured benchmarks/results/allreduce_mininet.json --plot scale.png
     switchml-bench pps --payload 256,1024 --json benchmarks/results/pps.json
     switchml-bench train --task digits --workers 4 --steps 100 --plot train.png -- --width 64
+    switchml-bench train --net mininet --bw 100 --mtu 9000 --workers 4,8 --task shapes_resnet --plot train.png
     switchml-bench fuzz --packets 1000000 --json benchmarks/results/fuzz_1M.json
 """
 
@@ -36,6 +37,21 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _add_network_options(p: argparse.ArgumentParser, net: str, bw: str, mtu: str) -> None:
+    """--net, --bw and --mtu (with these helps), then SwitchML's --k and --window, which are sized
+    for them (``benchmarks.allreduce.AllreduceConfig``, for the allreduce and train benchmarks alike)."""
+    p.add_argument("--net", choices=["loopback", "mininet"], default="loopback", help=net)
+    p.add_argument("--bw", type=float, default=None, metavar="MBIT", help=bw)
+    p.add_argument("--mtu", type=int, default=1500, help=mtu)
+    p.add_argument("--k", type=int, default=None,
+                   help="SwitchML elements per packet (32..4096; Tofino: 64 or 256); default: the largest "
+                        "packet that fits the MTU (loopback: 4096; MTU 1500: 256; MTU 9000: 2048)")
+    p.add_argument("--window", type=int, default=None,
+                   help="SwitchML window (slots per job); default: the largest <= 64 with "
+                        "n * W * packet <= 2 MiB (the switch's 4 MB receive buffer) and, in Mininet, whose "
+                        "packets leave a --bw link within half the workers' first retransmission timeout")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="switchml-bench",
@@ -60,26 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
                     metavar="S[,S...]", help="bytes of float32 per worker: 25MB (10^6), 4MiB (2^20), 1KB, 1000")
     ar.add_argument("--backends", type=_arg(lambda t: parse_list(t, str.strip), "--backends"),
                     default=["switchml", "gloo"], metavar="B[,B...]", help="switchml and/or gloo")
-    ar.add_argument("--k", type=int, default=None,
-                    help="SwitchML elements per packet (32..4096; Tofino: 64 or 256); default: the largest "
-                         "packet that fits the MTU (loopback: 4096; MTU 1500: 256; MTU 9000: 2048)")
-    ar.add_argument("--window", type=int, default=None,
-                    help="SwitchML window (slots per job); default: the largest <= 64 with "
-                         "n * W * packet <= 2 MiB (the switch's 4 MB receive buffer) and, in Mininet, whose "
-                         "packets leave a --bw link within half the retransmission timeout (--rto)")
     ar.add_argument("--rto", type=float, default=None, metavar="SECONDS",
                     help="SwitchML workers' first retransmission timeout (default: the worker's, 0.01); a larger "
                          "one tolerates more queueing and CPU jitter, a smaller one recovers losses sooner")
-    ar.add_argument("--net", choices=["loopback", "mininet"], default="loopback",
-                    help="loopback: all processes on 127.0.0.1; mininet: a star of shaped links "
-                         "(needs root and Mininet, see emulation/mininet.py)")
+    _add_network_options(ar, net="loopback: all processes on 127.0.0.1; mininet: a star of shaped links "
+                                  "(needs root and Mininet, see emulation/mininet.py)",
+                         bw="link rate in Mbit/s: shapes the Mininet links, and is the B of the wire bounds",
+                         mtu="MTU of the Mininet links (1500 or 9000) and of the bounds")
     ar.add_argument("--switch", choices=["software", "bmv2"], default="software",
                     help="software: the software switch; bmv2: BMv2 (simple_switch_grpc) running "
                          "p4/switchml_v1model.p4, deployed over P4Runtime (needs --net mininet, p4c-bm2-ss and "
                          "simple_switch_grpc on PATH; k=64)")
-    ar.add_argument("--bw", type=float, default=None, metavar="MBIT",
-                    help="link rate in Mbit/s: shapes the Mininet links, and is the B of the wire bounds")
-    ar.add_argument("--mtu", type=int, default=1500, help="MTU of the Mininet links (1500 or 9000) and of the bounds")
     ar.add_argument("--loss", type=_arg(lambda t: parse_list(t, parse_fraction), "--loss"), default=[0.0],
                     metavar="P[,P...]", help="packet loss, a fraction or a percentage (0.001 or 0.1%%)")
     ar.add_argument("--loss-at", choices=["switch", "hosts"], default="switch",
@@ -180,18 +187,31 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser(
         "train", formatter_class=fmt,
         help="a training run through SwitchML against DDP's allreduce: step time, samples/s, time to a loss",
-        description="For each worker count and repeat, run `switchml-train TASK --comm switchml` (the software "
-                    "switch on loopback) and `--comm allreduce` (Gloo) in turn, with the same seed, steps and "
-                    "batch. Reports the median step time (after --skip warm-up steps), samples/s, the time until "
-                    "the smoothed training loss reaches the target, the final metrics and the step-time ratio "
-                    "switchml/allreduce. Options after `--` go to switchml-train (e.g. -- --width 64).")
-    tr.add_argument("--task", default="digits", help="a switchml-train task (digits, attribution, clip)")
+        description="For each worker count and repeat, run `switchml-train TASK --comm switchml` and `--comm "
+                    "allreduce` (Gloo) in turn, with the same seed, steps and batch. --net loopback: the local "
+                    "launcher, the software switch on loopback. --net mininet: a Mininet star of --bw links, one "
+                    "rank per host started with `torchrun --nnodes N --node_rank i` (rendezvous on host 0), the "
+                    "software switch and its controller on the star's switch host (authenticated with a random "
+                    "cluster secret), switchml without fallback. Reports the median step time (after --skip "
+                    "warm-up steps), samples/s, the time until the smoothed training loss reaches the target, the "
+                    "share of each step spent waiting for the allreduce (blocked in backward() after the last "
+                    "gradient), the final metrics, the step-time ratio switchml/allreduce and how far the loss "
+                    "curves are apart. Options after `--` go to switchml-train (e.g. -- --width 64).")
+    tr.add_argument("--task", default="digits",
+                    help="a switchml-train task (digits, shapes_resnet: the communication-bound ResNet-18, "
+                         "attribution, clip)")
     tr.add_argument("--workers", type=_arg(_ints, "--workers"), default=[4], metavar="N[,N...]",
                     help="worker counts")
     tr.add_argument("--backends", type=_arg(lambda t: parse_list(t, str.strip), "--backends"),
                     default=["switchml", "allreduce"], metavar="B[,B...]", help="switchml and/or allreduce")
-    tr.add_argument("--net", choices=["loopback"], default="loopback",
-                    help="where the ranks run; only loopback so far (the Mininet star is allreduce's)")
+    _add_network_options(tr, net="loopback: every rank on 127.0.0.1 (the local launcher); mininet: one rank per "
+                                  "host of a star of shaped links, launched with torchrun (needs root and Mininet, "
+                                  "see emulation/mininet.py)",
+                         bw="--net mininet: rate of every link in Mbit/s (default: unshaped veth links)",
+                         mtu="--net mininet: MTU of the links (1500 or 9000)")
+    tr.add_argument("--vary-seed", action="store_true",
+                    help="repeat r trains with --seed r (both backends alike), so that the spread of one "
+                         "backend's repeats is the seed-to-seed spread")
     tr.add_argument("--steps", type=int, default=100, help="optimiser steps per run")
     tr.add_argument("--batch-size", type=int, default=None, help="per-rank batch (default: the task's)")
     tr.add_argument("--repeats", type=int, default=3, help="runs per backend; medians over them are reported")
@@ -203,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--timeout", type=float, default=1800.0, help="seconds one training run may take")
     tr.add_argument("--keep", metavar="DIR", default=None, help="keep every run's output folder under DIR")
     tr.add_argument("--json", metavar="FILE", help="write every run, the machine and the command here")
-    tr.add_argument("--plot", metavar="FILE", help="write a PNG of loss against training time here")
+    tr.add_argument("--plot", metavar="FILE",
+                    help="write a PNG of the loss against training time and against the step here")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -251,10 +272,11 @@ def _train(args: argparse.Namespace, command: str, passthrough: list[str]) -> in
     cfg = train.TrainBenchConfig(
         task=args.task, workers=args.workers, backends=args.backends, steps=args.steps, repeats=args.repeats,
         skip=args.skip, smooth=args.smooth, target_loss=args.target_loss, batch_size=args.batch_size,
-        timeout=args.timeout, task_args=passthrough, keep_dir=args.keep, progress=not args.quiet)
+        timeout=args.timeout, task_args=passthrough, keep_dir=args.keep, progress=not args.quiet, net=args.net,
+        bw_mbit=args.bw, mtu=args.mtu, k=args.k, window=args.window, vary_seed=args.vary_seed)
     try:
         doc = train.run(cfg, command)
-    except (train.TrainBenchmarkError, ValueError, OSError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:  # TrainBenchmarkError, MininetUnavailable and friends
         print(f"switchml-bench train: {exc}", file=sys.stderr)
         return 1
     _report(train, doc, args.json, args.plot)
