@@ -5,13 +5,39 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-from benchmarks import cli
+from benchmarks import cli, train
 from emulation.mininet import mininet_problem
 
 TINY = ["--", "--width", "4", "--train-size", "64", "--test-size", "32"]
+
+
+def test_comm_wait_share_and_loss_agreement():
+    steps = [{"comm_wait": w} for w in (5.0, 0.5, 1.0)]
+    # the warm-up step is left out: (0.5 + 1.0) / (1.0 + 2.0)
+    assert train.comm_wait_share(steps, np.array([9.0, 1.0, 2.0]), skip=1) == 0.5
+    assert train.comm_wait_share([{"loss": 1.0}] * 3, np.ones(3), skip=1) is None  # not logged
+    switchml = [{"smoothed_loss": [2.0, 1.0], "seed": 0}, {"smoothed_loss": [2.0, 1.5], "seed": 1}]
+    allreduce = [{"smoothed_loss": [2.0, 1.25], "seed": 0}, {"smoothed_loss": [1.0, 1.5], "seed": 1}]
+    agreement = train.loss_agreement(switchml, allreduce)
+    assert agreement["max_abs_curve_difference"] == [0.25, 1.0] and agreement["final_difference"] == [-0.25, 0.0]
+    assert agreement["switchml_final_spread"] == 0.5 and agreement["allreduce_final_spread"] == 0.25
+    assert agreement["seeds"] == [0, 1]
+
+
+def test_every_repeat_of_a_pair_trains_with_the_same_seed():
+    cfg = train.TrainBenchConfig(task="shapes_resnet", vary_seed=True, task_args=["--width", "4", "--seed", "9"])
+    for backend in train.BACKENDS:
+        cmd = train.torchrun_command(cfg, 2, 1, backend, Path("out"), 29401, "tcp://10.255.255.254:48865",
+                                     cfg.seed(2))
+        assert cmd[-2:] == ["--seed", "2"]  # after the task's options: --vary-seed wins
+        assert cmd[cmd.index("--node_rank") + 1] == "1" and "--launcher" in cmd
+        assert ("--no-fallback" in cmd) == (backend == "switchml")
+    assert train.TrainBenchConfig().seed(2) is None  # without --vary-seed: the trainer's default
 
 
 def test_link_options_need_the_mininet_star(capsys):
