@@ -103,14 +103,15 @@ class ControlClient:
                                      "ended (with it, the software switch it runs)")
 
     def _handshake_message(self, event: int) -> str:
-        mine = "with a cluster secret" if self._keys is not None else "without a cluster secret"
-        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        # libzmq reports a missing or mismatched mechanism as a protocol error or with no
+        # detail, depending on which side notices first: only the client's own keys tell
+        if self._keys is None:
+            why = "the controller requires a cluster secret (CurveZMQ) and this client has none"
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             why = "the controller refused this client's key: it was derived from another cluster secret"
-        elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-            why = ("one side uses CurveZMQ and the other does not" if self._keys is None else
-                   "the controller runs open (no cluster secret) or speaks another protocol")
         else:
-            why = "the controller could not authenticate this client: it holds another cluster secret"
+            why = "the controller holds another cluster secret, or runs open without one"
+        mine = "with a cluster secret" if self._keys is not None else "without a cluster secret"
         return (f"control channel to {self.endpoint}: the CurveZMQ handshake failed ({why}); this client connects "
                 f"{mine}. Give every rank and the controller the same secret (--secret-file FILE, "
                 f"${defaults.SECRET_ENV} or ${defaults.SECRET_FILE_ENV}); nothing was sent")

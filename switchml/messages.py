@@ -16,7 +16,9 @@ from switchml.protocol import MAX_WORKERS
 
 Address = tuple[str, int]
 
-VERSION = 1  #: of the control protocol, in the hello answer
+#: Of the control protocol, in the hello answer. 2: barrier, heartbeat and leave carry the
+#: session token of the rank's register answer.
+VERSION = 2
 
 
 class MessageError(ValueError):

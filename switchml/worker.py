@@ -42,6 +42,7 @@ from switchml.engine import (  # noqa: F401 - first_window .. retransmit_timeout
 )
 from switchml.errors import (
     AllreduceTimeout,
+    ControlAuthError,
     ControllerGone,
     ControllerTimeout,
     JobFailed,
@@ -378,6 +379,8 @@ class Worker:
                     return
         except ControllerGone as exc:
             self.controller_lost = True
+            self._fail_job(str(exc))
+        except ControlAuthError as exc:  # the controller came back with another secret
             self._fail_job(str(exc))
         finally:
             client.close()

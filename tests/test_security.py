@@ -83,7 +83,7 @@ def test_a_secured_controller_serves_its_secret_and_refuses_every_other_key():
                 np.testing.assert_array_equal(got, 2 * x + 1)
             # a wrong secret, and none at all: a clear error at the handshake, not a timeout
             for secret, kind in ((b"not the cluster's secret, sorry", "another cluster secret"),
-                                 (None, "one side uses CurveZMQ")):
+                                 (None, "requires a cluster secret")):
                 client = ControlClient(runner.endpoint, 30, secret=secret)
                 with pytest.raises(ControlAuthError, match=f"handshake failed.*{kind}.*--secret-file"):
                     client.request(m.Register("intruder", 0, 1, ("127.0.0.1", 9)))
@@ -155,3 +155,11 @@ def test_emulate_refuses_to_serve_other_hosts_without_a_secret(capsys):
     err = capsys.readouterr().err
     assert "cannot start" in err and "which other hosts can reach, without authentication" in err
     assert "--secret-file" in err and "--insecure" in err
+
+
+def test_a_client_with_a_secret_is_told_when_the_controller_runs_open():
+    with SoftwareSwitchRunner("127.0.0.1", 0, 0) as runner:
+        client = ControlClient(runner.endpoint, 30, secret=SECRET)
+        with pytest.raises(ControlAuthError, match="another cluster secret, or runs open without one"):
+            client.request(m.Hello())
+        client.close()
