@@ -51,7 +51,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from emulation.spawn import child_env, stop_process, wait_command
+from emulation.spawn import child_env, spawn_switch, stop_process, wait_command
 from switchml import defaults
 from switchml.errors import SwitchMLError
 
@@ -322,13 +322,25 @@ class StarNetwork:
         self.bmv2_process, self._deployer = bmv2, deployer
         return endpoint
 
-    def wait_for_controller(self, endpoint: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    def spawn_switch(self, log_path: str | os.PathLike, env: dict[str, str] | None = None,
+                     **options: Any) -> subprocess.Popen:
+        """``emulation.spawn.spawn_switch`` on the switch host (listening on ``SWITCH_IP`` unless
+        ``host`` says otherwise), ready once worker 0 gets its controller's ``hello``; output to
+        ``log_path``; stopped by :meth:`stop` if still running. ``env``: added to the switch's
+        and the readiness check's environment (``SWITCHML_SECRET``, say); ``options``: spawn_switch's."""
+        options.setdefault("host", SWITCH_IP)
+        return spawn_switch(start=lambda cmd: self.popen(self.switch, cmd, env=child_env(env), log_path=str(log_path)),
+                            wait=lambda endpoint, proc, timeout: self.wait_for_controller(endpoint, proc, timeout, env),
+                            **options)
+
+    def wait_for_controller(self, endpoint: str, proc: subprocess.Popen, timeout: float = 30.0,
+                            env: dict[str, str] | None = None) -> None:
         """Return once the controller at ``endpoint`` answers ``hello`` from worker 0's namespace
         (``switchml-switch wait``: the readiness check of ``emulation.spawn``, run where the
         workers are); raise ``SwitchMLError`` if ``proc`` (the switch or deploy process) exits
         first or ``timeout`` passes. ``emulation.spawn.spawn_switch`` takes it as ``wait``."""
         waiter = self.hosts[0].popen(wait_command(endpoint, timeout), stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env())
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env(env))
         deadline = time.monotonic() + timeout + 10  # the waiter keeps its own deadline; this one is a backstop
         try:
             while waiter.poll() is None:

@@ -110,7 +110,7 @@ def spawn_switch(host: str = defaults.SWITCH_HOST, port: int = defaults.SWITCH_P
         if isinstance(exc, ControlAuthError):
             raise
         raise SwitchMLError(f"the software switch did not start on {host}:{port}/{control_port} "
-                            f"(exit code {proc.poll()}); is the port in use?") from None
+                            f"(exit code {proc.poll()}; {exc}); is the port in use?") from None
     return proc
 
 
