@@ -60,7 +60,7 @@ from switchml.p4info import (
     int_to_mac,
 )
 from switchml.pipeline import Replica, WorkerEntry
-from switchml.security import TLSFiles
+from switchml.security import TLSFiles, is_local_endpoint
 
 with needs("p4", "the software switch's P4Runtime server (emulation.p4runtime_server)"):
     import grpc
@@ -811,6 +811,10 @@ class P4RuntimeServer:
         log.info("P4Runtime server for device %d on %s (%s)", self.device.device_id, self.grpc_address,
                  "plain text" if self.tls is None else
                  f"TLS{', client certificates required' if self.tls.ca else ''}")
+        if self.tls is None and not is_local_endpoint(f"tcp://{self.grpc_address}"):
+            log.warning("P4Runtime on %s is plain text: whoever reaches it can become primary and rewrite the "
+                        "switch's tables; serve TLS with --p4runtime-tls-cert/--p4runtime-tls-key (docs/security.md)",
+                        self.grpc_address)
         return self
 
     def stop(self, grace: float = 1.0) -> None:

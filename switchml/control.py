@@ -32,15 +32,12 @@ from zmq.utils.monitor import recv_monitor_message
 from switchml import defaults
 from switchml.errors import ControlAuthError, ControllerError, ControllerGone, ControllerTimeout
 from switchml.messages import Request, decode_answer, to_json
-from switchml.security import CurveKeys, read_secret
+from switchml.security import HANDSHAKE_FAILED_EVENTS, CurveKeys, read_secret
 
 log = logging.getLogger(__name__)
 
 #: ``ControlClient(secret=...)`` not given: the cluster secret of the environment (``read_secret``).
 FROM_ENV: Any = object()
-#: Monitor events of a failed handshake: a wrong or missing key on either side.
-_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
 class ControlClient:
@@ -75,7 +72,7 @@ class ControlClient:
             if self._keys is not None:
                 self._keys.secure_client(self._sock)
             self._monitor = self._sock.get_monitor_socket(
-                _HANDSHAKE_FAILED | (zmq.EVENT_DISCONNECTED if self._watch else 0))
+                HANDSHAKE_FAILED_EVENTS | (zmq.EVENT_DISCONNECTED if self._watch else 0))
             self._sock.connect(self.endpoint)
         return self._sock
 
@@ -94,7 +91,7 @@ class ControlClient:
     def _raise_if_gone(self) -> None:
         while self._monitor is not None and self._monitor.poll(0, zmq.POLLIN):
             event = recv_monitor_message(self._monitor)
-            if event["event"] & _HANDSHAKE_FAILED:
+            if event["event"] & HANDSHAKE_FAILED_EVENTS:
                 self.close()
                 raise ControlAuthError(self._handshake_message(event["event"]))
             if event["event"] == zmq.EVENT_DISCONNECTED:

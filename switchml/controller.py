@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from switchml import defaults, protocol
 from switchml.messages import (
@@ -56,12 +57,14 @@ from switchml.messages import (
 from switchml.net import local_ip_towards
 from switchml.pipeline import Replica, WorkerEntry
 from switchml.protocol import MAX_JOBS, MsgType
-from switchml.security import CurveKeys, is_local_endpoint
+from switchml.security import HANDSHAKE_FAILED_EVENTS, CurveKeys, is_local_endpoint
 from switchml.targets import SwitchTarget
 
 log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
+_HANDSHAKE_EVENT_NAMES = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "no detail", zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+                          "protocol error", zmq.EVENT_HANDSHAKE_FAILED_AUTH: "key refused"}
 _PLACEHOLDER_MAC = "00:00:00:00:00:00"  # the software switch routes by IP; P4 targets get MACs from --ports
 
 
@@ -167,8 +170,11 @@ class Controller:
             self._ctx = zmq.Context.instance()
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
+        self._monitor: zmq.Socket | None = None
         if o.secret:
             self._auth = CurveKeys.from_secret(o.secret).secure_server(self._router)
+            # a client with another secret fails before ZAP sees its key: only the monitor tells
+            self._monitor = self._router.get_monitor_socket(HANDSHAKE_FAILED_EVENTS)
         self._router.bind(o.bind)
         self.endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -191,6 +197,9 @@ class Controller:
         for job in list(self._jobs.values()):
             if job.state == "running":
                 self._release(job, "ended", "controller stopped")
+        if self._monitor is not None:
+            self._router.disable_monitor()
+            self._monitor.close(linger=0)
         self._router.close(linger=0)
         if self._auth is not None:
             self._auth.stop()
@@ -207,8 +216,13 @@ class Controller:
     def _serve(self) -> None:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
         while not self._stop.is_set():
-            if poller.poll(200):
+            ready = dict(poller.poll(200))
+            if self._monitor in ready:
+                self._log_handshake_failures()
+            if self._router in ready:
                 identity, _, frame = self._router.recv_multipart(copy=False)
                 identity, raw = identity.bytes, frame.bytes
                 self._peer = _peer_address(frame)
@@ -218,6 +232,14 @@ class Controller:
                     log.exception("error handling a control request")
                     self._answer(identity, Refusal(f"internal error: {exc}"))
             self._expire(time.monotonic())
+
+    def _log_handshake_failures(self) -> None:
+        while self._monitor.poll(0, zmq.POLLIN):
+            event = recv_monitor_message(self._monitor)
+            # libzmq names no peer here; the refused client is told why (ControlAuthError)
+            log.warning("refused a control connection on %s: the CurveZMQ handshake failed (%s): the client holds "
+                        "another cluster secret or none", self.endpoint, _HANDSHAKE_EVENT_NAMES.get(event["event"],
+                                                                                                   event["event"]))
 
     def _answer(self, identity: bytes, answer: Any) -> None:
         """Send an answer of ``switchml.messages`` (an ``Ack``, a ``Refusal``, ...)."""

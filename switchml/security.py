@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 #: The ZAP domain of the controller's socket (pyzmq's authenticator matches it exactly).
 ZAP_DOMAIN = "switchml"
+#: Socket-monitor events of a failed CurveZMQ handshake (a wrong or missing key, either side).
+HANDSHAKE_FAILED_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                           | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 _SERVER_LABEL = b"switchml-server"
 _CLIENT_LABEL = b"switchml-client"
 
@@ -215,4 +218,4 @@ def _read_pem(path: str, flag: str) -> bytes:
     return data
 
 
-__all__ = ["CurveKeys", "SecretError", "TLSFiles", "ZAP_DOMAIN", "is_local_endpoint", "read_secret", "secret_env"]
+__all__ = ["HANDSHAKE_FAILED_EVENTS", "CurveKeys", "SecretError", "TLSFiles", "ZAP_DOMAIN", "is_local_endpoint", "read_secret", "secret_env"]

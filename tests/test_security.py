@@ -5,6 +5,7 @@ sockets, a real controller and real workers over UDP on 127.0.0.1."""
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -74,7 +75,8 @@ def _allreduce_all(workers: list[Worker], x: np.ndarray) -> list[np.ndarray]:
     return [f.result(timeout=60) for f in futures]
 
 
-def test_a_secured_controller_serves_its_secret_and_refuses_every_other_key():
+def test_a_secured_controller_serves_its_secret_and_refuses_every_other_key(caplog):
+    caplog.set_level(logging.WARNING, logger="switchml.controller")
     with SoftwareSwitchRunner("127.0.0.1", 0, 0, secret=SECRET) as runner:
         workers = _register_all(runner.endpoint, "sealed", 2, secret=SECRET)
         try:
@@ -90,6 +92,11 @@ def test_a_secured_controller_serves_its_secret_and_refuses_every_other_key():
                 client.close()
             with pytest.raises(ControlAuthError, match="another cluster secret"):
                 Worker(runner.endpoint, "intruder", 0, 1, secret=b"not the cluster's secret, sorry")
+            # the controller logged them (from its thread, when its socket monitor reports them)
+            deadline = time.monotonic() + 30
+            while "CurveZMQ handshake failed" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert f"refused a control connection on {runner.endpoint}: the CurveZMQ handshake failed" in caplog.text
             # ... and they changed nothing
             good = ControlClient(runner.endpoint, 30, secret=SECRET)
             jobs = good.request(m.Stats()).jobs
@@ -163,3 +170,32 @@ def test_a_client_with_a_secret_is_told_when_the_controller_runs_open():
         with pytest.raises(ControlAuthError, match="another cluster secret, or runs open without one"):
             client.request(m.Hello())
         client.close()
+
+
+def test_launchers_hand_the_secret_to_every_rank_through_the_environment(tmp_path, monkeypatch):
+    import os
+
+    pytest.importorskip("torchvision")
+    from trainer import launch
+    from trainer.cli import build_parser
+    from trainer.config import TrainConfig
+
+    for name in (defaults.SECRET_ENV, defaults.SECRET_FILE_ENV, "RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test, whatever the launcher sets
+    path = tmp_path / "secret"
+    path.write_text("the-cluster-secret-0123\n")
+    with_file = TrainConfig.from_namespace(build_parser().parse_args(["digits", "--secret-file", str(path)]))
+    assert launch._cluster_secret(with_file, fresh=True) == b"the-cluster-secret-0123"
+    assert os.environ[defaults.SECRET_ENV] == "the-cluster-secret-0123"  # what every rank inherits
+    monkeypatch.delenv(defaults.SECRET_ENV)
+    plain = TrainConfig.from_namespace(build_parser().parse_args(["digits"]))
+    fresh = launch._cluster_secret(plain, fresh=True)  # local and Ray, starting their own switch
+    assert len(fresh) >= 32 and os.environ[defaults.SECRET_ENV] == fresh.decode()
+    monkeypatch.delenv(defaults.SECRET_ENV)
+    assert launch._cluster_secret(plain, fresh=False) is None
+    # torchrun across hosts without a secret: refused before any switch starts
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    with pytest.raises(SystemExit, match="MASTER_ADDR 10.0.0.1, which other hosts reach, without a secret"):
+        launch.launch_torchrun(plain)
