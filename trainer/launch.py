@@ -116,6 +116,23 @@ def launch_torchrun(args: TrainConfig) -> tuple[TrainConfig, dict]:
     return args, (json.loads(path.read_text()) if rank == 0 else {})
 
 
+#: Ray Train features a switchml-train run does not use, off unless the user set them: the
+#: preemption watcher (for spot instances) is one more actor to start, and it logs an error
+#: about its own arguments on every run.
+RAY_TRAIN_DEFAULTS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+#: Ray Train loggers that warn about what a cluster without Ray's dashboard lacks (the State
+#: API; ``ray[train]`` has no dashboard): the placement-group cleaner warns at every check,
+#: a dozen lines a run. Errors still show.
+QUIET_RAY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_ray_worker() -> None:
+    """Ray's ``worker_process_setup_hook`` for switchml-train: runs in every process of the job
+    (ranks and Ray Train's own actors) before its work, and quiets ``QUIET_RAY_LOGGERS``."""
+    for name in QUIET_RAY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _ray_loop(config: dict) -> None:
     with needs("ray", "switchml-train --launcher ray"):
         import ray.train
@@ -139,14 +156,19 @@ def launch_ray(args: TrainConfig) -> tuple[TrainConfig, dict]:
 
     use_gpu = args.device == "cuda"
     secret = _cluster_secret(args, fresh=not args.controller) if args.comm == "switchml" else None
+    for name, value in RAY_TRAIN_DEFAULTS.items():
+        os.environ.setdefault(name, value)  # Ray Train passes these on to its controller
     # every rank gets the secret through the job's environment, on whichever node it runs
-    runtime_env = {"env_vars": secret_env(secret)} if secret else None
+    runtime_env = {"worker_process_setup_hook": f"{__name__}.quiet_ray_worker",
+                   **({"env_vars": secret_env(secret)} if secret else {})}
+    started = time.monotonic()
     if args.ray_address:
         ray.init(address=args.ray_address, include_dashboard=False, runtime_env=runtime_env)
         host = ray.util.get_node_ip_address()
     else:
         ray.init(num_cpus=max(2, args.workers + 1), include_dashboard=False, runtime_env=runtime_env)
         host = "127.0.0.1"
+    log.info("Ray: cluster %s in %.1f s", args.ray_address or "(local) started", time.monotonic() - started)
     runner = None
     try:
         if args.comm == "switchml" and not args.controller:
@@ -164,11 +186,16 @@ def launch_ray(args: TrainConfig) -> tuple[TrainConfig, dict]:
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             run_config=RunConfig(storage_path=str(out / "ray"), name=f"{args.task}-{int(time.time())}"),
         )
+        fit_started = time.monotonic()
         trainer.fit()
+        log.info("Ray Train: the run took %.1f s, start-up and shut-down of its workers included",
+                 time.monotonic() - fit_started)
     finally:
         if runner is not None:
             runner.stop()
+        stopping = time.monotonic()
         ray.shutdown()
+        log.info("Ray: shut down in %.1f s", time.monotonic() - stopping)
     return args, json.loads((out / "final_metrics.json").read_text())
 
 
