@@ -1,7 +1,8 @@
 """The software switch's native data plane: ``NativeDataPlane``, the C extension behind ``DataPlane``.
 
 ``emulation._native_switch`` (``native/switch.c``) does the per-packet work and the UDP loop
-(recvmmsg/sendmmsg batches, the GIL released, one or more threads on one socket):
+(recvmmsg/sendmmsg batches, the GIL released, one or more threads on one socket). It has no
+leaf role (docs/hierarchy.md): it refuses upstream entries, naming the Python data plane.
 
 - The slot state and the counters are numpy arrays that this class allocates and the C code
   writes in place; every read and write here holds the C state's mutex, which the C loop
@@ -26,6 +27,7 @@ import numpy as np
 
 from emulation.dataplane import Address, DataPlane, Reply, SlotState, StopSignal, Tables
 from switchml import native, protocol
+from switchml.errors import LeafRoleUnsupported
 from switchml.pipeline import (
     DROPS_COUNTER,
     NUM_DROP_REASONS,
@@ -127,6 +129,9 @@ class NativeDataPlane(DataPlane):
 
     # ------------------------------------------------------------ state
     def set_tables(self, tables: Tables, clear_state: bool = False) -> None:
+        if tables.upstream:  # SoftwareSwitch.add_upstream refuses first; this guards other callers
+            raise LeafRoleUnsupported(f"upstream entries for jobs {sorted(tables.upstream)}: the native data plane "
+                                      "has no leaf role; use dataplane='python' (docs/hierarchy.md)")
         rows = _compile(tables)
         with self._locked():
             if clear_state:

@@ -9,7 +9,9 @@ and returns the packets to send, so tests can drive the switch packet by packet;
 server (``emulation.server``) runs the data plane's loop on a socket.
 
 Tables and counters are those of ``switchml.pipeline``; the controller fills them through
-``emulation.target.InProcessTarget`` or the P4Runtime server.
+``emulation.target.InProcessTarget`` or the P4Runtime server. The upstream table makes the
+switch a leaf of a tree for a job (docs/hierarchy.md; the Python data plane's leaf role, see
+``emulation.dataplane``); the native data plane has no leaf role and ``add_upstream`` refuses.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from collections.abc import Sequence
 from emulation import native
 from emulation.dataplane import Address, DataPlane, PythonDataPlane, Reply, SlotState, Tables
 from switchml import defaults
+from switchml.errors import LeafRoleUnsupported
 from switchml.pipeline import (
     DROP_PROBABILITY_SCALE,
     DROPS_COUNTER,
     DropReason,
     Replica,
+    UpstreamEntry,
     WorkerEntry,
     drop_threshold,
 )
@@ -65,6 +69,7 @@ class SoftwareSwitch:
         self._groups: dict[int, list[Replica]] = {}
         self._port_of: dict[Address, int] = {}
         self._loss: dict[int, int] = {}
+        self._upstream: dict[int, UpstreamEntry] = {}  # by job number: the jobs this switch is a leaf of
         self._default_loss = drop_threshold(drop_probability)
         self._lock = threading.Lock()  # the tables' (the data plane has its own)
         plane = native.NativeDataPlane if dataplane == native.NATIVE else PythonDataPlane
@@ -77,8 +82,10 @@ class SoftwareSwitch:
 
     def _push(self, clear_state: bool = False) -> None:
         """Hand the tables to the data plane; the caller holds ``_lock``, so pushes keep their order."""
-        self.data_plane.set_tables(Tables.of(self._admission, self._groups, self._port_of, self._loss,
-                                             self._default_loss), clear_state)
+        # the spine's address gets the port of its upstream entry, so that the loss table applies to it
+        port_of = {**{(u.ip, u.udp_port): u.port for u in self._upstream.values()}, **self._port_of}
+        self.data_plane.set_tables(Tables.of(self._admission, self._groups, port_of, self._loss,
+                                             self._default_loss, self._upstream), clear_state)
 
     # ---------------------------------------------------------------- tables
     def add_admission(self, ip: str, udp_port: int, entry: WorkerEntry | None) -> None:
@@ -120,6 +127,33 @@ class SoftwareSwitch:
         with self._lock:
             return {g: list(r) for g, r in self._groups.items()}
 
+    @property
+    def leaf_role(self) -> bool:
+        """Whether this switch can be a leaf (its data plane takes upstream entries)."""
+        return self.data_plane.leaf_role
+
+    def add_upstream(self, entry: UpstreamEntry) -> None:
+        """Make this switch a leaf for job ``entry.job``: its rack's completed slots go to the spine."""
+        if not self.data_plane.leaf_role:
+            raise LeafRoleUnsupported(
+                f"upstream entry for job {entry.job}: the {self.dataplane} data plane has no leaf role; run a leaf "
+                "switch with dataplane='python' (switchml-switch emulate --dataplane python) (docs/hierarchy.md)")
+        _check_range(f"job {entry.job}", entry.pool_base, entry.pool_size, self.pool_size)
+        with self._lock:
+            self._upstream[entry.job] = entry
+            self._push()
+
+    def remove_upstream(self, job: int) -> None:
+        """Delete job ``job``'s upstream entry (absent entries are ignored)."""
+        with self._lock:
+            self._upstream.pop(job, None)
+            self._push()
+
+    def upstream_entries(self) -> dict[int, UpstreamEntry]:
+        """A copy of the upstream table, by job number."""
+        with self._lock:
+            return dict(self._upstream)
+
     def set_drop_probability(self, port: int | None, probability: float) -> None:
         """Loss on ``port`` (both directions), or on every port without an entry if None."""
         threshold = drop_threshold(probability)
@@ -151,6 +185,7 @@ class SoftwareSwitch:
             self._groups.clear()
             self._port_of.clear()
             self._loss.clear()
+            self._upstream.clear()
             self._push(clear_state=True)
 
     # ------------------------------------------------------------ data plane
@@ -176,11 +211,12 @@ class SoftwareSwitch:
         return self.data_plane.process(data, src)
 
 
+def _check_range(what: str, pool_base: int, size: int, pool_size: int) -> None:
+    if pool_base < 0 or size < 1 or pool_base + size > pool_size:
+        raise ValueError(f"{what}: slots {pool_base}..{pool_base + size - 1} outside the switch's pool of {pool_size}")
+
+
 def _check_entry(entry: WorkerEntry, pool_size: int) -> None:
-    if entry.pool_base < 0 or entry.pool_size < 1 or entry.pool_base + entry.pool_size > pool_size:
-        raise ValueError(
-            f"job {entry.job}: slots {entry.pool_base}..{entry.pool_base + entry.pool_size - 1} "
-            f"outside the switch's pool of {pool_size}"
-        )
+    _check_range(f"job {entry.job}", entry.pool_base, entry.pool_size, pool_size)
     if not 0 <= entry.worker_id < min(entry.num_workers, 32):
         raise ValueError(f"worker_id={entry.worker_id}; expected 0..{min(entry.num_workers, 32) - 1}")

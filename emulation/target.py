@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from emulation.switch import SoftwareSwitch
-from switchml.pipeline import Replica, WorkerEntry, supported_k
+from switchml.pipeline import Replica, UpstreamEntry, WorkerEntry, supported_k
 from switchml.targets import SwitchTarget
 
 
 class InProcessTarget(SwitchTarget):
     """Programs a ``SoftwareSwitch`` object directly (no P4Runtime in between)."""
+
+    def __repr__(self) -> str:
+        return f"InProcessTarget({self.switch.dataplane} software switch)"
 
     def __init__(self, switch: SoftwareSwitch) -> None:
         self.switch = switch
@@ -33,6 +36,18 @@ class InProcessTarget(SwitchTarget):
 
     def set_drop_probability(self, port: int | None, probability: float) -> None:
         self.switch.set_drop_probability(port, probability)
+
+    def why_no_leaf_role(self) -> str | None:
+        if self.switch.leaf_role:
+            return None
+        return (f"the software switch's {self.switch.dataplane} data plane has no leaf role; run the leaf with "
+                "dataplane='python' (switchml-switch emulate --dataplane python)")
+
+    def add_upstream(self, entry: UpstreamEntry) -> None:
+        self.switch.add_upstream(entry)
+
+    def remove_upstream(self, job: int) -> None:
+        self.switch.remove_upstream(job)
 
     def read_counter(self, name: str) -> list[int]:
         return self.switch.read_counter(name)

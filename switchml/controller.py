@@ -14,6 +14,10 @@ rank of a job has registered, the controller
 A job ends when all its ranks leave, or fails when one stops sending heartbeats; either
 way its entries are deleted and its slots and job number go back to the pool.
 
+With ``ControllerOptions.tree`` the controller's switch is the spine of a tree of leaf switches
+and every job spans the racks its ranks are in: steps 2 and 3 program and clear every switch of
+the tree, and step 4 tells each rank its leaf's address (``switchml.tree``, docs/hierarchy.md).
+
 Security (docs/security.md): with a cluster secret the ZeroMQ socket is a CurveZMQ server
 that admits only clients holding the same secret; without one it refuses to bind an address
 other hosts can reach unless ``insecure`` says so. Each registration is answered with a
@@ -55,10 +59,10 @@ from switchml.messages import (
     to_json,
 )
 from switchml.net import local_ip_towards
-from switchml.pipeline import Replica, WorkerEntry
 from switchml.protocol import MAX_JOBS, MsgType
 from switchml.security import HANDSHAKE_FAILED_EVENTS, CurveKeys, is_local_endpoint
 from switchml.targets import SwitchTarget
+from switchml.tree import JobSlots, Plan, Tree, flat_plan, tree_plan
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +102,9 @@ class ControllerOptions:
     #: Serve an open channel on an address other hosts can reach (anyone there can then
     #: register, leave and read every job's state).
     insecure: bool = False
+    #: Leaf switches under this controller's switch, which is then their spine: every job spans
+    #: the racks its ranks are in (``switchml.tree``). None: one switch.
+    tree: Tree | None = None
 
 
 class InsecureBind(ValueError):
@@ -124,7 +131,7 @@ class _Job:
     last_seen: dict[int, float] = field(default_factory=dict)
     left: set[int] = field(default_factory=set)
     barrier: dict[int, bytes] = field(default_factory=dict)
-    replicas: list[Replica] = field(default_factory=list)
+    plan: Plan = field(default_factory=Plan)  # what the switches hold for the job
     ended_at: float = 0.0
 
     def describe(self) -> dict[str, Any]:
@@ -146,6 +153,8 @@ class Controller:
             raise ValueError(f"k={o.k}: the target takes {list(target.supported_k)} elements per packet")
         if not 1 <= o.window <= o.pool_size:
             raise ValueError(f"window={o.window}; expected 1..pool_size ({o.pool_size})")
+        if o.tree is not None:
+            o.tree.check(o.switch_address, o.k)  # a leaf without the leaf role is refused here
         self._jobs: dict[str, _Job] = {}
         self._free_slots = [(0, o.pool_size)]  # (base, size) runs
         self._next_number = 0
@@ -181,6 +190,8 @@ class Controller:
         self._udp.bind((local_ip_towards(o.switch_address), 0))
         self.reset_address: Address = self._udp.getsockname()
         target.add_controller(*self.reset_address)
+        for leaf in o.tree.leaves if o.tree is not None else ():
+            leaf.target.add_controller(*self.reset_address)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="switchml-controller", daemon=True)
 
@@ -363,7 +374,7 @@ class Controller:
                  job.pool_base, job.pool_base + job.pool_size - 1, job.k, job.world_size)
         for rank, identity in job.identities.items():
             self._answer(identity, JobInfo(job.number, rank, job.world_size, job.k, job.pool_size, job.pool_base,
-                                           self.options.switch_address, job.sessions[rank]))
+                                           job.plan.switch_of[rank], job.sessions[rank]))
         job.identities.clear()
 
     def _allocate(self, job: _Job) -> str | None:
@@ -393,15 +404,31 @@ class Controller:
         return self._virtual_ports.setdefault(address, len(self._virtual_ports) + 1)
 
     def _program(self, job: _Job) -> None:
-        mac_of = self.options.mac_of or (lambda _: _PLACEHOLDER_MAC)
-        job.replicas = [Replica(self._port_of(a), rank, mac_of(a), a[0], a[1]) for rank, a in sorted(job.addresses.items())]
-        self.target.set_multicast_group(job.mgid, job.replicas)
-        for rank, (ip, port) in job.addresses.items():
-            self.target.add_worker(WorkerEntry(ip, port, job.number, rank, job.world_size, job.mgid,
-                                               job.pool_base, job.pool_size))
+        """Program every switch of the job (one, or a tree's spine and leaves: ``switchml.tree``)."""
+        o = self.options
+        mac_of = o.mac_of or (lambda _: _PLACEHOLDER_MAC)
+        slots = JobSlots(job.number, job.mgid, job.pool_base, job.pool_size)
+        if o.tree is None:
+            plan = flat_plan(self.target, o.switch_address, slots, job.addresses, self._port_of, mac_of)
+        else:
+            plan = tree_plan(o.tree, self.target, o.switch_address, slots, job.addresses, self._port_of, mac_of)
+        job.plan = Plan([], plan.switch_of)
+        for program in plan.programs:
+            job.plan.programs.append(program)  # before apply: a half-programmed switch is cleaned up too
+            program.apply()
+        if o.tree is not None:
+            log.info("job %r: a tree of %d leaves (%s) under the spine at %s:%d", job.name, len(plan.programs) - 1,
+                     ", ".join(f"{p.role}: {len(p.workers)} ranks" for p in plan.programs[1:]), *o.switch_address)
 
     def _reset_slots(self, job: _Job) -> None:
-        """Clear the job's slots with RESET packets; retransmit until every one is echoed."""
+        """Clear the job's slots on each of its switches with RESET packets; retransmit until every one is echoed."""
+        tree = len(job.plan.programs) > 1
+        for program in job.plan.programs:
+            self._reset_switch(job, tuple(program.address), program.role, tree)
+
+    def _reset_switch(self, job: _Job, switch: Address, role: str, check_source: bool) -> None:
+        """``check_source``: count only echoes from ``switch`` (a tree's switches echo to one socket;
+        a single switch's echo may come from another address than the advertised one, behind NAT)."""
         pending = {slot: protocol.encode_header(MsgType.RESET, 0, job.number, 0, slot, 0, 0)
                    + bytes(protocol.ELEMENT_BYTES * protocol.SIZE_TO_K[0])
                    for slot in range(job.pool_base, job.pool_base + job.pool_size)}
@@ -409,21 +436,22 @@ class Controller:
         buf = bytearray(protocol.packet_bytes(protocol.MAX_K))
         while pending:
             for packet in pending.values():
-                self._udp.sendto(packet, self.options.switch_address)
+                self._udp.sendto(packet, switch)
             resend_at = min(time.monotonic() + 0.05, deadline)
             while pending and (wait := resend_at - time.monotonic()) > 0:
                 self._udp.settimeout(wait)
                 try:
-                    n = self._udp.recv_into(buf)
+                    n, src = self._udp.recvfrom_into(buf)
                 except TimeoutError:
                     break
-                if n >= protocol.PREAMBLE_BYTES:
+                # a late echo from another switch of a tree must not count for this one
+                if n >= protocol.PREAMBLE_BYTES and (not check_source or src == switch):
                     h = protocol.decode_header(buf[:n])
                     if h.msg_type == MsgType.RESET and h.job_number == job.number:
                         pending.pop(h.slot, None)
             if pending and time.monotonic() >= deadline:
                 raise TimeoutError(f"{len(pending)} of {job.pool_size} RESET packets were not acknowledged by the "
-                                   f"switch at {self.options.switch_address} within {self.options.reset_timeout:g} s")
+                                   f"{role} at {switch} within {self.options.reset_timeout:g} s")
 
     def _job_of(self, msg: Barrier | Heartbeat | Leave) -> tuple[_Job | None, str | None]:
         job = self._jobs.get(msg.job)
@@ -523,10 +551,13 @@ class Controller:
         job.state, job.error, job.ended_at = state, error, time.monotonic()
         if job.number < 0:
             return
-        for ip, port in job.addresses.values():
-            self.target.remove_worker(ip, port)
-        if job.replicas:
-            self.target.delete_multicast_group(job.mgid, job.replicas)
+        for program in job.plan.programs:
+            try:
+                program.remove()
+            except Exception:  # noqa: BLE001 - the other switches and the slots must still be released
+                log.exception("job %r: deleting its entries on the %s at %s failed", job.name, program.role,
+                              program.address)
+        job.plan.programs.clear()
         if job.pool_size:
             self._free_slots.append((job.pool_base, job.pool_size))
             self._free_slots = _merge_runs(self._free_slots)

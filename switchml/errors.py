@@ -64,3 +64,8 @@ class RanksFailed(JobFailed):
     def __init__(self, message: str, ranks: tuple[int, ...] = ()) -> None:
         super().__init__(message)
         self.ranks = tuple(ranks)
+
+
+class LeafRoleUnsupported(SwitchMLError, ValueError):
+    """A switch asked to be a leaf of a tree (docs/hierarchy.md) has no leaf role: the native data
+    plane of the software switch, or a P4 pipeline without the upstream table."""

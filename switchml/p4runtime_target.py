@@ -400,6 +400,13 @@ class P4RuntimeTarget(SwitchTarget):
     def __repr__(self) -> str:
         return f"P4RuntimeTarget({self.connection.address}, device {self.connection.device_id})"
 
+    def why_no_leaf_role(self) -> str | None:
+        # The leaf role is the software switch's Python data plane's (docs/hierarchy.md); the P4
+        # programs have no upstream table, and their P4Info is the contract this target speaks.
+        return (f"{self!r}: the pipeline's P4Info ({self.p4info.source}) has no table {pipeline.UPSTREAM_TABLE}, so "
+                "this switch cannot be a leaf of a tree; the leaf role is the in-process software switch's "
+                "(docs/hierarchy.md)")
+
     def _resolve(self, table: str, action: str, params: Sequence[str]) -> _Resolved:
         t = self.p4info.table(table)
         a = self.p4info.action(action)

@@ -75,6 +75,17 @@ def drop_threshold(probability: float) -> int:
     """A drop probability (0..1) as the loss table's threshold out of ``DROP_PROBABILITY_SCALE``."""
     return round(check_drop_probability(probability) * DROP_PROBABILITY_SCALE)
 
+# Leaf role (docs/hierarchy.md; the software switch's Python data plane only, not in the P4
+# programs' P4Info): job -> set_upstream(...). A leaf sends each slot its rack completed to the
+# spine at (ip, udp_port) as one UPDATE, from its own data address (the one its workers send
+# to, which the spine admits as a worker of the job), and multicasts the spine's RESULT, which
+# it takes only from that address, to the rack's group ``mgid``. A target whose pipeline lacks
+# this table has no leaf role: the controller refuses a tree with it (``switchml.tree``).
+UPSTREAM_TABLE = "SwitchIngress.upstream"
+UPSTREAM_KEYS = ("hdr.switchml.job_number",)
+SET_UPSTREAM_ACTION = "SwitchIngress.set_upstream"
+SET_UPSTREAM_PARAMS = ("ip", "udp_port", "port", "mgid", "pool_base", "pool_size")
+
 # Plain forwarding of traffic that is not switchml's.
 FORWARD_TABLE = "SwitchIngress.forward"
 FORWARD_KEYS = ("hdr.ipv4.dst_addr",)
@@ -111,8 +122,22 @@ class PacketCounter(IntEnum):
     RESETS = 2  #: RESET packets applied
 
 
+#: A leaf's own counter (software switch only: it is in no P4Info, so P4Runtime cannot read it).
+LEAF_COUNTER = "SwitchIngress.leaf"
+
+
+class LeafCounter(IntEnum):
+    """Index into the ``leaf`` counter: what a leaf did with a slot its rack completed."""
+
+    SENT_UPSTREAM = 0  #: rack sums sent to the spine when the rack completed a slot
+    RESENT_UPSTREAM = 1  #: rack sums sent again: a worker retransmitted before the spine's RESULT came
+    RESULTS_FROM_UPSTREAM = 2  #: the spine's RESULTs taken and multicast to the rack
+    IGNORED_FROM_UPSTREAM = 3  #: the spine's RESULTs for a set that held no rack sum waiting for one (a duplicate)
+
+
 NUM_DROP_REASONS = len(DropReason)
 NUM_PACKET_COUNTERS = len(PacketCounter)
+NUM_LEAF_COUNTERS = len(LeafCounter)
 
 
 @dataclass(frozen=True)
@@ -149,3 +174,29 @@ class Replica:
     mac: str
     ip: str
     udp_port: int
+
+
+@dataclass(frozen=True)
+class UpstreamEntry:
+    """A leaf's upstream entry: where job ``job``'s completed slots go, and whose RESULTs it takes.
+
+    The spine at (``ip``, ``udp_port``) is reached through the leaf's port ``port`` (its loss
+    entry applies); the spine's RESULTs, accepted only from that address and only for slots
+    ``pool_base``..``pool_base + pool_size - 1``, go to the rack's multicast group ``mgid``.
+    """
+
+    job: int  #: job number, 0..255 (the same at the leaf and at the spine)
+    ip: str  #: the spine's data address
+    udp_port: int
+    port: int  #: the leaf's port towards the spine (loss table)
+    mgid: int  #: the rack's multicast group
+    pool_base: int  #: first slot of the job's range (the same at the leaf and at the spine)
+    pool_size: int
+
+    def __post_init__(self) -> None:
+        checks = (("job", self.job, 0, MAX_JOBS - 1), ("udp_port", self.udp_port, 1, 65535),
+                  ("pool_base", self.pool_base, 0, MAX_SLOTS - 1), ("pool_size", self.pool_size, 1, MAX_SLOTS - self.pool_base))
+        for name, value, low, high in checks:
+            if not low <= value <= high:
+                raise ValueError(f"upstream entry for job {self.job} (spine {self.ip}:{self.udp_port}): {name}={value} "
+                                 f"out of range {low}..{high}")

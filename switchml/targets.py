@@ -5,7 +5,9 @@ entries, multicast groups with their egress rewrites, the loss table and counter
 software switch implements it in-process (``emulation.target.InProcessTarget``); a
 P4Runtime target implements it for BMv2, Tofino and the software switch's gRPC server.
 Slots are cleared in the data plane by RESET packets (``switchml.controller``), so no
-register access is needed here.
+register access is needed here. A target that can be a leaf of a tree (docs/hierarchy.md) also
+takes upstream entries (``switchml.pipeline.UPSTREAM_TABLE``); the others say why not, and the
+controller refuses a tree with them as leaves (``switchml.tree``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
-from switchml.pipeline import P4_SUPPORTED_K, Replica, WorkerEntry
+from switchml.errors import LeafRoleUnsupported
+from switchml.pipeline import P4_SUPPORTED_K, UPSTREAM_TABLE, Replica, UpstreamEntry, WorkerEntry
 
 
 class SwitchTarget(ABC):
@@ -50,6 +53,18 @@ class SwitchTarget(ABC):
     @abstractmethod
     def read_counter(self, name: str) -> list[int]:
         """Packet counts of counter ``name`` (a ``switchml.pipeline`` counter), by index."""
+
+    def why_no_leaf_role(self) -> str | None:
+        """None if this target can be a leaf (``add_upstream`` works), else why it cannot."""
+        return f"{self!r} has no upstream table ({UPSTREAM_TABLE}), so it cannot be a leaf of a tree"
+
+    def add_upstream(self, entry: UpstreamEntry) -> None:
+        """Upstream entry: make the switch a leaf for job ``entry.job`` (docs/hierarchy.md)."""
+        raise LeafRoleUnsupported(f"upstream entry for job {entry.job}: {self.why_no_leaf_role()}")
+
+    def remove_upstream(self, job: int) -> None:
+        """Delete job ``job``'s upstream entry."""
+        raise LeafRoleUnsupported(f"upstream entry for job {job}: {self.why_no_leaf_role()}")
 
     def close(self) -> None:
         """Release connections; the default has none."""

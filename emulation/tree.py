@@ -1,0 +1,111 @@
+"""A tree of software switches and its controller, in this process: leaves under a spine.
+
+``SoftwareTreeRunner`` is ``emulation.runner.SoftwareSwitchRunner`` for two-level aggregation
+(docs/hierarchy.md): one ``SoftwareSwitch`` per leaf (the Python data plane: it has the leaf
+role) and one for the spine, each on its own UDP socket, and one ``Controller`` that programs
+all of them in-process (``InProcessTarget``) as a ``switchml.tree.Tree``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+from emulation.server import SwitchServer
+from emulation.switch import SoftwareSwitch
+from emulation.target import InProcessTarget
+from switchml import defaults
+from switchml.controller import Controller, ControllerOptions
+from switchml.pipeline import check_drop_probability
+from switchml.tree import Address, Leaf, Tree
+
+log = logging.getLogger(__name__)
+
+
+def racks_of_sizes(sizes: Sequence[int]) -> Callable[[int, Address], int]:
+    """A ``Tree.rack_of`` that puts ranks 0..sizes[0]-1 under leaf 0, the next sizes[1] under leaf 1, ..."""
+    if not sizes or any(size < 1 for size in sizes):
+        raise ValueError(f"rack sizes={list(sizes)}; expected one or more racks of at least 1 rank")
+    leaf_of_rank = [i for i, size in enumerate(sizes) for _ in range(size)]
+
+    def rack_of(rank: int, address: Address) -> int:
+        if not 0 <= rank < len(leaf_of_rank):
+            raise ValueError(f"rank {rank}: the racks {list(sizes)} hold ranks 0..{len(leaf_of_rank) - 1}")
+        return leaf_of_rank[rank]
+
+    return rack_of
+
+
+class SoftwareTreeRunner:
+    """Starts ``leaves`` leaf switches, a spine and a controller on ``host``; ``stop()`` ends all.
+
+    Args:
+        leaves: number of leaf switches.
+        rack_of: (rank, UDP address) -> leaf index (``racks_of_sizes`` builds one).
+        host: the address every socket binds (ports are free ones, the controller's
+            ``control_port``).
+        control_port: ZeroMQ port (0: any free port).
+        pool_size: slots in every switch.
+        leaf_drop_probability, spine_drop_probability: emulated loss on every port of each
+            leaf and of the spine, both directions (0..1): the loss table's default entry.
+        seed: seed of the loss generators (leaf i: seed + i + 1; the spine: seed).
+        spine_dataplane: the spine's data path ("native", "python", None: native where built);
+            it needs no leaf role. Leaves always run the Python data plane.
+        **options: further ``ControllerOptions`` (window, k, heartbeat_timeout, ...).
+    """
+
+    def __init__(self, leaves: int, rack_of: Callable[[int, Address], int], host: str = defaults.SWITCH_HOST,
+                 control_port: int = 0, pool_size: int = defaults.POOL_SIZE, leaf_drop_probability: float = 0.0,
+                 spine_drop_probability: float = 0.0, seed: int = 0, spine_dataplane: str | None = None,
+                 **options) -> None:
+        if leaves < 1:
+            raise ValueError(f"leaves={leaves}; expected at least 1 leaf switch")
+        check_drop_probability(leaf_drop_probability)
+        check_drop_probability(spine_drop_probability)
+        self.spine = SoftwareSwitch(pool_size, drop_probability=spine_drop_probability, seed=seed,
+                                    dataplane=spine_dataplane)
+        self.leaves = [SoftwareSwitch(pool_size, drop_probability=leaf_drop_probability, seed=seed + i + 1,
+                                      dataplane="python") for i in range(leaves)]
+        self.servers: list[SwitchServer] = []
+        self.controller: Controller | None = None
+        try:
+            for switch in (self.spine, *self.leaves):
+                self.servers.append(SwitchServer(switch, host, 0).start())
+            tree = Tree([Leaf(InProcessTarget(switch), server.address)
+                         for switch, server in zip(self.leaves, self.servers[1:], strict=True)], rack_of)
+            self.controller = Controller(InProcessTarget(self.spine), ControllerOptions(
+                bind=f"tcp://{host}:{control_port}", switch_address=self.servers[0].address, pool_size=pool_size,
+                tree=tree, **options)).start()
+        except Exception:
+            self._stop_switches()
+            raise
+
+    @property
+    def endpoint(self) -> str:
+        """The controller's ZeroMQ endpoint, for ``Worker(controller=...)``."""
+        return self.controller.endpoint
+
+    @property
+    def spine_address(self) -> Address:
+        """The spine's data address."""
+        return self.servers[0].address
+
+    @property
+    def leaf_addresses(self) -> list[Address]:
+        """Each leaf's data address, in leaf order."""
+        return [server.address for server in self.servers[1:]]
+
+    def stop(self) -> None:
+        if self.controller is not None:
+            self.controller.stop()
+        self._stop_switches()
+
+    def _stop_switches(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+    def __enter__(self) -> SoftwareTreeRunner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,358 @@
+"""Two-level aggregation (docs/hierarchy.md): leaf switches under a spine.
+
+Packet by packet, the leaf role of the Python data plane (``emulation.dataplane``, steps 1-6)
+against a spine and a flat switch driven by hand; then whole jobs of real ``Worker`` processes
+over UDP on loopback through ``emulation.tree.SoftwareTreeRunner`` (two leaves and a spine, the
+controller programming all three in-process), lossless and with loss on the leaves' and the
+spine's ports; and the refusals: the native data plane and a P4Runtime target have no leaf role.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from mpworkers import allreduce_job, expected_sum
+
+from emulation import native as switch_native
+from emulation.runner import SoftwareSwitchRunner
+from emulation.switch import SoftwareSwitch
+from emulation.target import InProcessTarget
+from emulation.tree import SoftwareTreeRunner, racks_of_sizes
+from switchml import ControllerError, protocol
+from switchml.controller import Controller, ControllerOptions
+from switchml.errors import LeafRoleUnsupported
+from switchml.pipeline import (
+    LEAF_COUNTER,
+    RESULTS_COUNTER,
+    RETRANSMISSIONS_COUNTER,
+    DropReason,
+    LeafCounter,
+    Replica,
+    UpstreamEntry,
+    WorkerEntry,
+)
+from switchml.protocol import MsgType
+from switchml.tree import JobSlots, Leaf, Tree, tree_plan
+
+K = 64
+JOB, BASE, POOL, MGID = 5, 10, 4, 6
+SPINE = ("127.0.0.1", 6000)
+LEAF = [("127.0.0.1", 6001), ("127.0.0.1", 6002)]
+SPINE_PORT = 99  # the leaf's port towards the spine
+MAC = "00:00:00:00:00:00"
+
+
+def worker_addr(rank: int) -> tuple[str, int]:
+    return ("127.0.0.1", 7000 + rank)
+
+
+def update(slot: int, set_bit: int, values, e0: int = 0, tsi: int = 1) -> bytes:
+    return protocol.encode_packet(MsgType.UPDATE, JOB, tsi, slot, set_bit, e0, np.asarray(values, np.int32))
+
+
+def vec(x: int) -> np.ndarray:
+    return np.full(K, x, np.int32)
+
+
+def program(sw: SoftwareSwitch, members: list[tuple[str, int]], upstream: bool) -> SoftwareSwitch:
+    """``members`` as workers 0..n-1 of JOB, and (a leaf) the upstream entry towards SPINE."""
+    sw.set_multicast_group(MGID, [Replica(10 + i, i, MAC, *a) for i, a in enumerate(members)])
+    for i, a in enumerate(members):
+        sw.add_admission(*a, WorkerEntry(*a, JOB, i, len(members), MGID, BASE, POOL))
+    if upstream:
+        sw.add_upstream(UpstreamEntry(JOB, *SPINE, SPINE_PORT, MGID, BASE, POOL))
+    return sw
+
+
+def leaf(ranks: list[int]) -> SoftwareSwitch:
+    return program(SoftwareSwitch(pool_size=32, dataplane="python"), [worker_addr(r) for r in ranks], upstream=True)
+
+
+def counter(sw: SoftwareSwitch, which: LeafCounter) -> int:
+    return sw.read_counter(LEAF_COUNTER)[which]
+
+
+def drops(sw: SoftwareSwitch, reason: DropReason) -> int:
+    return sw.drops()[reason.name.lower()]
+
+
+# ------------------------------------------------------------------ packet by packet
+
+
+def test_a_completed_rack_goes_upstream_once_and_the_spines_result_is_multicast_to_the_rack():
+    lf = leaf([0, 1])
+    assert lf.process(update(BASE, 0, vec(1), e0=-3, tsi=8), worker_addr(0)) == []
+    out = lf.process(update(BASE, 0, vec(2), e0=4, tsi=8), worker_addr(1))
+    assert [dst for _, dst in out] == [SPINE]  # steps 1-2: nothing to the rack yet
+    up = protocol.decode_packet(out[0][0])
+    assert (up.msg_type, up.job_number, up.tsi, up.slot, up.set_bit, up.e0) == (MsgType.UPDATE, JOB, 8, BASE, 0, 4)
+    assert np.all(up.payload == 3)  # the rack's sum, its max exponent
+    assert counter(lf, LeafCounter.SENT_UPSTREAM) == 1 and sum(lf.read_counter(RESULTS_COUNTER)) == 0
+
+    result = protocol.encode_packet(MsgType.RESULT, JOB, 8, BASE, 0, 6, vec(10))
+    out = lf.process(result, SPINE)  # step 6
+    assert sorted(dst for _, dst in out) == [worker_addr(0), worker_addr(1)]
+    assert all(data == result for data, _ in out)  # the spine's packet, unchanged
+    assert counter(lf, LeafCounter.RESULTS_FROM_UPSTREAM) == 1 and lf.read_counter(RESULTS_COUNTER)[BASE] == 1
+    assert lf.slot_state(0, BASE).exp == 6 and np.all(lf.slot_state(0, BASE).values[:K] == 10)
+
+
+def test_a_retransmission_before_the_spines_result_resends_upstream_and_after_it_is_answered_from_it():
+    lf = leaf([0, 1])
+    lf.process(update(BASE, 1, vec(1), e0=2, tsi=3), worker_addr(0))
+    first = lf.process(update(BASE, 1, vec(2), e0=1, tsi=3), worker_addr(1))
+    # step 5: the leaf's UPDATE (or the spine's RESULT) was lost; a worker's resend is the leaf's timer
+    again = lf.process(update(BASE, 1, vec(2), e0=1, tsi=3), worker_addr(1))
+    assert again == first and counter(lf, LeafCounter.RESENT_UPSTREAM) == 1
+    lf.process(protocol.encode_packet(MsgType.RESULT, JOB, 3, BASE, 1, 5, vec(40)), SPINE)
+    # step 4: answered from the spine's RESULT, to the one worker, with its own tsi
+    out = lf.process(update(BASE, 1, vec(1), e0=2, tsi=3), worker_addr(0))
+    assert [dst for _, dst in out] == [worker_addr(0)]
+    pkt = protocol.decode_packet(out[0][0])
+    assert pkt.msg_type == MsgType.RESULT and pkt.e0 == 5 and np.all(pkt.payload == 40)
+    assert lf.read_counter(RETRANSMISSIONS_COUNTER)[BASE] == 1
+    # a duplicate RESULT (the spine answering a second resend) changes nothing and reaches nobody
+    assert lf.process(protocol.encode_packet(MsgType.RESULT, JOB, 3, BASE, 1, 0, vec(-1)), SPINE) == []
+    assert counter(lf, LeafCounter.IGNORED_FROM_UPSTREAM) == 1 and np.all(lf.slot_state(1, BASE).values[:K] == 40)
+
+
+def test_the_leaf_takes_only_its_spines_results_for_a_waiting_set_of_its_range():
+    lf = leaf([0, 1])
+    result = protocol.encode_packet(MsgType.RESULT, JOB, 0, BASE, 0, 0, vec(9))
+    assert lf.process(result, ("127.0.0.1", 6999)) == []  # not the upstream address
+    assert drops(lf, DropReason.BAD_MSG_TYPE) == 1
+    other_job = protocol.encode_packet(MsgType.RESULT, JOB + 1, 0, BASE, 0, 0, vec(9))
+    assert lf.process(other_job, SPINE) == [] and drops(lf, DropReason.BAD_MSG_TYPE) == 2
+    outside = protocol.encode_packet(MsgType.RESULT, JOB, 0, BASE + POOL, 0, 0, vec(9))
+    assert lf.process(outside, SPINE) == [] and drops(lf, DropReason.SLOT_OUT_OF_RANGE) == 1
+    assert lf.process(result, SPINE) == []  # nothing waits in the set: the rack is incomplete
+    assert counter(lf, LeafCounter.IGNORED_FROM_UPSTREAM) == 1
+    lf.process(update(BASE, 0, vec(1)), worker_addr(0))
+    assert lf.process(result, SPINE) == [] and counter(lf, LeafCounter.IGNORED_FROM_UPSTREAM) == 2
+    lf.process(update(BASE, 0, vec(1)), worker_addr(1))
+    wrong_k = protocol.encode_packet(MsgType.RESULT, JOB, 0, BASE, 0, 0, np.zeros(2 * K, np.int32))
+    assert lf.process(wrong_k, SPINE) == [] and drops(lf, DropReason.SIZE_MISMATCH) == 1
+    for junk in (b"", b"\x10", b"\x10" * 9, result[:-1], b"\x1f" + result[1:]):  # hostile RESULTs: dropped, no crash
+        assert lf.process(junk, SPINE) == []
+    assert len(lf.process(result, SPINE)) == 2  # and the real one still works
+
+
+def test_a_rack_of_one_goes_straight_upstream():
+    lf = leaf([0])
+    out = lf.process(update(BASE, 0, vec(7), e0=1), worker_addr(0))
+    assert [dst for _, dst in out] == [SPINE] and np.all(protocol.decode_packet(out[0][0]).payload == 7)
+    assert lf.process(update(BASE, 0, vec(7), e0=1), worker_addr(0)) == out  # its resend goes up again
+
+
+def test_a_reset_clears_the_leafs_waiting_and_held_results():
+    lf = leaf([0])
+    lf.add_admission("127.0.0.9", 9000, None)
+    lf.process(update(BASE, 0, vec(7)), worker_addr(0))
+    lf.process(protocol.encode_packet(MsgType.RESULT, JOB, 1, BASE, 0, 0, vec(7)), SPINE)
+    reset = protocol.encode_packet(MsgType.RESET, 0, 0, BASE, 0, 0, np.zeros(32, np.int32))
+    assert len(lf.process(reset, ("127.0.0.9", 9000))) == 1
+    assert lf.process(protocol.encode_packet(MsgType.RESULT, JOB, 1, BASE, 0, 0, vec(7)), SPINE) == []
+    assert counter(lf, LeafCounter.IGNORED_FROM_UPSTREAM) == 1
+
+
+class HandWiredTree:
+    """Two leaves and a spine joined by hand: each packet a switch emits is handed to its
+    destination switch, except those ``lose`` says are lost; what reaches a worker is kept."""
+
+    def __init__(self, racks: list[list[int]]) -> None:
+        self.leaves = [leaf(ranks) for ranks in racks]
+        self.spine = program(SoftwareSwitch(pool_size=32, dataplane="python"), LEAF[:len(racks)], upstream=False)
+        self.switch_at = {SPINE: self.spine, **dict(zip(LEAF, self.leaves, strict=False))}
+        self.rack_of = {r: i for i, ranks in enumerate(racks) for r in ranks}
+        self.delivered: dict[tuple[str, int], list[bytes]] = {}
+
+    def send(self, rank: int, packet: bytes, lose=lambda src, dst: False) -> None:
+        queue = [(packet, worker_addr(rank), LEAF[self.rack_of[rank]])]
+        while queue:
+            data, src, dst = queue.pop(0)
+            if lose(src, dst):
+                continue
+            if dst not in self.switch_at:
+                self.delivered.setdefault(dst, []).append(data)
+                continue
+            queue += [(out, dst, to) for out, to in self.switch_at[dst].process(data, src)]
+
+
+def test_every_loss_on_the_leaf_spine_link_is_recovered_by_worker_resends_with_the_flat_switchs_result():
+    flat = program(SoftwareSwitch(pool_size=32, dataplane="python"), [worker_addr(r) for r in range(3)], upstream=False)
+    contributions = {0: (vec(5), -2), 1: (vec(-9), 7), 2: (np.arange(K, dtype=np.int32), 3)}
+    flat_out = []
+    for r, (values, e0) in contributions.items():
+        flat_out += flat.process(update(BASE + 1, 0, values, e0, tsi=4), worker_addr(r))
+    expected = {dst: data for data, dst in flat_out}
+
+    tree = HandWiredTree([[0, 1], [2]])
+    lost_once = {(LEAF[0], SPINE), (SPINE, LEAF[1])}  # leaf 0's UPDATE and the spine's RESULT to leaf 1
+
+    def lose(src, dst):
+        if (src, dst) in lost_once:
+            lost_once.discard((src, dst))
+            return True
+        return False
+
+    for r, (values, e0) in contributions.items():
+        tree.send(r, update(BASE + 1, 0, values, e0, tsi=4), lose)
+    assert tree.delivered == {}  # the spine never completed: leaf 0's sum was lost
+    tree.send(1, update(BASE + 1, 0, *contributions[1], tsi=4), lose)  # rank 1 times out: leaf 0 resends
+    assert set(tree.delivered) == {worker_addr(0), worker_addr(1)}  # rack 1's RESULT was lost on the way down
+    tree.send(2, update(BASE + 1, 0, *contributions[2], tsi=4), lose)  # rank 2 resends: the spine answers leaf 1
+    for dst, packets in tree.delivered.items():
+        assert packets == [expected[dst]], dst  # byte for byte the flat switch's RESULT, once each
+    assert counter(tree.leaves[0], LeafCounter.RESENT_UPSTREAM) == 1
+    assert counter(tree.leaves[1], LeafCounter.RESENT_UPSTREAM) == 1
+    assert tree.spine.read_counter(RETRANSMISSIONS_COUNTER)[BASE + 1] == 1
+
+
+# ------------------------------------------------------------------ the controller's plan
+
+
+def test_the_plan_numbers_workers_per_level_and_sends_each_rank_to_its_leaf():
+    spine_target = InProcessTarget(SoftwareSwitch(pool_size=32, dataplane="python"))
+    leaves = [InProcessTarget(SoftwareSwitch(pool_size=32, dataplane="python")) for _ in LEAF]
+    tree = Tree([Leaf(t, a) for t, a in zip(leaves, LEAF, strict=True)], racks_of_sizes([1, 2]))
+    ports = {}
+    plan = tree_plan(tree, spine_target, SPINE, JobSlots(JOB, MGID, BASE, POOL),
+                     {r: worker_addr(r) for r in range(3)}, lambda a: ports.setdefault(a, len(ports) + 1),
+                     lambda a: MAC)
+    spine_program, leaf0, leaf1 = plan.programs
+    assert spine_program.role == "spine" and spine_program.upstream is None
+    assert [(e.ip, e.udp_port, e.worker_id, e.num_workers) for e in spine_program.workers] == [
+        (*LEAF[0], 0, 2), (*LEAF[1], 1, 2)]
+    assert [(e.udp_port, e.worker_id, e.num_workers) for e in leaf0.workers] == [(7000, 0, 1)]
+    assert [(e.udp_port, e.worker_id, e.num_workers) for e in leaf1.workers] == [(7001, 0, 2), (7002, 1, 2)]
+    for p in (leaf0, leaf1):
+        assert p.upstream == UpstreamEntry(JOB, *SPINE, ports[SPINE], MGID, BASE, POOL)
+    assert plan.switch_of == {0: LEAF[0], 1: LEAF[1], 2: LEAF[1]}
+
+
+# ------------------------------------------------------------------ whole jobs over UDP
+
+
+def tree_runner(racks: list[int], **kw) -> SoftwareTreeRunner:
+    return SoftwareTreeRunner(len(racks), racks_of_sizes(racks), "127.0.0.1", pool_size=64, window=8, k=K, **kw)
+
+
+def assert_released(runner: SoftwareTreeRunner) -> None:
+    """Every job's entries are gone from every switch of the tree; the controller's stay."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        switches = [runner.spine, *runner.leaves]
+        if all(list(s.admission_entries().values()) == [None] and not s.multicast_groups() and not
+               s.upstream_entries() for s in switches):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the tree's entries were not deleted when the job ended")
+
+
+@pytest.mark.parametrize("racks", [[2, 2], [2, 1], [1, 1]])
+def test_int32_sums_are_exact_across_racks(racks):
+    n, size = sum(racks), 3_000
+    with tree_runner(racks) as runner:
+        results = allreduce_job(runner.endpoint, f"ints{racks}", n, [size, 1], seed=4, dtype="int32")
+        for rank in range(n):
+            assert np.array_equal(results[rank][0], expected_sum(n, size, 4, "int32"))
+            assert np.array_equal(results[rank][1], expected_sum(n, 1, 5, "int32"))  # the i-th size: seed + i
+        for i, lf in enumerate(runner.leaves):
+            assert counter(lf, LeafCounter.SENT_UPSTREAM) > 0, f"leaf {i} sent nothing upstream"
+        assert_released(runner)
+
+
+def test_float32_is_bit_identical_to_a_flat_switch_run_of_the_same_data():
+    """Exact here, not only within the quantization bound: a tree's RESULT is the flat switch's
+    (wrapping int32 sums and max exponents do not depend on the order they are taken in), and every
+    rank quantizes with the job's world size, as in a flat job."""
+    sizes, n = [10_000, 64 * 3 + 5], 4
+    flat = SoftwareSwitchRunner("127.0.0.1", 0, 0, 64, window=8, k=K)
+    try:
+        expected = allreduce_job(flat.endpoint, "flat", n, sizes, seed=6)
+    finally:
+        flat.stop()
+    with tree_runner([2, 2]) as runner:
+        got = allreduce_job(runner.endpoint, "tree", n, sizes, seed=6)
+    for rank in range(n):
+        for a, b in zip(expected[rank], got[rank], strict=True):
+            assert a.dtype == b.dtype == np.float32 and np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("spine_dataplane", ["python", "native"])
+def test_loss_on_the_leaves_and_the_spine_is_recovered_bit_identical_to_lossless(spine_dataplane):
+    if spine_dataplane == "native" and (why := switch_native.why_missing()) is not None:
+        pytest.skip(f"native data path not built: {why}")
+    sizes, n, racks = [6_000, 64], 3, [2, 1]
+    with tree_runner(racks, spine_dataplane=spine_dataplane) as clean:
+        expected = allreduce_job(clean.endpoint, "clean", n, sizes, seed=9)
+    with tree_runner(racks, spine_dataplane=spine_dataplane, leaf_drop_probability=0.05,
+                     spine_drop_probability=0.05, seed=3) as lossy:
+        got = allreduce_job(lossy.endpoint, "lossy", n, sizes, seed=9, worker_kwargs={"timeout": 60})
+        for rank in range(n):
+            for a, b in zip(expected[rank], got[rank], strict=True):
+                assert np.array_equal(a, b)
+        assert lossy.spine.drops()["emulated_loss"] > 0
+        assert all(lf.drops()["emulated_loss"] > 0 for lf in lossy.leaves)
+        # lost packets above a leaf were noticed through its workers' retransmissions
+        assert sum(counter(lf, LeafCounter.RESENT_UPSTREAM) for lf in lossy.leaves) > 0
+
+
+# ------------------------------------------------------------------ refusals
+
+
+def test_the_native_data_plane_refuses_the_leaf_role_naming_the_python_one():
+    if (why := switch_native.why_missing()) is not None:
+        pytest.skip(f"native data path not built: {why}")
+    sw = SoftwareSwitch(pool_size=32, dataplane="native")
+    with pytest.raises(LeafRoleUnsupported, match=r"native data plane has no leaf role.*dataplane='python'"):
+        sw.add_upstream(UpstreamEntry(JOB, *SPINE, SPINE_PORT, MGID, BASE, POOL))
+    spine = InProcessTarget(SoftwareSwitch(pool_size=32, dataplane="python"))
+    tree = Tree([Leaf(InProcessTarget(sw), LEAF[0])], racks_of_sizes([1]))
+    with pytest.raises(LeafRoleUnsupported, match=r"tree leaf 0 at 127.0.0.1:6001: .*--dataplane python"):
+        Controller(spine, ControllerOptions(bind="tcp://127.0.0.1:0", switch_address=SPINE, pool_size=32, window=4,
+                                            k=K, tree=tree))
+
+
+def test_a_p4runtime_target_refuses_a_tree_naming_the_missing_upstream_table():
+    pytest.importorskip("grpc")
+    from switchml.p4runtime_target import P4RuntimeTarget
+
+    leaf_switch = SoftwareSwitchRunner("127.0.0.1", 0, 0, 32, p4runtime_port=0, with_controller=False,
+                                       dataplane="python")
+    target = None
+    try:
+        target = P4RuntimeTarget(leaf_switch.p4runtime.grpc_address, supported_k=(K,))
+        spine = InProcessTarget(SoftwareSwitch(pool_size=32, dataplane="python"))
+        tree = Tree([Leaf(target, leaf_switch.server.address)], racks_of_sizes([1]))
+        with pytest.raises(LeafRoleUnsupported, match=r"tree leaf 0 .*has no table SwitchIngress\.upstream"):
+            Controller(spine, ControllerOptions(bind="tcp://127.0.0.1:0", switch_address=SPINE, pool_size=32,
+                                                window=4, k=K, tree=tree))
+    finally:
+        if target is not None:
+            target.close()
+        leaf_switch.stop()
+
+
+def test_a_rank_in_no_rack_fails_the_job_with_the_rank_named():
+    from switchml import Worker
+
+    with SoftwareTreeRunner(1, lambda rank, address: 3, "127.0.0.1", pool_size=64, window=8, k=K) as runner:
+        errors: list[str] = []
+
+        def register(rank: int) -> None:
+            try:
+                Worker(runner.endpoint, "lost", rank, 2, timeout=10).close()
+            except ControllerError as exc:
+                errors.append(str(exc))
+
+        threads = [threading.Thread(target=register, args=(r,)) for r in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(errors) == 2
+        assert all("rack_of(rank 0, 127.0.0.1:" in e and "expected a leaf index 0..0" in e for e in errors), errors
