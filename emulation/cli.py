@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the switch's data path: native (C extension: batched UDP, GIL released) or python "
                      "(the reference); default: native where the extension is built, else python "
                      f"(or ${ENV_VAR})")
+    emu.add_argument("--leaf-role", action="store_true",
+                     help="serve P4Runtime with the leaf role's upstream table, so that the controller of a tree "
+                     "(elsewhere, with --no-controller) can make this switch a leaf of a spine; needs "
+                     "--p4runtime-port and the python data plane, its default then (docs/hierarchy.md)")
     emu.add_argument("--threads", type=int, default=1,
                      help="native data path: threads receiving on the switch's socket")
     emu.add_argument("--p4runtime-tls-cert", metavar="PEM", default=None,
@@ -200,7 +204,7 @@ def emulate(args: argparse.Namespace, ready: threading.Event | None = None, stop
                                   heartbeat_timeout=args.heartbeat_timeout,
                                   advertise_address=args.advertise_address, p4runtime_tls=server_tls,
                                   controller_tls=_tls_client(args), secret=read_secret(args.secret_file),
-                                  insecure=args.insecure)
+                                  insecure=args.insecure, leaf_role=args.leaf_role)
     log.info("switchml software switch: data %s:%d, controller %s, k=%d, window %d, pool %d, loss %.4g, %s data path",
              *runner.server.address, runner.endpoint if runner.controller else "none (--no-controller)", args.k,
              args.window, args.pool_size, args.drop_probability, runner.switch.dataplane)

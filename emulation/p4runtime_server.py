@@ -15,8 +15,9 @@ programs it exactly as it programs BMv2 or Tofino:
   otherwise). VERIFY_AND_COMMIT empties tables and zeroes counters and slots, as loading a
   program on a P4 switch does; RECONCILE_AND_COMMIT keeps them. The device config bytes
   (BMv2 JSON, ...) are accepted and ignored.
-- Write: INSERT / MODIFY / DELETE of admission, egress_rewrite, loss and forward entries and
-  of multicast groups, validated like PI (BMv2) does: ids, match fields, match types, action
+- Write: INSERT / MODIFY / DELETE of admission, egress_rewrite, loss and forward entries
+  (and upstream entries, where the served P4Info has the leaf role's table:
+  ``switchml.p4info.with_leaf_role``, docs/hierarchy.md) and of multicast groups, validated like PI (BMv2) does: ids, match fields, match types, action
   ids and scopes, parameter ids and widths (INVALID_ARGUMENT), duplicates (ALREADY_EXISTS),
   missing entries (NOT_FOUND). A failed batch answers UNKNOWN with one ``p4.v1.Error`` per
   update in the status details, as PI does. Forward entries are held and read back but do
@@ -48,6 +49,7 @@ from pathlib import Path
 
 from emulation.switch import SoftwareSwitch
 from switchml import defaults, pipeline
+from switchml.errors import LeafRoleUnsupported
 from switchml.extras import needs
 from switchml.p4info import (
     EXACT,
@@ -56,10 +58,11 @@ from switchml.p4info import (
     TableInfo,
     decode_int,
     encode_int,
+    has_leaf_role,
     int_to_ip,
     int_to_mac,
 )
-from switchml.pipeline import Replica, WorkerEntry
+from switchml.pipeline import Replica, UpstreamEntry, WorkerEntry
 from switchml.security import TLSFiles, is_local_endpoint
 
 with needs("p4", "the software switch's P4Runtime server (emulation.p4runtime_server)"):
@@ -472,11 +475,19 @@ class _Device:
             # A threshold at or above 32768 drops every packet in the P4 programs, too.
             self.switch.set_drop_probability(key[0], min(threshold, pipeline.DROP_PROBABILITY_SCALE)
                                              / pipeline.DROP_PROBABILITY_SCALE)
+        elif table == pipeline.UPSTREAM_TABLE:
+            try:
+                self.switch.add_upstream(UpstreamEntry(key[0], int_to_ip(params["ip"]), **{
+                    name: params[name] for name in pipeline.SET_UPSTREAM_PARAMS if name != "ip"}))
+            except (ValueError, TypeError) as exc:  # LeafRoleUnsupported is a ValueError
+                raise _invalid(f"{table} job {key[0]}: {exc}") from None
         # FORWARD_TABLE: held for reads only (the software switch forwards no other traffic)
 
     def _unprogram(self, table: str, key: tuple, touched: set[int]) -> None:
         if table == pipeline.ADMISSION_TABLE:
             self.switch.remove_admission(int_to_ip(key[0]), key[1])
+        elif table == pipeline.UPSTREAM_TABLE:
+            self.switch.remove_upstream(key[0])
         elif table == pipeline.EGRESS_REWRITE_TABLE:
             self._rewrites.pop(key, None)
             touched.add(key[0])
@@ -766,7 +777,9 @@ class P4RuntimeServer:
         host: address to listen on.
         port: TCP port (``defaults.P4RUNTIME_PORT``, 9559; 0 picks a free one).
         device_id: the device id clients must name (0, simple_switch_grpc's default).
-        p4info: the pipeline it serves (default ``p4/switchml_v1model.p4info.txtpb``).
+        p4info: the pipeline it serves (default ``p4/switchml_v1model.p4info.txtpb``); with the
+            leaf role's table (``switchml.p4info.with_leaf_role``) the switch's data plane must
+            have the leaf role (the Python one).
         tls: serve over TLS (``switchml.security.TLSFiles``: cert and key are the server's;
             ca, if given, must sign every client's certificate: mutual TLS). None: plain text.
     """
@@ -777,6 +790,10 @@ class P4RuntimeServer:
         p4info = p4info if isinstance(p4info, P4Info) else P4Info.load(p4info)
         for name in (pipeline.ADMISSION_TABLE, pipeline.EGRESS_REWRITE_TABLE, pipeline.LOSS_TABLE):
             p4info.table(name)  # fail early on a P4Info that is not switchml's
+        if has_leaf_role(p4info) and not switch.leaf_role:
+            raise LeafRoleUnsupported(f"P4Runtime server: {p4info.source} has the leaf role's table, but the "
+                                      f"{switch.dataplane} data plane has no leaf role; use dataplane='python' "
+                                      "(--dataplane python)")
         self.device = _Device(switch, device_id, p4info)
         self._server = grpc.server(ThreadPoolExecutor(max_workers=MAX_CONNECTIONS + _EXTRA_WORKERS,
                                                       thread_name_prefix="p4runtime"),

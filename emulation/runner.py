@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from emulation.native import PYTHON
 from emulation.server import SwitchServer
 from emulation.switch import SoftwareSwitch
 from emulation.target import InProcessTarget
@@ -54,6 +55,10 @@ class SoftwareSwitchRunner:
         controller_tls: the TLS files the controller connects to that server with (ca; cert
             and key for mutual TLS). Default with ``p4runtime_tls``: the server's certificate
             as the CA (a self-signed one), no client certificate.
+        leaf_role: serve P4Runtime with the leaf role's upstream table
+            (``switchml.p4info.with_leaf_role``), so that a tree's controller can make this switch
+            a leaf (docs/hierarchy.md); needs ``p4runtime_port`` and the Python data plane (the
+            default data plane then).
         **options: further ``ControllerOptions`` (window, k, heartbeat_timeout, secret,
             insecure, ...).
     """
@@ -63,9 +68,19 @@ class SoftwareSwitchRunner:
                  drop_probability: float = 0.0, seed: int | None = None, p4runtime_port: int | None = None,
                  device_id: int = 0, with_controller: bool = True, dataplane: str | None = None, threads: int = 1,
                  advertise_address: tuple[str, int | None] | None = None, p4runtime_tls: TLSFiles | None = None,
-                 controller_tls: TLSFiles | None = None, **options) -> None:
+                 controller_tls: TLSFiles | None = None, leaf_role: bool = False, **options) -> None:
         check_drop_probability(drop_probability)
+        if leaf_role and p4runtime_port is None:
+            raise ValueError("leaf_role=True needs a p4runtime_port: the leaf role is programmed over P4Runtime "
+                             "(--leaf-role needs --p4runtime-port); in-process, any Python data plane has it")
+        if leaf_role and dataplane is None:
+            dataplane = PYTHON  # the data plane with the leaf role
         self.switch = SoftwareSwitch(pool_size=pool_size, seed=seed, dataplane=dataplane)
+        self._p4info = None
+        if leaf_role:
+            from switchml.p4info import with_leaf_role
+
+            self._p4info = with_leaf_role()
         self.server = SwitchServer(self.switch, host, port, threads=threads).start()
         self.p4runtime: P4RuntimeServer | None = None
         self.target: SwitchTarget | None = None
@@ -74,19 +89,13 @@ class SoftwareSwitchRunner:
             if p4runtime_port is not None:
                 from emulation.p4runtime_server import P4RuntimeServer  # gRPC only when asked for
 
-                self.p4runtime = P4RuntimeServer(self.switch, host, p4runtime_port, device_id,
+                self.p4runtime = P4RuntimeServer(self.switch, host, p4runtime_port, device_id, p4info=self._p4info,
                                                  tls=p4runtime_tls).start()
                 if p4runtime_tls is not None and controller_tls is None:
                     controller_tls = TLSFiles(ca=p4runtime_tls.cert)
             self._controller_tls = controller_tls
             if with_controller:
-                if self.p4runtime is None:
-                    self.target = InProcessTarget(self.switch)
-                else:
-                    from switchml.p4runtime_target import P4RuntimeTarget
-
-                    self.target = P4RuntimeTarget(self.p4runtime.grpc_address, device_id,
-                                                  supported_k=supported_k(self.switch.sizes), tls=controller_tls)
+                self.target = InProcessTarget(self.switch) if self.p4runtime is None else self.p4runtime_target(device_id)
                 if drop_probability:
                     self.target.set_drop_probability(None, drop_probability)
                 switch_address = self.server.address
@@ -109,14 +118,21 @@ class SoftwareSwitchRunner:
         if self.p4runtime is None:
             InProcessTarget(self.switch).set_drop_probability(None, drop_probability)
             return
-        from switchml.p4runtime_target import P4RuntimeTarget
-
-        target = P4RuntimeTarget(self.p4runtime.grpc_address, device_id, supported_k=supported_k(self.switch.sizes),
-                                 tls=self._controller_tls)
+        target = self.p4runtime_target(device_id)
         try:
             target.set_drop_probability(None, drop_probability)
         finally:
             target.close()
+
+    def p4runtime_target(self, device_id: int = 0) -> SwitchTarget:
+        """A new ``P4RuntimeTarget`` of this switch's P4Runtime server (with the leaf role's table
+        where it serves it), as a controller elsewhere would have; the caller closes it."""
+        from switchml.p4runtime_target import P4RuntimeTarget
+
+        if self.p4runtime is None:
+            raise ValueError("this software switch serves no P4Runtime (p4runtime_port=None)")
+        return P4RuntimeTarget(self.p4runtime.grpc_address, device_id, p4info=self._p4info,
+                               supported_k=supported_k(self.switch.sizes), tls=self._controller_tls)
 
     @property
     def endpoint(self) -> str:

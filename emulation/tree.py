@@ -1,9 +1,11 @@
 """A tree of software switches and its controller, in this process: leaves under a spine.
 
 ``SoftwareTreeRunner`` is ``emulation.runner.SoftwareSwitchRunner`` for two-level aggregation
-(docs/hierarchy.md): one ``SoftwareSwitch`` per leaf (the Python data plane: it has the leaf
-role) and one for the spine, each on its own UDP socket, and one ``Controller`` that programs
-all of them in-process (``InProcessTarget``) as a ``switchml.tree.Tree``.
+(docs/hierarchy.md): one software switch per leaf (the Python data plane: it has the leaf role)
+and one for the spine, each on its own UDP socket, and one ``Controller`` that programs all of
+them as a ``switchml.tree.Tree``: in-process (``InProcessTarget``), or over P4Runtime
+(``P4RuntimeTarget``; each switch serves P4Runtime, the leaves with the leaf role's table), the
+code path of switches in other processes or hosts.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from emulation.server import SwitchServer
+from emulation.native import PYTHON
+from emulation.runner import SoftwareSwitchRunner
 from emulation.switch import SoftwareSwitch
 from emulation.target import InProcessTarget
 from switchml import defaults
 from switchml.controller import Controller, ControllerOptions
 from switchml.pipeline import check_drop_probability
+from switchml.targets import SwitchTarget
 from switchml.tree import Address, Leaf, Tree
 
 log = logging.getLogger(__name__)
@@ -51,30 +55,35 @@ class SoftwareTreeRunner:
         seed: seed of the loss generators (leaf i: seed + i + 1; the spine: seed).
         spine_dataplane: the spine's data path ("native", "python", None: native where built);
             it needs no leaf role. Leaves always run the Python data plane.
+        p4runtime: program every switch over P4Runtime (each serves it on a free port) instead
+            of in-process.
         **options: further ``ControllerOptions`` (window, k, heartbeat_timeout, ...).
     """
 
     def __init__(self, leaves: int, rack_of: Callable[[int, Address], int], host: str = defaults.SWITCH_HOST,
                  control_port: int = 0, pool_size: int = defaults.POOL_SIZE, leaf_drop_probability: float = 0.0,
                  spine_drop_probability: float = 0.0, seed: int = 0, spine_dataplane: str | None = None,
-                 **options) -> None:
+                 p4runtime: bool = False, **options) -> None:
         if leaves < 1:
             raise ValueError(f"leaves={leaves}; expected at least 1 leaf switch")
         check_drop_probability(leaf_drop_probability)
         check_drop_probability(spine_drop_probability)
-        self.spine = SoftwareSwitch(pool_size, drop_probability=spine_drop_probability, seed=seed,
-                                    dataplane=spine_dataplane)
-        self.leaves = [SoftwareSwitch(pool_size, drop_probability=leaf_drop_probability, seed=seed + i + 1,
-                                      dataplane="python") for i in range(leaves)]
-        self.servers: list[SwitchServer] = []
+        self.switches: list[SoftwareSwitchRunner] = []  # the spine, then the leaves
+        self.targets: list[SwitchTarget] = []
         self.controller: Controller | None = None
         try:
-            for switch in (self.spine, *self.leaves):
-                self.servers.append(SwitchServer(switch, host, 0).start())
-            tree = Tree([Leaf(InProcessTarget(switch), server.address)
-                         for switch, server in zip(self.leaves, self.servers[1:], strict=True)], rack_of)
-            self.controller = Controller(InProcessTarget(self.spine), ControllerOptions(
-                bind=f"tcp://{host}:{control_port}", switch_address=self.servers[0].address, pool_size=pool_size,
+            for i in range(leaves + 1):
+                # the loss is the switch's default entry, programmed as a controller would (no controller here)
+                self.switches.append(SoftwareSwitchRunner(
+                    host, 0, 0, pool_size, spine_drop_probability if i == 0 else leaf_drop_probability, seed + i,
+                    p4runtime_port=0 if p4runtime else None, with_controller=False,
+                    dataplane=spine_dataplane if i == 0 else PYTHON, leaf_role=p4runtime and i > 0))
+                runner = self.switches[-1]
+                self.targets.append(runner.p4runtime_target() if p4runtime else InProcessTarget(runner.switch))
+            tree = Tree([Leaf(target, runner.server.address)
+                         for target, runner in zip(self.targets[1:], self.switches[1:], strict=True)], rack_of)
+            self.controller = Controller(self.targets[0], ControllerOptions(
+                bind=f"tcp://{host}:{control_port}", switch_address=self.spine_address, pool_size=pool_size,
                 tree=tree, **options)).start()
         except Exception:
             self._stop_switches()
@@ -86,14 +95,24 @@ class SoftwareTreeRunner:
         return self.controller.endpoint
 
     @property
+    def spine(self) -> SoftwareSwitch:
+        """The spine switch."""
+        return self.switches[0].switch
+
+    @property
+    def leaves(self) -> list[SoftwareSwitch]:
+        """The leaf switches, in leaf order."""
+        return [runner.switch for runner in self.switches[1:]]
+
+    @property
     def spine_address(self) -> Address:
         """The spine's data address."""
-        return self.servers[0].address
+        return self.switches[0].server.address
 
     @property
     def leaf_addresses(self) -> list[Address]:
         """Each leaf's data address, in leaf order."""
-        return [server.address for server in self.servers[1:]]
+        return [runner.server.address for runner in self.switches[1:]]
 
     def stop(self) -> None:
         if self.controller is not None:
@@ -101,8 +120,10 @@ class SoftwareTreeRunner:
         self._stop_switches()
 
     def _stop_switches(self) -> None:
-        for server in self.servers:
-            server.stop()
+        for target in self.targets:
+            target.close()
+        for runner in self.switches:
+            runner.stop()
 
     def __enter__(self) -> SoftwareTreeRunner:
         return self

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from switchml import pipeline
 from switchml.extras import needs
 
 with needs("p4", "P4Runtime (switchml.p4info)"):
@@ -262,6 +263,51 @@ class P4Info:
         missing = sorted(set(mine["counters"]) - set(theirs["counters"]))
         out += [f"counter {n} is missing" for n in missing]
         return out
+
+
+# ---------------------------------------------------------------- the leaf role
+#: Bit widths of the upstream table's key and of ``set_upstream``'s parameters (v1model's: a
+#: 9-bit port; the rest as in ``set_worker`` and ``set_destination``).
+UPSTREAM_KEY_BITS = 8
+UPSTREAM_PARAM_BITS = {"ip": 32, "udp_port": 16, "port": 9, "mgid": 16, "pool_base": 16, "pool_size": 16}
+UPSTREAM_TABLE_SIZE = 256  #: one entry per job number
+
+
+def with_leaf_role(base: P4Info | None = None) -> P4Info:
+    """``base`` (default: the v1model contract) plus the leaf role's upstream table and action.
+
+    The P4 programs have no leaf role (docs/hierarchy.md); a software switch that serves
+    P4Runtime as a leaf serves this P4Info, and a ``P4RuntimeTarget`` given it can program the
+    upstream table. Ids are the next free ones of P4Runtime's action and table prefixes, so the
+    base's ids are unchanged: a controller holding the base P4Info still programs the rest.
+    """
+    base = base if base is not None else P4Info.default()
+    message = p4info_pb2.P4Info()
+    message.CopyFrom(base.message)
+    no_action = base.action("NoAction").id
+    action = message.actions.add()
+    action.preamble.id = max(base.actions) + 1
+    action.preamble.name = pipeline.SET_UPSTREAM_ACTION
+    action.preamble.alias = pipeline.SET_UPSTREAM_ACTION.rsplit(".", 1)[-1]
+    for i, name in enumerate(pipeline.SET_UPSTREAM_PARAMS, start=1):
+        action.params.add(id=i, name=name, bitwidth=UPSTREAM_PARAM_BITS[name])
+    table = message.tables.add()
+    table.preamble.id = max(base.tables) + 1
+    table.preamble.name = pipeline.UPSTREAM_TABLE
+    table.preamble.alias = pipeline.UPSTREAM_TABLE.rsplit(".", 1)[-1]
+    for i, name in enumerate(pipeline.UPSTREAM_KEYS, start=1):
+        table.match_fields.add(id=i, name=name, bitwidth=UPSTREAM_KEY_BITS, match_type=EXACT)
+    table.action_refs.add(id=action.preamble.id)
+    table.action_refs.add(id=no_action, annotations=["@defaultonly"], scope=p4info_pb2.ActionRef.DEFAULT_ONLY)
+    table.const_default_action_id = no_action
+    table.initial_default_action.action_id = no_action
+    table.size = UPSTREAM_TABLE_SIZE
+    return P4Info(message, f"{base.source} with the leaf role's {pipeline.UPSTREAM_TABLE}")
+
+
+def has_leaf_role(p4info: P4Info) -> bool:
+    """Whether ``p4info`` has the leaf role's upstream table (``with_leaf_role``)."""
+    return any(t.name == pipeline.UPSTREAM_TABLE for t in p4info.tables.values())
 
 
 # ---------------------------------------------------------------- bytestrings

@@ -30,12 +30,13 @@ from switchml.p4info import (
     TableInfo,
     decode_int,
     encode_int,
+    has_leaf_role,
     int_to_ip,
     int_to_mac,
     ip_to_int,
     mac_to_int,
 )
-from switchml.pipeline import Replica, WorkerEntry
+from switchml.pipeline import Replica, UpstreamEntry, WorkerEntry
 from switchml.security import TLSFiles
 from switchml.targets import SwitchTarget
 
@@ -386,6 +387,9 @@ class P4RuntimeTarget(SwitchTarget):
         self._loss = self._resolve(pipeline.LOSS_TABLE, pipeline.SET_DROP_PROBABILITY_ACTION,
                                    pipeline.SET_DROP_PROBABILITY_PARAMS)
         self._forward = self._resolve(pipeline.FORWARD_TABLE, pipeline.SET_EGRESS_ACTION, pipeline.SET_EGRESS_PARAMS)
+        # the leaf role's table: only in a software switch's P4Info (``switchml.p4info.with_leaf_role``)
+        self._upstream = (self._resolve(pipeline.UPSTREAM_TABLE, pipeline.SET_UPSTREAM_ACTION,
+                                        pipeline.SET_UPSTREAM_PARAMS) if has_leaf_role(self.p4info) else None)
         for name in (pipeline.RESULTS_COUNTER, pipeline.RETRANSMISSIONS_COUNTER, pipeline.DROPS_COUNTER,
                      pipeline.PACKETS_COUNTER):
             self.p4info.counter(name)
@@ -403,9 +407,26 @@ class P4RuntimeTarget(SwitchTarget):
     def why_no_leaf_role(self) -> str | None:
         # The leaf role is the software switch's Python data plane's (docs/hierarchy.md); the P4
         # programs have no upstream table, and their P4Info is the contract this target speaks.
+        if self._upstream is not None:
+            return None
         return (f"{self!r}: the pipeline's P4Info ({self.p4info.source}) has no table {pipeline.UPSTREAM_TABLE}, so "
-                "this switch cannot be a leaf of a tree; the leaf role is the in-process software switch's "
-                "(docs/hierarchy.md)")
+                "this switch cannot be a leaf of a tree; the leaf role is the software switch's, served over "
+                "P4Runtime with switchml.p4info.with_leaf_role() (docs/hierarchy.md)")
+
+    def add_upstream(self, entry: UpstreamEntry) -> None:
+        if self._upstream is None:
+            super().add_upstream(entry)  # raises, saying why
+        params = {"ip": ip_to_int(entry.ip), **{name: getattr(entry, name) for name in pipeline.SET_UPSTREAM_PARAMS
+                                                 if name != "ip"}}
+        te = self._table_entry(self._upstream, (entry.job,), params)
+        self._upsert([self._entity(te)], [f"{pipeline.UPSTREAM_TABLE} job {entry.job} -> set_upstream("
+                                          f"{entry.ip}:{entry.udp_port})"])
+
+    def remove_upstream(self, job: int) -> None:
+        if self._upstream is None:
+            super().remove_upstream(job)
+        te = self._table_entry(self._upstream, (job,), None)
+        self._delete([self._entity(te)], [f"{pipeline.UPSTREAM_TABLE} job {job}"])
 
     def _resolve(self, table: str, action: str, params: Sequence[str]) -> _Resolved:
         t = self.p4info.table(table)

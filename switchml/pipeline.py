@@ -76,7 +76,8 @@ def drop_threshold(probability: float) -> int:
     return round(check_drop_probability(probability) * DROP_PROBABILITY_SCALE)
 
 # Leaf role (docs/hierarchy.md; the software switch's Python data plane only, not in the P4
-# programs' P4Info): job -> set_upstream(...). A leaf sends each slot its rack completed to the
+# programs' P4Info: a software switch serving P4Runtime as a leaf serves that P4Info with this
+# table added, switchml.p4info.with_leaf_role): job -> set_upstream(...). A leaf sends each slot its rack completed to the
 # spine at (ip, udp_port) as one UPDATE, from its own data address (the one its workers send
 # to, which the spine admits as a worker of the job), and multicasts the spine's RESULT, which
 # it takes only from that address, to the rack's group ``mgid``. A target whose pipeline lacks

@@ -9,8 +9,11 @@ spine's ports; and the refusals: the native data plane and a P4Runtime target ha
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -356,3 +359,101 @@ def test_a_rank_in_no_rack_fails_the_job_with_the_rank_named():
             t.join(30)
         assert len(errors) == 2
         assert all("rack_of(rank 0, 127.0.0.1:" in e and "expected a leaf index 0..0" in e for e in errors), errors
+
+
+# ------------------------------------------------------------------ over P4Runtime
+
+
+def test_a_tree_programmed_over_p4runtime_sums_exactly_and_deletes_its_entries():
+    pytest.importorskip("grpc")
+    from switchml.p4runtime_target import P4RuntimeTarget
+
+    n, racks = 3, [1, 2]
+    with tree_runner(racks, p4runtime=True) as runner:
+        assert all(isinstance(t, P4RuntimeTarget) for t in runner.targets)
+        results = allreduce_job(runner.endpoint, "p4rt-tree", n, [2_000], seed=8, dtype="int32")
+        for rank in range(n):
+            assert np.array_equal(results[rank][0], expected_sum(n, 2_000, 8, "int32"))
+        assert all(counter(lf, LeafCounter.SENT_UPSTREAM) > 0 for lf in runner.leaves)
+        assert_released(runner)
+
+
+def test_the_leaf_p4info_adds_the_upstream_table_and_keeps_every_id_of_the_contract():
+    pytest.importorskip("google.protobuf")
+    from switchml import pipeline
+    from switchml.p4info import P4Info, has_leaf_role, with_leaf_role
+
+    base, leafy = P4Info.default(), with_leaf_role()
+    assert not has_leaf_role(base) and has_leaf_role(leafy)
+    assert base.differences(leafy) == [f"table {pipeline.UPSTREAM_TABLE} is not in the served pipeline",
+                                       f"action {pipeline.SET_UPSTREAM_ACTION} is not in the served pipeline"]
+    for group in ("tables", "actions", "counters", "registers"):
+        assert {i: x.name for i, x in getattr(base, group).items()}.items() <= \
+            {i: x.name for i, x in getattr(leafy, group).items()}.items()
+    table = leafy.table(pipeline.UPSTREAM_TABLE)
+    assert [f.name for f in table.match_fields] == list(pipeline.UPSTREAM_KEYS)
+    assert [p.name for p in leafy.action(pipeline.SET_UPSTREAM_ACTION).params] == list(pipeline.SET_UPSTREAM_PARAMS)
+
+
+def test_the_leaf_role_over_p4runtime_needs_a_p4runtime_port_and_the_python_data_plane():
+    pytest.importorskip("grpc")
+    with pytest.raises(ValueError, match="--leaf-role needs --p4runtime-port"):
+        SoftwareSwitchRunner("127.0.0.1", 0, 0, 32, leaf_role=True)
+    if switch_native.why_missing() is None:
+        with pytest.raises(LeafRoleUnsupported, match="native data plane has no leaf role.*--dataplane python"):
+            SoftwareSwitchRunner("127.0.0.1", 0, 0, 32, p4runtime_port=0, with_controller=False, dataplane="native",
+                                 leaf_role=True)
+
+
+def _p4runtime_target_when_up(address: str, proc: subprocess.Popen, timeout: float = 60.0):
+    """A leaf ``P4RuntimeTarget`` of the switch process ``proc`` once its server answers (or fail)."""
+    from switchml.p4info import with_leaf_role
+    from switchml.p4runtime_target import P4RuntimeError, P4RuntimeTarget
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return P4RuntimeTarget(address, p4info=with_leaf_role(), supported_k=(K,), timeout=2)
+        except P4RuntimeError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_a_leaf_in_its_own_process_started_with_leaf_role_joins_a_tree():
+    """``switchml-switch emulate --no-controller --p4runtime-port P --leaf-role``: a leaf the
+    controller of a tree programs over P4Runtime from another process, as on another host."""
+    pytest.importorskip("grpc")
+    from switchml.net import free_port
+
+    data_port, grpc_port = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "emulation.cli", "emulate", "--host", "127.0.0.1", "--port",
+                             str(data_port), "--no-controller", "--p4runtime-port", str(grpc_port), "--leaf-role",
+                             "--pool-size", "64"], cwd=Path(__file__).resolve().parents[1],
+                            stderr=subprocess.PIPE, text=True)
+    spine = SoftwareSwitchRunner("127.0.0.1", 0, 0, 64, with_controller=False)
+    near = SoftwareSwitchRunner("127.0.0.1", 0, 0, 64, with_controller=False, dataplane="python")
+    remote, controller = None, None
+    try:
+        remote = _p4runtime_target_when_up(f"127.0.0.1:{grpc_port}", proc)
+        tree = Tree([Leaf(remote, ("127.0.0.1", data_port)), Leaf(InProcessTarget(near.switch), near.server.address)],
+                    racks_of_sizes([2, 1]))
+        controller = Controller(InProcessTarget(spine.switch), ControllerOptions(
+            bind="tcp://127.0.0.1:0", switch_address=spine.server.address, pool_size=64, window=8, k=K,
+            tree=tree)).start()
+        results = allreduce_job(controller.endpoint, "remote-leaf", 3, [1_500], seed=2, dtype="int32")
+        for rank in range(3):
+            assert np.array_equal(results[rank][0], expected_sum(3, 1_500, 2, "int32"))
+    finally:
+        if controller is not None:
+            controller.stop()
+        if remote is not None:
+            remote.close()
+        near.stop()
+        spine.stop()
+        proc.terminate()
+        try:
+            proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate(timeout=10)
