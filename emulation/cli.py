@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     emu.add_argument("--leaf-role", action="store_true",
                      help="serve P4Runtime with the leaf role's upstream table, so that the controller of a tree "
                      "(elsewhere, with --no-controller) can make this switch a leaf of a spine; needs "
-                     "--p4runtime-port and the python data plane, its default then (docs/hierarchy.md)")
+                     "--p4runtime-port (docs/hierarchy.md)")
     emu.add_argument("--threads", type=int, default=1,
                      help="native data path: threads receiving on the switch's socket")
     emu.add_argument("--p4runtime-tls-cert", metavar="PEM", default=None,

@@ -11,8 +11,8 @@ for the vector add); every faster data plane and every P4 program is tested agai
 and counters. ``emulation.native.NativeDataPlane`` runs the same semantics in C
 (``native/switch.c``).
 
-Leaf role (docs/hierarchy.md; ``PythonDataPlane`` only: the native data plane refuses an upstream
-entry, naming ``dataplane="python"``). A switch is a leaf for job j when its upstream table
+Leaf role (docs/hierarchy.md; ``PythonDataPlane`` is the reference, ``native/switch.c`` runs the
+same steps and tests/test_tree.py checks both against each other). A switch is a leaf for job j when its upstream table
 (``Tables.upstream``, ``switchml.pipeline.UpstreamEntry``) has an entry for j: the spine's address,
 the rack's multicast group and j's slot range, the same job number and range as at the spine.
 The leaf keeps DESIGN.md's state per slot s and set v (``value``, ``exp``, ``count``, ``seen``,

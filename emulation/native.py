@@ -1,8 +1,8 @@
 """The software switch's native data plane: ``NativeDataPlane``, the C extension behind ``DataPlane``.
 
 ``emulation._native_switch`` (``native/switch.c``) does the per-packet work and the UDP loop
-(recvmmsg/sendmmsg batches, the GIL released, one or more threads on one socket). It has no
-leaf role (docs/hierarchy.md): it refuses upstream entries, naming the Python data plane.
+(recvmmsg/sendmmsg batches, the GIL released, one or more threads on one socket), and the
+leaf role of ``emulation.dataplane`` (docs/hierarchy.md) too.
 
 - The slot state and the counters are numpy arrays that this class allocates and the C code
   writes in place; every read and write here holds the C state's mutex, which the C loop
@@ -27,14 +27,16 @@ import numpy as np
 
 from emulation.dataplane import Address, DataPlane, Reply, SlotState, StopSignal, Tables
 from switchml import native, protocol
-from switchml.errors import LeafRoleUnsupported
 from switchml.pipeline import (
     DROPS_COUNTER,
+    LEAF_COUNTER,
     NUM_DROP_REASONS,
+    NUM_LEAF_COUNTERS,
     PACKETS_COUNTER,
     RESULTS_COUNTER,
     RETRANSMISSIONS_COUNTER,
     DropReason,
+    LeafCounter,
     PacketCounter,
 )
 
@@ -49,9 +51,10 @@ def switch_module() -> tuple[ModuleType | None, str | None]:
     expected = {"PREAMBLE_BYTES": protocol.PREAMBLE_BYTES, "MAX_K": protocol.MAX_K,
                 "SLOT_MASK": protocol.SLOT_MASK, "UPDATE": int(protocol.MsgType.UPDATE),
                 "RESULT": int(protocol.MsgType.RESULT), "RESET": int(protocol.MsgType.RESET),
-                "NUM_DROP_REASONS": NUM_DROP_REASONS}
+                "NUM_DROP_REASONS": NUM_DROP_REASONS, "NUM_LEAF_COUNTERS": NUM_LEAF_COUNTERS}
     expected.update({r.name: int(r) for r in DropReason})
     expected.update({c.name: int(c) for c in PacketCounter})
+    expected.update({c.name: int(c) for c in LeafCounter})
     return native.load(SWITCH_MODULE, expected)
 
 
@@ -101,6 +104,7 @@ class NativeDataPlane(DataPlane):
 
     name = NATIVE
     parallel = True
+    leaf_role = True
 
     def __init__(self, pool_size: int, sizes: frozenset[int], seed: Any) -> None:
         super().__init__(pool_size, sizes, seed)
@@ -112,11 +116,12 @@ class NativeDataPlane(DataPlane):
         self._count = np.zeros((2, pool_size), np.int32)
         self._seen = np.zeros((2, pool_size), np.uint32)
         self._slot_k = np.zeros((2, pool_size), np.int32)
+        self._has_result = np.zeros((2, pool_size), np.uint8)
         self._counters = {name: np.zeros(size, np.uint64) for name, size in self.counter_sizes.items()}
         self._state = module.Switch(pool_size, self.max_k, sum(1 << s for s in sizes), seed_key(seed), self._value,
                                     self._exp, self._count, self._seen, self._slot_k, self._counters[RESULTS_COUNTER],
                                     self._counters[RETRANSMISSIONS_COUNTER], self._counters[DROPS_COUNTER],
-                                    self._counters[PACKETS_COUNTER])
+                                    self._counters[PACKETS_COUNTER], self._has_result, self._counters[LEAF_COUNTER])
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -129,13 +134,10 @@ class NativeDataPlane(DataPlane):
 
     # ------------------------------------------------------------ state
     def set_tables(self, tables: Tables, clear_state: bool = False) -> None:
-        if tables.upstream:  # SoftwareSwitch.add_upstream refuses first; this guards other callers
-            raise LeafRoleUnsupported(f"upstream entries for jobs {sorted(tables.upstream)}: the native data plane "
-                                      "has no leaf role; use dataplane='python' (docs/hierarchy.md)")
         rows = _compile(tables)
         with self._locked():
             if clear_state:
-                for array in (self._value, self._exp, self._count, self._seen, self._slot_k,
+                for array in (self._value, self._exp, self._count, self._seen, self._slot_k, self._has_result,
                               *self._counters.values()):
                     array[...] = 0
             self._state.set_tables(*rows)
@@ -205,4 +207,12 @@ def _compile(tables: Tables) -> tuple:
                 continue
             rows.append((addr, r.udp_port))
         group_rows.append((mgid, rows))
-    return adm_rows, port_rows, list(tables.loss.items()), tables.default_loss, group_rows
+    up_rows = []
+    for job, up in tables.upstream.items():
+        addr = ipv4(up.ip)
+        if addr is None:
+            log.warning("native switch: the spine %s:%s of job %d is not IPv4; its RESULTs cannot match", up.ip,
+                        up.udp_port, job)
+            continue
+        up_rows.append((job, addr, up.udp_port, up.mgid, up.pool_base, up.pool_size))
+    return adm_rows, port_rows, list(tables.loss.items()), tables.default_loss, group_rows, up_rows

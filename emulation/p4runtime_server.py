@@ -779,7 +779,7 @@ class P4RuntimeServer:
         device_id: the device id clients must name (0, simple_switch_grpc's default).
         p4info: the pipeline it serves (default ``p4/switchml_v1model.p4info.txtpb``); with the
             leaf role's table (``switchml.p4info.with_leaf_role``) the switch's data plane must
-            have the leaf role (the Python one).
+            have the leaf role.
         tls: serve over TLS (``switchml.security.TLSFiles``: cert and key are the server's;
             ca, if given, must sign every client's certificate: mutual TLS). None: plain text.
     """
@@ -792,8 +792,7 @@ class P4RuntimeServer:
             p4info.table(name)  # fail early on a P4Info that is not switchml's
         if has_leaf_role(p4info) and not switch.leaf_role:
             raise LeafRoleUnsupported(f"P4Runtime server: {p4info.source} has the leaf role's table, but the "
-                                      f"{switch.dataplane} data plane has no leaf role; use dataplane='python' "
-                                      "(--dataplane python)")
+                                      f"{switch.dataplane} data plane has no leaf role")
         self.device = _Device(switch, device_id, p4info)
         self._server = grpc.server(ThreadPoolExecutor(max_workers=MAX_CONNECTIONS + _EXTRA_WORKERS,
                                                       thread_name_prefix="p4runtime"),

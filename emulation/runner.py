@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from emulation.native import PYTHON
 from emulation.server import SwitchServer
 from emulation.switch import SoftwareSwitch
 from emulation.target import InProcessTarget
@@ -57,8 +56,7 @@ class SoftwareSwitchRunner:
             as the CA (a self-signed one), no client certificate.
         leaf_role: serve P4Runtime with the leaf role's upstream table
             (``switchml.p4info.with_leaf_role``), so that a tree's controller can make this switch
-            a leaf (docs/hierarchy.md); needs ``p4runtime_port`` and the Python data plane (the
-            default data plane then).
+            a leaf (docs/hierarchy.md); needs ``p4runtime_port``.
         **options: further ``ControllerOptions`` (window, k, heartbeat_timeout, secret,
             insecure, ...).
     """
@@ -73,8 +71,6 @@ class SoftwareSwitchRunner:
         if leaf_role and p4runtime_port is None:
             raise ValueError("leaf_role=True needs a p4runtime_port: the leaf role is programmed over P4Runtime "
                              "(--leaf-role needs --p4runtime-port); in-process, any Python data plane has it")
-        if leaf_role and dataplane is None:
-            dataplane = PYTHON  # the data plane with the leaf role
         self.switch = SoftwareSwitch(pool_size=pool_size, seed=seed, dataplane=dataplane)
         self._p4info = None
         if leaf_role:

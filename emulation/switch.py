@@ -10,8 +10,8 @@ server (``emulation.server``) runs the data plane's loop on a socket.
 
 Tables and counters are those of ``switchml.pipeline``; the controller fills them through
 ``emulation.target.InProcessTarget`` or the P4Runtime server. The upstream table makes the
-switch a leaf of a tree for a job (docs/hierarchy.md; the Python data plane's leaf role, see
-``emulation.dataplane``); the native data plane has no leaf role and ``add_upstream`` refuses.
+switch a leaf of a tree for a job (docs/hierarchy.md; the leaf role is described in
+``emulation.dataplane``; both data planes have it).
 """
 
 from __future__ import annotations
@@ -136,8 +136,8 @@ class SoftwareSwitch:
         """Make this switch a leaf for job ``entry.job``: its rack's completed slots go to the spine."""
         if not self.data_plane.leaf_role:
             raise LeafRoleUnsupported(
-                f"upstream entry for job {entry.job}: the {self.dataplane} data plane has no leaf role; run a leaf "
-                "switch with dataplane='python' (switchml-switch emulate --dataplane python) (docs/hierarchy.md)")
+                f"upstream entry for job {entry.job}: the {self.dataplane} data plane has no leaf role "
+                "(docs/hierarchy.md)")
         _check_range(f"job {entry.job}", entry.pool_base, entry.pool_size, self.pool_size)
         with self._lock:
             self._upstream[entry.job] = entry

@@ -40,8 +40,7 @@ class InProcessTarget(SwitchTarget):
     def why_no_leaf_role(self) -> str | None:
         if self.switch.leaf_role:
             return None
-        return (f"the software switch's {self.switch.dataplane} data plane has no leaf role; run the leaf with "
-                "dataplane='python' (switchml-switch emulate --dataplane python)")
+        return f"the software switch's {self.switch.dataplane} data plane has no leaf role"
 
     def add_upstream(self, entry: UpstreamEntry) -> None:
         self.switch.add_upstream(entry)

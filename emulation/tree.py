@@ -1,8 +1,7 @@
 """A tree of software switches and its controller, in this process: leaves under a spine.
 
 ``SoftwareTreeRunner`` is ``emulation.runner.SoftwareSwitchRunner`` for two-level aggregation
-(docs/hierarchy.md): one software switch per leaf (the Python data plane: it has the leaf role)
-and one for the spine, each on its own UDP socket, and one ``Controller`` that programs all of
+(docs/hierarchy.md): one software switch per leaf and one for the spine, each on its own UDP socket, and one ``Controller`` that programs all of
 them as a ``switchml.tree.Tree``: in-process (``InProcessTarget``), or over P4Runtime
 (``P4RuntimeTarget``; each switch serves P4Runtime, the leaves with the leaf role's table), the
 code path of switches in other processes or hosts.
@@ -13,7 +12,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from emulation.native import PYTHON
 from emulation.runner import SoftwareSwitchRunner
 from emulation.switch import SoftwareSwitch
 from emulation.target import InProcessTarget
@@ -53,8 +51,8 @@ class SoftwareTreeRunner:
         leaf_drop_probability, spine_drop_probability: emulated loss on every port of each
             leaf and of the spine, both directions (0..1): the loss table's default entry.
         seed: seed of the loss generators (leaf i: seed + i + 1; the spine: seed).
-        spine_dataplane: the spine's data path ("native", "python", None: native where built);
-            it needs no leaf role. Leaves always run the Python data plane.
+        dataplane: every switch's data path ("native", "python", None: native where built);
+            both have the leaf role.
         p4runtime: program every switch over P4Runtime (each serves it on a free port) instead
             of in-process.
         **options: further ``ControllerOptions`` (window, k, heartbeat_timeout, ...).
@@ -62,7 +60,7 @@ class SoftwareTreeRunner:
 
     def __init__(self, leaves: int, rack_of: Callable[[int, Address], int], host: str = defaults.SWITCH_HOST,
                  control_port: int = 0, pool_size: int = defaults.POOL_SIZE, leaf_drop_probability: float = 0.0,
-                 spine_drop_probability: float = 0.0, seed: int = 0, spine_dataplane: str | None = None,
+                 spine_drop_probability: float = 0.0, seed: int = 0, dataplane: str | None = None,
                  p4runtime: bool = False, **options) -> None:
         if leaves < 1:
             raise ValueError(f"leaves={leaves}; expected at least 1 leaf switch")
@@ -77,7 +75,7 @@ class SoftwareTreeRunner:
                 self.switches.append(SoftwareSwitchRunner(
                     host, 0, 0, pool_size, spine_drop_probability if i == 0 else leaf_drop_probability, seed + i,
                     p4runtime_port=0 if p4runtime else None, with_controller=False,
-                    dataplane=spine_dataplane if i == 0 else PYTHON, leaf_role=p4runtime and i > 0))
+                    dataplane=dataplane, leaf_role=p4runtime and i > 0))
                 runner = self.switches[-1]
                 self.targets.append(runner.p4runtime_target() if p4runtime else InProcessTarget(runner.switch))
             tree = Tree([Leaf(target, runner.server.address)

@@ -13,6 +13,12 @@
  *
  * Loss uses MT19937 seeded as Python's random.Random(seed) and draws getrandbits(15), as
  * the reference does, so a seeded lossy stream loses the same packets on both paths.
+ *
+ * The leaf role (docs/hierarchy.md; emulation/dataplane.py's docstring, steps 1-6) is the
+ * reference's too: a job with an upstream entry sends the slots its rack completes to the
+ * spine as one UPDATE, resends it when a worker retransmits before the spine's RESULT came
+ * (has_result 0), answers from that RESULT after (has_result 1), and takes the spine's RESULT
+ * only from the upstream address, multicasting it to the rack unchanged.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -38,6 +44,9 @@ enum {
     NUM_DROPS = 10
 };
 enum { PKT_RECEIVED = 0, PKT_AGGREGATED = 1, PKT_RESETS = 2, NUM_PKTS = 3 };
+/* switchml.pipeline.LeafCounter */
+enum { LEAF_SENT_UPSTREAM = 0, LEAF_RESENT_UPSTREAM = 1, LEAF_RESULTS_FROM_UPSTREAM = 2, LEAF_IGNORED_FROM_UPSTREAM = 3,
+       NUM_LEAF = 4 };
 
 /* ------------------------------------------------------------------ MT19937 (as CPython's) */
 #define MT_N 624
@@ -155,6 +164,12 @@ typedef struct {
     uint16_t port;
 } addr_t;
 
+/* An upstream entry (switchml.pipeline.UpstreamEntry): this switch is a leaf of job `job`. */
+typedef struct {
+    addr_t spine;
+    int64_t mgid, pool_base, pool_size;
+} up_t;
+
 typedef struct {
     htab_t adm; /* addr key -> index into adms */
     adm_t *adms;
@@ -164,6 +179,8 @@ typedef struct {
     htab_t groups; /* mgid -> index into group_start/len */
     Py_ssize_t *group_start, *group_len;
     addr_t *replicas;
+    htab_t up; /* job -> index into ups */
+    up_t *ups;
 } tables_t;
 
 static inline uint64_t addr_key(uint32_t ip, uint16_t port) { return ((uint64_t)ip << 16) | port; }
@@ -178,6 +195,8 @@ static void tables_free(tables_t *t) {
     free(t->group_start);
     free(t->group_len);
     free(t->replicas);
+    free(t->up.slots);
+    free(t->ups);
     free(t);
 }
 
@@ -188,14 +207,15 @@ typedef struct {
     int python_holds; /* Python holds mu (between acquire and release) */
     int pool_size, max_k;
     uint32_t sizes_mask;
-    Py_buffer bufs[9];
+    Py_buffer bufs[11];
     int nbufs;
     int32_t *value; /* [2][pool][max_k], host order */
     int8_t *exp;    /* [2][pool] */
     int32_t *count; /* [2][pool] */
     uint32_t *seen; /* [2][pool] */
     int32_t *slot_k;
-    uint64_t *results, *retrans, *drops, *packets;
+    uint8_t *has_result; /* [2][pool]: leaf role: value/exp hold the spine's RESULT */
+    uint64_t *results, *retrans, *drops, *packets, *leaf;
     tables_t *tables;
     mt_t rng;
     uint64_t send_failures;
@@ -273,12 +293,42 @@ static void process_one(SwitchObject *s, const uint8_t *d, size_t n, uint32_t ip
             s->seen[i] = 0;
             s->count[i] = 0;
             s->slot_k[i] = 0;
+            s->has_result[i] = 0;
         }
         s->packets[PKT_RESETS]++;
         addr_t src = {ip, port};
         reply->payload = d; /* the echo acknowledges the reset */
         reply->len = n;
         reply->ndst = emit(s, t, &src, 1, reply->dst);
+        return;
+    }
+    if (msg == SML_MSG_RESULT) { /* leaf role, step 6: only from the spine of the header's job */
+        int64_t ui;
+        if (!htab_get(&t->up, (uint64_t)job, &ui) || t->ups[ui].spine.ip != ip || t->ups[ui].spine.port != port) {
+            s->drops[DROP_BAD_MSG_TYPE]++;
+            return;
+        }
+        const up_t *up = &t->ups[ui];
+        if (!(up->pool_base <= slot && slot < up->pool_base + up->pool_size) || slot >= s->pool_size) {
+            s->drops[DROP_SLOT_OUT_OF_RANGE]++;
+            return;
+        }
+        int i = v * s->pool_size + slot;
+        if (s->count[i] != 0 || !s->seen[i] || s->has_result[i]) { /* no rack sum waits: a duplicate or stale */
+            s->leaf[LEAF_IGNORED_FROM_UPSTREAM]++;
+            return;
+        }
+        if (s->slot_k[i] != k) { s->drops[DROP_SIZE_MISMATCH]++; return; }
+        copy_from_be(s->value + (size_t)i * (size_t)s->max_k, d + SML_PREAMBLE_BYTES, k);
+        s->exp[i] = (int8_t)d[8];
+        s->has_result[i] = 1;
+        s->leaf[LEAF_RESULTS_FROM_UPSTREAM]++;
+        s->results[slot]++;
+        reply->payload = d; /* the spine's RESULT, unchanged, to the rack */
+        reply->len = n;
+        int64_t gi;
+        if (htab_get(&t->groups, (uint64_t)up->mgid, &gi))
+            reply->ndst = emit(s, t, t->replicas + t->group_start[gi], (int)t->group_len[gi], reply->dst);
         return;
     }
     if (msg != SML_MSG_UPDATE) { s->drops[DROP_BAD_MSG_TYPE]++; return; }
@@ -293,7 +343,9 @@ static void process_one(SwitchObject *s, const uint8_t *d, size_t n, uint32_t ip
     int idx = v * s->pool_size + slot, other = (1 - v) * s->pool_size + slot;
     int32_t *value = s->value + (size_t)idx * (size_t)s->max_k;
     const uint8_t *payload = d + SML_PREAMBLE_BYTES;
-    int completed;
+    int64_t ui;
+    const up_t *up = htab_get(&t->up, (uint64_t)entry->job, &ui) ? &t->ups[ui] : NULL; /* a leaf of this job */
+    int completed, msg_out = SML_MSG_RESULT;
     if (!(s->seen[idx] & bit)) { /* a new contribution */
         int first = s->count[idx] == 0;
         if (!first && s->slot_k[idx] != k) { s->drops[DROP_SIZE_MISMATCH]++; return; }
@@ -305,20 +357,31 @@ static void process_one(SwitchObject *s, const uint8_t *d, size_t n, uint32_t ip
             copy_from_be(value, payload, k);
             s->exp[idx] = e0;
             s->slot_k[idx] = k;
+            s->has_result[idx] = 0; /* leaf role, step 1: value holds the rack's sum */
         } else {
             add_from_be(value, payload, k);
             if (e0 > s->exp[idx]) s->exp[idx] = e0;
         }
         s->packets[PKT_AGGREGATED]++;
         if (s->count[idx] != 0) return;
-        s->results[slot]++;
+        if (up) { /* leaf role, step 2: the rack's sum goes upstream as one contribution */
+            s->leaf[LEAF_SENT_UPSTREAM]++;
+            msg_out = SML_MSG_UPDATE;
+        } else {
+            s->results[slot]++;
+        }
         completed = 1;
     } else { /* a retransmission */
         if (s->count[idx] != 0) { s->drops[DROP_RETRANSMISSION_INCOMPLETE]++; return; }
-        s->retrans[slot]++;
+        if (up && !s->has_result[idx]) { /* leaf role, step 5: the spine's RESULT has not come */
+            s->leaf[LEAF_RESENT_UPSTREAM]++;
+            msg_out = SML_MSG_UPDATE;
+        } else {
+            s->retrans[slot]++; /* (leaf role, step 4: from the spine's RESULT) */
+        }
         completed = 0;
     }
-    out[0] = (uint8_t)((SML_MSG_RESULT << 4) | (d[0] & 0xF));
+    out[0] = (uint8_t)((msg_out << 4) | (d[0] & 0xF));
     out[1] = (uint8_t)entry->job;
     memcpy(out + 2, d + 2, 6);
     out[8] = (uint8_t)s->exp[idx];
@@ -326,7 +389,9 @@ static void process_one(SwitchObject *s, const uint8_t *d, size_t n, uint32_t ip
     store_to_be(out + SML_PREAMBLE_BYTES, value, k);
     reply->payload = out;
     reply->len = n;
-    if (completed) { /* multicast to the job's group */
+    if (msg_out == SML_MSG_UPDATE) { /* to the spine */
+        reply->ndst = emit(s, t, &up->spine, 1, reply->dst);
+    } else if (completed) { /* multicast to the job's group */
         int64_t gi;
         if (htab_get(&t->groups, (uint64_t)entry->mgid, &gi))
             reply->ndst = emit(s, t, t->replicas + t->group_start[gi], (int)t->group_len[gi], reply->dst);
@@ -361,7 +426,7 @@ static void Switch_dealloc(SwitchObject *self) {
 static int empty_tables(SwitchObject *self) {
     tables_t *t = calloc(1, sizeof(tables_t));
     if (!t || !htab_init(&t->adm, 0) || !htab_init(&t->port_of, 0) || !htab_init(&t->loss, 0) ||
-        !htab_init(&t->groups, 0)) {
+        !htab_init(&t->groups, 0) || !htab_init(&t->up, 0)) {
         tables_free(t);
         PyErr_NoMemory();
         return -1;
@@ -372,16 +437,16 @@ static int empty_tables(SwitchObject *self) {
 
 static int Switch_init(SwitchObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"pool_size", "max_k", "sizes_mask", "seed_key", "value", "exp", "count", "seen",
-                             "slot_k", "results", "retransmissions", "drops", "packets", NULL};
-    PyObject *seed_key, *arrays[9];
+                             "slot_k", "results", "retransmissions", "drops", "packets", "has_result", "leaf", NULL};
+    PyObject *seed_key, *arrays[11];
     unsigned int mask;
     if (self->nbufs) {
         PyErr_SetString(PyExc_RuntimeError, "Switch is initialised once");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiIOOOOOOOOOO", kwlist, &self->pool_size, &self->max_k, &mask,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiIOOOOOOOOOOOO", kwlist, &self->pool_size, &self->max_k, &mask,
                                      &seed_key, &arrays[0], &arrays[1], &arrays[2], &arrays[3], &arrays[4], &arrays[5],
-                                     &arrays[6], &arrays[7], &arrays[8]))
+                                     &arrays[6], &arrays[7], &arrays[8], &arrays[9], &arrays[10]))
         return -1;
     if (self->pool_size < 1 || self->pool_size > SML_SLOT_MASK + 1 || self->max_k < 32 || self->max_k > SML_MAX_K) {
         PyErr_SetString(PyExc_ValueError, "pool_size or max_k out of range");
@@ -402,7 +467,9 @@ static int Switch_init(SwitchObject *self, PyObject *args, PyObject *kw) {
         get_array(self, arrays[5], 8, self->pool_size, "results", (void **)&self->results) ||
         get_array(self, arrays[6], 8, self->pool_size, "retransmissions", (void **)&self->retrans) ||
         get_array(self, arrays[7], 8, NUM_DROPS, "drops", (void **)&self->drops) ||
-        get_array(self, arrays[8], 8, NUM_PKTS, "packets", (void **)&self->packets))
+        get_array(self, arrays[8], 8, NUM_PKTS, "packets", (void **)&self->packets) ||
+        get_array(self, arrays[9], 1, pool2, "has_result", (void **)&self->has_result) ||
+        get_array(self, arrays[10], 8, NUM_LEAF, "leaf", (void **)&self->leaf))
         return -1;
     /* the seed as random.Random(seed) takes it: abs(seed) in 32-bit words, least significant first */
     PyObject *seq = PySequence_Fast(seed_key, "seed_key must be a sequence of 32-bit words");
@@ -460,17 +527,29 @@ static int as_i64(PyObject *tuple, Py_ssize_t i, int64_t *out) {
     return 0;
 }
 
-/* set_tables(admission, port_of, loss, default_loss, groups); Python must hold the lock.
+/* f[0..width-1] = the ints of row `e`, a `width`-tuple of table `what`; -1 with an exception if it is not one. */
+static int row_of(PyObject *e, int width, int64_t *f, const char *what) {
+    if (!PyTuple_Check(e) || PyTuple_GET_SIZE(e) != width) {
+        PyErr_Format(PyExc_TypeError, "%s: expected %d-tuples", what, width);
+        return -1;
+    }
+    for (int j = 0; j < width; j++)
+        if (as_i64(e, j, &f[j])) return -1;
+    return 0;
+}
+
+/* set_tables(admission, port_of, loss, default_loss, groups, upstream); Python must hold the lock.
  *   admission: [(ip, udp_port, is_controller, job, worker_id, num_workers, mgid, pool_base, pool_size)]
  *   port_of:   [(ip, udp_port, port)]
  *   loss:      [(port, threshold)]
  *   groups:    [(mgid, [(ip, udp_port), ...])]
+ *   upstream:  [(job, ip, udp_port, mgid, pool_base, pool_size)]  (the leaf role)
  * ip as a host-order 32-bit int. Later entries win, as in a dict. */
 static PyObject *Switch_set_tables(SwitchObject *self, PyObject *args) {
-    PyObject *adm, *port_of, *loss, *groups;
+    PyObject *adm, *port_of, *loss, *groups, *ups;
     long long default_loss;
-    if (!PyArg_ParseTuple(args, "O!O!O!LO!", &PyList_Type, &adm, &PyList_Type, &port_of, &PyList_Type, &loss,
-                          &default_loss, &PyList_Type, &groups))
+    if (!PyArg_ParseTuple(args, "O!O!O!LO!O!", &PyList_Type, &adm, &PyList_Type, &port_of, &PyList_Type, &loss,
+                          &default_loss, &PyList_Type, &groups, &PyList_Type, &ups))
         return NULL;
     if (!self->python_holds) {
         PyErr_SetString(PyExc_RuntimeError, "set_tables needs the switch lock held");
@@ -478,7 +557,7 @@ static PyObject *Switch_set_tables(SwitchObject *self, PyObject *args) {
     }
     tables_t *t = calloc(1, sizeof(tables_t));
     Py_ssize_t nadm = PyList_GET_SIZE(adm), nport = PyList_GET_SIZE(port_of), nloss = PyList_GET_SIZE(loss),
-               ngroups = PyList_GET_SIZE(groups), nrep = 0;
+               ngroups = PyList_GET_SIZE(groups), nups = PyList_GET_SIZE(ups), nrep = 0;
     for (Py_ssize_t g = 0; g < ngroups; g++) {
         PyObject *item = PyList_GET_ITEM(groups, g);
         PyObject *reps = PyTuple_Check(item) && PyTuple_GET_SIZE(item) == 2 ? PyTuple_GET_ITEM(item, 1) : NULL;
@@ -490,7 +569,8 @@ static PyObject *Switch_set_tables(SwitchObject *self, PyObject *args) {
         nrep += PyList_GET_SIZE(reps);
     }
     if (!t || !htab_init(&t->adm, nadm) || !htab_init(&t->port_of, nport) || !htab_init(&t->loss, nloss) ||
-        !htab_init(&t->groups, ngroups) || !(t->adms = calloc((size_t)nadm + 1, sizeof(adm_t))) ||
+        !htab_init(&t->groups, ngroups) || !htab_init(&t->up, nups) ||
+        !(t->ups = calloc((size_t)nups + 1, sizeof(up_t))) || !(t->adms = calloc((size_t)nadm + 1, sizeof(adm_t))) ||
         !(t->group_start = calloc((size_t)ngroups + 1, sizeof(Py_ssize_t))) ||
         !(t->group_len = calloc((size_t)ngroups + 1, sizeof(Py_ssize_t))) ||
         !(t->replicas = calloc((size_t)nrep + 1, sizeof(addr_t)))) {
@@ -500,13 +580,7 @@ static PyObject *Switch_set_tables(SwitchObject *self, PyObject *args) {
     t->default_loss = default_loss;
     int64_t f[9];
     for (Py_ssize_t i = 0; i < nadm; i++) {
-        PyObject *e = PyList_GET_ITEM(adm, i);
-        if (!PyTuple_Check(e) || PyTuple_GET_SIZE(e) != 9) {
-            PyErr_SetString(PyExc_TypeError, "admission: expected 9-tuples");
-            goto fail;
-        }
-        for (int j = 0; j < 9; j++)
-            if (as_i64(e, j, &f[j])) goto fail;
+        if (row_of(PyList_GET_ITEM(adm, i), 9, f, "admission")) goto fail;
         if (!f[2] && (f[5] < 1 || f[4] < 0 || f[4] > 31)) {
             PyErr_SetString(PyExc_ValueError, "admission: worker_id or num_workers out of range");
             goto fail;
@@ -551,6 +625,11 @@ static PyObject *Switch_set_tables(SwitchObject *self, PyObject *args) {
             nrep++;
         }
         htab_put(&t->groups, (uint64_t)f[0], g);
+    }
+    for (Py_ssize_t i = 0; i < nups; i++) {
+        if (row_of(PyList_GET_ITEM(ups, i), 6, f, "upstream")) goto fail;
+        t->ups[i] = (up_t){{(uint32_t)f[1], (uint16_t)f[2]}, f[3], f[4], f[5]};
+        htab_put(&t->up, (uint64_t)f[0], i);
     }
     tables_free(self->tables);
     self->tables = t;
@@ -788,7 +867,7 @@ static PyMethodDef Switch_methods[] = {
     {"acquire", (PyCFunction)Switch_acquire, METH_NOARGS, "Take the state's mutex (waits without the GIL)."},
     {"release", (PyCFunction)Switch_release, METH_NOARGS, "Give the mutex back."},
     {"set_tables", (PyCFunction)Switch_set_tables, METH_VARARGS,
-     "set_tables(admission, port_of, loss, default_loss, groups): replace the tables (lock held)."},
+     "set_tables(admission, port_of, loss, default_loss, groups, upstream): replace the tables (lock held)."},
     {"process", (PyCFunction)Switch_process, METH_VARARGS,
      "process(data, ip, port) -> [(payload, (ip, port))]: one packet, as SoftwareSwitch.process."},
     {"serve", (PyCFunction)Switch_serve, METH_VARARGS,
@@ -829,14 +908,17 @@ PyMODINIT_FUNC PyInit__native_switch(void) {
         return NULL;
     }
     PyObject *c = Py_BuildValue(
-        "{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}", "PREAMBLE_BYTES",
+        "{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}",
+        "PREAMBLE_BYTES",
         SML_PREAMBLE_BYTES, "MAX_K", SML_MAX_K, "SLOT_MASK", SML_SLOT_MASK, "UPDATE", SML_MSG_UPDATE, "RESULT",
         SML_MSG_RESULT, "RESET", SML_MSG_RESET, "MALFORMED", DROP_MALFORMED, "BAD_SIZE", DROP_BAD_SIZE, "BAD_MSG_TYPE",
         DROP_BAD_MSG_TYPE, "NOT_ADMITTED", DROP_NOT_ADMITTED, "SLOT_OUT_OF_RANGE", DROP_SLOT_OUT_OF_RANGE,
         "JOB_MISMATCH", DROP_JOB_MISMATCH, "RESET_NOT_FROM_CONTROLLER", DROP_RESET_NOT_FROM_CONTROLLER,
         "RETRANSMISSION_INCOMPLETE", DROP_RETRANSMISSION_INCOMPLETE, "EMULATED_LOSS", DROP_EMULATED_LOSS,
         "SIZE_MISMATCH", DROP_SIZE_MISMATCH, "NUM_DROP_REASONS", NUM_DROPS, "RECEIVED", PKT_RECEIVED, "AGGREGATED",
-        PKT_AGGREGATED, "RESETS", PKT_RESETS);
+        PKT_AGGREGATED, "RESETS", PKT_RESETS, "SENT_UPSTREAM", LEAF_SENT_UPSTREAM, "RESENT_UPSTREAM",
+        LEAF_RESENT_UPSTREAM, "RESULTS_FROM_UPSTREAM", LEAF_RESULTS_FROM_UPSTREAM, "IGNORED_FROM_UPSTREAM",
+        LEAF_IGNORED_FROM_UPSTREAM, "NUM_LEAF_COUNTERS", NUM_LEAF);
     if (!c || PyModule_AddObject(m, "CONSTANTS", c) < 0) {
         Py_XDECREF(c);
         Py_DECREF(m);

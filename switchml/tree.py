@@ -51,7 +51,7 @@ class Leaf:
 
     Args:
         target: how the controller programs it; it must have the leaf role
-            (``SwitchTarget.why_no_leaf_role()`` None: the software switch's Python data plane).
+            (``SwitchTarget.why_no_leaf_role()`` None: the software switch, in-process or over P4Runtime).
         address: its data address: where its rack's workers send, and, as the source of its
             upstream packets, its worker address at the spine.
         hosts: worker IPs in its rack, for the default ``Tree.rack_of``.

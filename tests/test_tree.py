@@ -1,14 +1,17 @@
 """Two-level aggregation (docs/hierarchy.md): leaf switches under a spine.
 
-Packet by packet, the leaf role of the Python data plane (``emulation.dataplane``, steps 1-6)
-against a spine and a flat switch driven by hand; then whole jobs of real ``Worker`` processes
-over UDP on loopback through ``emulation.tree.SoftwareTreeRunner`` (two leaves and a spine, the
-controller programming all three in-process), lossless and with loss on the leaves' and the
-spine's ports; and the refusals: the native data plane and a P4Runtime target have no leaf role.
+Packet by packet, the leaf role (``emulation.dataplane``, steps 1-6) on both data planes,
+against a spine and a flat switch driven by hand, and the native leaf against the Python one on
+random packet streams (identical replies and counters); then whole jobs of real ``Worker``
+processes over UDP on loopback through ``emulation.tree.SoftwareTreeRunner`` (two leaves and a
+spine, the controller programming all three in-process or over P4Runtime), lossless and with loss
+on the leaves' and the spine's ports, and a leaf in its own process; and the refusals: a
+P4Runtime target with the P4 programs' P4Info has no leaf role.
 """
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 import threading
@@ -28,7 +31,9 @@ from switchml import ControllerError, protocol
 from switchml.controller import Controller, ControllerOptions
 from switchml.errors import LeafRoleUnsupported
 from switchml.pipeline import (
+    DROPS_COUNTER,
     LEAF_COUNTER,
+    PACKETS_COUNTER,
     RESULTS_COUNTER,
     RETRANSMISSIONS_COUNTER,
     DropReason,
@@ -70,8 +75,8 @@ def program(sw: SoftwareSwitch, members: list[tuple[str, int]], upstream: bool) 
     return sw
 
 
-def leaf(ranks: list[int]) -> SoftwareSwitch:
-    return program(SoftwareSwitch(pool_size=32, dataplane="python"), [worker_addr(r) for r in ranks], upstream=True)
+def leaf(ranks: list[int], dataplane: str = "python") -> SoftwareSwitch:
+    return program(SoftwareSwitch(pool_size=32, dataplane=dataplane), [worker_addr(r) for r in ranks], upstream=True)
 
 
 def counter(sw: SoftwareSwitch, which: LeafCounter) -> int:
@@ -85,8 +90,8 @@ def drops(sw: SoftwareSwitch, reason: DropReason) -> int:
 # ------------------------------------------------------------------ packet by packet
 
 
-def test_a_completed_rack_goes_upstream_once_and_the_spines_result_is_multicast_to_the_rack():
-    lf = leaf([0, 1])
+def test_a_completed_rack_goes_upstream_once_and_the_spines_result_is_multicast_to_the_rack(dataplane):
+    lf = leaf([0, 1], dataplane)
     assert lf.process(update(BASE, 0, vec(1), e0=-3, tsi=8), worker_addr(0)) == []
     out = lf.process(update(BASE, 0, vec(2), e0=4, tsi=8), worker_addr(1))
     assert [dst for _, dst in out] == [SPINE]  # steps 1-2: nothing to the rack yet
@@ -103,8 +108,8 @@ def test_a_completed_rack_goes_upstream_once_and_the_spines_result_is_multicast_
     assert lf.slot_state(0, BASE).exp == 6 and np.all(lf.slot_state(0, BASE).values[:K] == 10)
 
 
-def test_a_retransmission_before_the_spines_result_resends_upstream_and_after_it_is_answered_from_it():
-    lf = leaf([0, 1])
+def test_a_retransmission_before_the_spines_result_resends_upstream_and_after_it_is_answered_from_it(dataplane):
+    lf = leaf([0, 1], dataplane)
     lf.process(update(BASE, 1, vec(1), e0=2, tsi=3), worker_addr(0))
     first = lf.process(update(BASE, 1, vec(2), e0=1, tsi=3), worker_addr(1))
     # step 5: the leaf's UPDATE (or the spine's RESULT) was lost; a worker's resend is the leaf's timer
@@ -122,8 +127,8 @@ def test_a_retransmission_before_the_spines_result_resends_upstream_and_after_it
     assert counter(lf, LeafCounter.IGNORED_FROM_UPSTREAM) == 1 and np.all(lf.slot_state(1, BASE).values[:K] == 40)
 
 
-def test_the_leaf_takes_only_its_spines_results_for_a_waiting_set_of_its_range():
-    lf = leaf([0, 1])
+def test_the_leaf_takes_only_its_spines_results_for_a_waiting_set_of_its_range(dataplane):
+    lf = leaf([0, 1], dataplane)
     result = protocol.encode_packet(MsgType.RESULT, JOB, 0, BASE, 0, 0, vec(9))
     assert lf.process(result, ("127.0.0.1", 6999)) == []  # not the upstream address
     assert drops(lf, DropReason.BAD_MSG_TYPE) == 1
@@ -143,15 +148,15 @@ def test_the_leaf_takes_only_its_spines_results_for_a_waiting_set_of_its_range()
     assert len(lf.process(result, SPINE)) == 2  # and the real one still works
 
 
-def test_a_rack_of_one_goes_straight_upstream():
-    lf = leaf([0])
+def test_a_rack_of_one_goes_straight_upstream(dataplane):
+    lf = leaf([0], dataplane)
     out = lf.process(update(BASE, 0, vec(7), e0=1), worker_addr(0))
     assert [dst for _, dst in out] == [SPINE] and np.all(protocol.decode_packet(out[0][0]).payload == 7)
     assert lf.process(update(BASE, 0, vec(7), e0=1), worker_addr(0)) == out  # its resend goes up again
 
 
-def test_a_reset_clears_the_leafs_waiting_and_held_results():
-    lf = leaf([0])
+def test_a_reset_clears_the_leafs_waiting_and_held_results(dataplane):
+    lf = leaf([0], dataplane)
     lf.add_admission("127.0.0.9", 9000, None)
     lf.process(update(BASE, 0, vec(7)), worker_addr(0))
     lf.process(protocol.encode_packet(MsgType.RESULT, JOB, 1, BASE, 0, 0, vec(7)), SPINE)
@@ -165,9 +170,9 @@ class HandWiredTree:
     """Two leaves and a spine joined by hand: each packet a switch emits is handed to its
     destination switch, except those ``lose`` says are lost; what reaches a worker is kept."""
 
-    def __init__(self, racks: list[list[int]]) -> None:
-        self.leaves = [leaf(ranks) for ranks in racks]
-        self.spine = program(SoftwareSwitch(pool_size=32, dataplane="python"), LEAF[:len(racks)], upstream=False)
+    def __init__(self, racks: list[list[int]], dataplane: str) -> None:
+        self.leaves = [leaf(ranks, dataplane) for ranks in racks]
+        self.spine = program(SoftwareSwitch(pool_size=32, dataplane=dataplane), LEAF[:len(racks)], upstream=False)
         self.switch_at = {SPINE: self.spine, **dict(zip(LEAF, self.leaves, strict=False))}
         self.rack_of = {r: i for i, ranks in enumerate(racks) for r in ranks}
         self.delivered: dict[tuple[str, int], list[bytes]] = {}
@@ -184,7 +189,7 @@ class HandWiredTree:
             queue += [(out, dst, to) for out, to in self.switch_at[dst].process(data, src)]
 
 
-def test_every_loss_on_the_leaf_spine_link_is_recovered_by_worker_resends_with_the_flat_switchs_result():
+def test_every_loss_on_the_leaf_spine_link_is_recovered_by_worker_resends_with_the_flat_switchs_result(dataplane):
     flat = program(SoftwareSwitch(pool_size=32, dataplane="python"), [worker_addr(r) for r in range(3)], upstream=False)
     contributions = {0: (vec(5), -2), 1: (vec(-9), 7), 2: (np.arange(K, dtype=np.int32), 3)}
     flat_out = []
@@ -192,7 +197,7 @@ def test_every_loss_on_the_leaf_spine_link_is_recovered_by_worker_resends_with_t
         flat_out += flat.process(update(BASE + 1, 0, values, e0, tsi=4), worker_addr(r))
     expected = {dst: data for data, dst in flat_out}
 
-    tree = HandWiredTree([[0, 1], [2]])
+    tree = HandWiredTree([[0, 1], [2]], dataplane)
     lost_once = {(LEAF[0], SPINE), (SPINE, LEAF[1])}  # leaf 0's UPDATE and the spine's RESULT to leaf 1
 
     def lose(src, dst):
@@ -212,6 +217,99 @@ def test_every_loss_on_the_leaf_spine_link_is_recovered_by_worker_resends_with_t
     assert counter(tree.leaves[0], LeafCounter.RESENT_UPSTREAM) == 1
     assert counter(tree.leaves[1], LeafCounter.RESENT_UPSTREAM) == 1
     assert tree.spine.read_counter(RETRANSMISSIONS_COUNTER)[BASE + 1] == 1
+
+
+# ------------------------------------------------------------------ native against the reference
+
+STREAM_POOL = 32
+FLAT = 9  # a job on the same switch that is no leaf job: its slots complete as on a flat switch
+CTRL = ("127.0.0.9", 9000)
+
+
+def stream_leaf(dataplane: str, seed: int, drop: float) -> SoftwareSwitch:
+    """A leaf of JOB (racks of 3: ranks 0-2, slots BASE..BASE+POOL-1) that also runs flat job FLAT."""
+    sw = SoftwareSwitch(pool_size=STREAM_POOL, sizes=(0, 1), drop_probability=drop, seed=seed, dataplane=dataplane)
+    sw.add_admission(*CTRL, None)
+    program(sw, [worker_addr(r) for r in range(3)], upstream=True)
+    sw.set_multicast_group(FLAT + 1, [Replica(20 + i, i, MAC, "127.0.0.2", 8000 + i) for i in range(2)])
+    for i in range(2):
+        sw.add_admission("127.0.0.2", 8000 + i, WorkerEntry("127.0.0.2", 8000 + i, FLAT, i, 2, FLAT + 1, 0, 4))
+    return sw
+
+
+def leaf_stream(seed: int, length: int):
+    """Yield ("packet", data, src) and ("table", method, args): rounds of the rack's workers (shuffled,
+    some lost, some twice), worker resends, the spine's RESULTs (right, duplicated, late, from another
+    address, of another k or job, outside the range), flat-job rounds, RESETs and upstream table changes."""
+    rng = random.Random(seed)
+    history: list[tuple[bytes, tuple[str, int]]] = []
+    tsi = 0
+    while length > 0:
+        r = rng.random()
+        slot, set_bit = BASE + rng.randrange(POOL), rng.randrange(2)
+        k = K if rng.random() > 0.03 else 32
+        if r < 0.40:  # a round of the rack
+            tsi += 1
+            order = [0, 1, 2]
+            rng.shuffle(order)
+            for w in order:
+                if rng.random() < 0.1:
+                    continue
+                data = protocol.encode_packet(MsgType.UPDATE, JOB, tsi, slot, set_bit, rng.randrange(-128, 128),
+                                              np.array([rng.randrange(-2**31, 2**31) for _ in range(k)], np.int64))
+                for _ in range(2 if rng.random() < 0.1 else 1):
+                    history.append((data, worker_addr(w)))
+                    yield "packet", data, worker_addr(w)
+                    length -= 1
+        elif r < 0.55 and history:  # a worker's resend or a late duplicate
+            yield "packet", *rng.choice(history[-100:])
+            length -= 1
+        elif r < 0.80:  # the spine's RESULT, and its impostors
+            values = np.array([rng.randrange(-2**31, 2**31) for _ in range(k)], np.int64)
+            choice = rng.randrange(6)
+            job = JOB if choice != 1 else JOB + 1
+            if choice == 2:
+                slot = rng.choice([BASE - 1, BASE + POOL, STREAM_POOL + 3])
+            data = protocol.encode_packet(MsgType.RESULT, job, tsi, slot, set_bit, rng.randrange(-128, 128), values)
+            src = ("127.0.0.1", 6999) if choice == 3 else SPINE
+            for _ in range(2 if choice == 4 else 1):
+                yield "packet", data, src
+                length -= 1
+        elif r < 0.88:  # a round of the flat job
+            fslot = rng.randrange(4)
+            for w in (0, 1):
+                data = protocol.encode_packet(MsgType.UPDATE, FLAT, tsi, fslot, set_bit, 0, np.full(K, w + 1, np.int64))
+                yield "packet", data, ("127.0.0.2", 8000 + w)
+                length -= 1
+        elif r < 0.94:  # a RESET from the controller
+            yield "packet", protocol.encode_packet(MsgType.RESET, 0, 0, slot, 0, 0, np.zeros(32, np.int64)), CTRL
+            length -= 1
+        else:  # the controller takes the upstream entry away and gives it back
+            if rng.random() < 0.5:
+                yield "table", "remove_upstream", (JOB,)
+            yield "table", "add_upstream", (UpstreamEntry(JOB, *SPINE, SPINE_PORT, MGID, BASE, POOL),)
+            yield "table", "set_drop_probability", (rng.choice([SPINE_PORT, None, 10]), rng.choice([0.0, 0.1]))
+
+
+@pytest.mark.skipif(switch_native.why_missing() is not None, reason=f"native: {switch_native.why_missing()}")
+@pytest.mark.parametrize("drop", [0.0, 0.1])
+@pytest.mark.parametrize("seed", range(6))
+def test_the_native_leaf_gives_the_references_replies_and_counters(seed, drop):
+    ref, nat = stream_leaf("python", seed, drop), stream_leaf("native", seed, drop)
+    for i, (kind, *step) in enumerate(leaf_stream(seed, 1200)):
+        if kind == "table":
+            getattr(ref, step[0])(*step[1])
+            getattr(nat, step[0])(*step[1])
+            continue
+        assert nat.process(*step) == ref.process(*step), f"step {i}: {step[0][:10].hex()} from {step[1]}"
+    for name in (LEAF_COUNTER, RESULTS_COUNTER, RETRANSMISSIONS_COUNTER, DROPS_COUNTER, PACKETS_COUNTER):
+        assert nat.read_counter(name) == ref.read_counter(name), name
+    for v in (0, 1):
+        for slot in range(STREAM_POOL):
+            a, b = ref.slot_state(v, slot), nat.slot_state(v, slot)
+            assert a[:3] == b[:3] and np.array_equal(a.values[:a.k], b.values[:a.k]), (v, slot)
+    leaf_counts = ref.read_counter(LEAF_COUNTER)
+    assert all(c > 0 for c in leaf_counts), leaf_counts  # the stream reached every leaf step
 
 
 # ------------------------------------------------------------------ the controller's plan
@@ -285,14 +383,11 @@ def test_float32_is_bit_identical_to_a_flat_switch_run_of_the_same_data():
             assert a.dtype == b.dtype == np.float32 and np.array_equal(a, b)
 
 
-@pytest.mark.parametrize("spine_dataplane", ["python", "native"])
-def test_loss_on_the_leaves_and_the_spine_is_recovered_bit_identical_to_lossless(spine_dataplane):
-    if spine_dataplane == "native" and (why := switch_native.why_missing()) is not None:
-        pytest.skip(f"native data path not built: {why}")
+def test_loss_on_the_leaves_and_the_spine_is_recovered_bit_identical_to_lossless(dataplane):
     sizes, n, racks = [6_000, 64], 3, [2, 1]
-    with tree_runner(racks, spine_dataplane=spine_dataplane) as clean:
+    with tree_runner(racks, dataplane=dataplane) as clean:
         expected = allreduce_job(clean.endpoint, "clean", n, sizes, seed=9)
-    with tree_runner(racks, spine_dataplane=spine_dataplane, leaf_drop_probability=0.05,
+    with tree_runner(racks, dataplane=dataplane, leaf_drop_probability=0.05,
                      spine_drop_probability=0.05, seed=3) as lossy:
         got = allreduce_job(lossy.endpoint, "lossy", n, sizes, seed=9, worker_kwargs={"timeout": 60})
         for rank in range(n):
@@ -305,19 +400,6 @@ def test_loss_on_the_leaves_and_the_spine_is_recovered_bit_identical_to_lossless
 
 
 # ------------------------------------------------------------------ refusals
-
-
-def test_the_native_data_plane_refuses_the_leaf_role_naming_the_python_one():
-    if (why := switch_native.why_missing()) is not None:
-        pytest.skip(f"native data path not built: {why}")
-    sw = SoftwareSwitch(pool_size=32, dataplane="native")
-    with pytest.raises(LeafRoleUnsupported, match=r"native data plane has no leaf role.*dataplane='python'"):
-        sw.add_upstream(UpstreamEntry(JOB, *SPINE, SPINE_PORT, MGID, BASE, POOL))
-    spine = InProcessTarget(SoftwareSwitch(pool_size=32, dataplane="python"))
-    tree = Tree([Leaf(InProcessTarget(sw), LEAF[0])], racks_of_sizes([1]))
-    with pytest.raises(LeafRoleUnsupported, match=r"tree leaf 0 at 127.0.0.1:6001: .*--dataplane python"):
-        Controller(spine, ControllerOptions(bind="tcp://127.0.0.1:0", switch_address=SPINE, pool_size=32, window=4,
-                                            k=K, tree=tree))
 
 
 def test_a_p4runtime_target_refuses_a_tree_naming_the_missing_upstream_table():
@@ -395,14 +477,9 @@ def test_the_leaf_p4info_adds_the_upstream_table_and_keeps_every_id_of_the_contr
     assert [p.name for p in leafy.action(pipeline.SET_UPSTREAM_ACTION).params] == list(pipeline.SET_UPSTREAM_PARAMS)
 
 
-def test_the_leaf_role_over_p4runtime_needs_a_p4runtime_port_and_the_python_data_plane():
-    pytest.importorskip("grpc")
+def test_the_leaf_role_over_p4runtime_needs_a_p4runtime_port():
     with pytest.raises(ValueError, match="--leaf-role needs --p4runtime-port"):
         SoftwareSwitchRunner("127.0.0.1", 0, 0, 32, leaf_role=True)
-    if switch_native.why_missing() is None:
-        with pytest.raises(LeafRoleUnsupported, match="native data plane has no leaf role.*--dataplane python"):
-            SoftwareSwitchRunner("127.0.0.1", 0, 0, 32, p4runtime_port=0, with_controller=False, dataplane="native",
-                                 leaf_role=True)
 
 
 def _p4runtime_target_when_up(address: str, proc: subprocess.Popen, timeout: float = 60.0):
