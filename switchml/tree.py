@@ -17,8 +17,8 @@ docstring; docs/hierarchy.md has the design. For a job whose ranks have all regi
    the leaf's port towards it (for the loss table), the group and the range. A rack of one
    worker completes a slot at its first contribution and goes straight upstream.
 4. The spine: each leaf with ranks is one worker of the job, numbered 0..R-1 in leaf order
-   (n = R at the spine), admitted by the leaf's data address (the address its rack sends to
-   and, in the software switch, the one it sends from); the spine's multicast group holds the
+   (n = R at the spine), admitted by the address it sends from (``Leaf.uplink``, by default its
+   data address: the software switch has one socket); the spine's multicast group holds the
    leaves. The spine itself is a plain switch: it needs no leaf role.
 5. Every switch's range is cleared by RESETs from the controller's one UDP socket, which
    every switch of the tree admits as the controller.
@@ -52,14 +52,23 @@ class Leaf:
     Args:
         target: how the controller programs it; it must have the leaf role
             (``SwitchTarget.why_no_leaf_role()`` None: the software switch, in-process or over P4Runtime).
-        address: its data address: where its rack's workers send, and, as the source of its
-            upstream packets, its worker address at the spine.
+        address: its data address: where its rack's workers send.
         hosts: worker IPs in its rack, for the default ``Tree.rack_of``.
+        uplink: its address as the spine sees it: the source of its upstream packets, which the
+            spine admits as a worker and multicasts its RESULTs to. Default: ``address`` (one
+            interface). A leaf host with a rack-side and a core-side interface sends from the
+            core-side IP, with the port of ``address`` (the software switch has one socket).
     """
 
     target: SwitchTarget
     address: Address
     hosts: Collection[str] = ()
+    uplink: Address | None = None
+
+    @property
+    def spine_side(self) -> Address:
+        """The address the spine admits this leaf by."""
+        return tuple(self.uplink if self.uplink is not None else self.address)
 
 
 @dataclass(frozen=True)
@@ -78,9 +87,10 @@ class Tree:
     def __post_init__(self) -> None:
         if not self.leaves:
             raise ValueError("tree: leaves=[]; expected at least one leaf switch")
-        addresses = [leaf.address for leaf in self.leaves]
-        if len(set(addresses)) != len(addresses):
-            raise ValueError(f"tree: leaf addresses {addresses}; expected each leaf at its own address")
+        for kind, addresses in (("data", [tuple(leaf.address) for leaf in self.leaves]),
+                                ("uplink", [leaf.spine_side for leaf in self.leaves])):
+            if len(set(addresses)) != len(addresses):
+                raise ValueError(f"tree: leaf {kind} addresses {addresses}; expected each leaf at its own address")
 
     def check(self, spine_address: Address, k: int) -> None:
         """Raise ``LeafRoleUnsupported`` for a leaf without the leaf role, ``ValueError`` for a leaf
@@ -90,8 +100,9 @@ class Tree:
                 raise LeafRoleUnsupported(f"tree leaf {i} at {leaf.address[0]}:{leaf.address[1]}: {why}")
             if k not in leaf.target.supported_k:
                 raise ValueError(f"tree leaf {i}: k={k}; it takes {list(leaf.target.supported_k)} elements per packet")
-            if tuple(leaf.address) == tuple(spine_address):
-                raise ValueError(f"tree leaf {i}: address {leaf.address} is the spine's; expected its own")
+            if tuple(spine_address) in (tuple(leaf.address), leaf.spine_side):
+                raise ValueError(f"tree leaf {i}: address {leaf.address} (uplink {leaf.spine_side}) is the spine's; "
+                                 "expected its own")
 
     def rack(self, rank: int, address: Address) -> int:
         """The leaf index of ``rank``; ``ValueError`` naming the rank when there is none."""
@@ -180,7 +191,7 @@ def tree_plan(tree: Tree, spine: SwitchTarget, spine_address: Address, slots: Jo
         racks.setdefault(tree.rack(rank, address), {})[rank] = address
     used = sorted(racks)
     plan = Plan()
-    leaf_addresses = {i: tuple(tree.leaves[i].address) for i in used}
+    leaf_addresses = {i: tree.leaves[i].spine_side for i in used}
     plan.programs.append(flat_program(spine, spine_address, slots, leaf_addresses, port_of, mac_of, role="spine"))
     for i in used:
         leaf = tree.leaves[i]

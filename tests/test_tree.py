@@ -334,6 +334,26 @@ def test_the_plan_numbers_workers_per_level_and_sends_each_rank_to_its_leaf():
     assert plan.switch_of == {0: LEAF[0], 1: LEAF[1], 2: LEAF[1]}
 
 
+def test_the_plan_places_ranks_by_host_and_admits_each_leaf_at_the_spine_by_its_uplink():
+    """Addresses here are only table keys: no packet is sent."""
+    targets = [InProcessTarget(SoftwareSwitch(pool_size=32, dataplane="python")) for _ in range(3)]
+    tree = Tree([Leaf(targets[1], ("10.0.1.1", 48864), hosts={"10.0.1.2", "10.0.1.3"}, uplink=("10.9.0.1", 48864)),
+                 Leaf(targets[2], ("10.0.2.1", 48864), hosts={"10.0.2.2"})])
+    addresses = {0: ("10.0.2.2", 5000), 1: ("10.0.1.3", 5000), 2: ("10.0.1.2", 5001)}
+    plan = tree_plan(tree, targets[0], ("10.9.0.100", 48864), JobSlots(JOB, MGID, BASE, POOL), addresses,
+                     lambda a: 1, lambda a: MAC)
+    assert [(e.ip, e.worker_id) for e in plan.programs[0].workers] == [("10.9.0.1", 0), ("10.0.2.1", 1)]
+    assert [r.ip for r in plan.programs[0].replicas] == ["10.9.0.1", "10.0.2.1"]
+    assert [(e.ip, e.udp_port, e.worker_id) for e in plan.programs[1].workers] == [("10.0.1.3", 5000, 0),
+                                                                                  ("10.0.1.2", 5001, 1)]
+    assert plan.switch_of == {0: ("10.0.2.1", 48864), 1: ("10.0.1.1", 48864), 2: ("10.0.1.1", 48864)}
+    with pytest.raises(ValueError, match=r"rank 3 at 10\.0\.3\.2:5000 is in no leaf's hosts"):
+        tree_plan(tree, targets[0], ("10.9.0.100", 48864), JobSlots(JOB, MGID, BASE, POOL),
+                  {**addresses, 3: ("10.0.3.2", 5000)}, lambda a: 1, lambda a: MAC)
+    with pytest.raises(ValueError, match="leaf uplink addresses"):
+        Tree([Leaf(targets[1], ("10.0.1.1", 1), uplink=("10.9.0.1", 1)), Leaf(targets[2], ("10.9.0.1", 1))])
+
+
 # ------------------------------------------------------------------ whole jobs over UDP
 
 
