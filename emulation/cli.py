@@ -64,6 +64,27 @@ def _add_tls_client_flags(parser: argparse.ArgumentParser, whose: str) -> None:
                         help="the name the switch's certificate must carry (default: the host dialled)")
 
 
+def _leaf_spec(text: str):
+    """--leaf's value as an ``emulation.tree.LeafSpec`` (errors name the field)."""
+    from emulation.tree import parse_leaf_spec
+
+    try:
+        return parse_leaf_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _rack_sizes(text: str) -> list[int]:
+    """--rack-sizes' value: positive ints, comma-separated."""
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or any(size < 1 for size in sizes):
+        raise argparse.ArgumentTypeError(f"--rack-sizes {text!r}: expected ranks per leaf as N,N,... (each >= 1)")
+    return sizes
+
+
 def _tls_client(args: argparse.Namespace):
     """The client ``TLSFiles`` of --tls-* flags, or None (plain text) without any."""
     from switchml.security import TLSFiles
@@ -114,6 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="serve P4Runtime with the leaf role's upstream table, so that the controller of a tree "
                      "(elsewhere, with --no-controller) can make this switch a leaf of a spine; needs "
                      "--p4runtime-port (docs/hierarchy.md)")
+    emu.add_argument("--leaf", dest="leaves", action="append", type=_leaf_spec, default=None, metavar="SPEC",
+                     help="make this switch the spine of a tree: its controller programs the leaf switch SPEC "
+                     "(started with --no-controller --p4runtime-port P --leaf-role) over P4Runtime, and every job "
+                     "spans the racks of its ranks (docs/hierarchy.md); repeat per leaf. SPEC is "
+                     "p4runtime=HOST:PORT,data=IP:PORT[,uplink=IP:PORT][,hosts=IP+IP+...]: the leaf's P4Runtime "
+                     "and data addresses, its address as this spine sees it (default: data) and its rack's worker "
+                     "IPs, which place ranks unless --rack-sizes does")
+    emu.add_argument("--rack-sizes", type=_rack_sizes, default=None, metavar="N,N,...",
+                     help="with --leaf: ranks 0..N1-1 under the first leaf, the next N2 under the second, ... "
+                     "(instead of each --leaf's hosts=)")
     emu.add_argument("--threads", type=int, default=1,
                      help="native data path: threads receiving on the switch's socket")
     emu.add_argument("--p4runtime-tls-cert", metavar="PEM", default=None,
@@ -191,6 +222,7 @@ def emulate(args: argparse.Namespace, ready: threading.Event | None = None, stop
 
     if args.no_controller and args.p4runtime_port is None:
         raise OSError("--no-controller needs --p4runtime-port: nothing could program the switch")
+    tree = _tree(args)
     server_tls = None
     if args.p4runtime_tls_cert or args.p4runtime_tls_key or args.p4runtime_tls_client_ca:
         if args.p4runtime_port is None:
@@ -204,7 +236,8 @@ def emulate(args: argparse.Namespace, ready: threading.Event | None = None, stop
                                   heartbeat_timeout=args.heartbeat_timeout,
                                   advertise_address=args.advertise_address, p4runtime_tls=server_tls,
                                   controller_tls=_tls_client(args), secret=read_secret(args.secret_file),
-                                  insecure=args.insecure, leaf_role=args.leaf_role)
+                                  insecure=args.insecure, leaf_role=args.leaf_role,
+                                  **({"tree": tree} if tree is not None else {}))
     log.info("switchml software switch: data %s:%d, controller %s, k=%d, window %d, pool %d, loss %.4g, %s data path",
              *runner.server.address, runner.endpoint if runner.controller else "none (--no-controller)", args.k,
              args.window, args.pool_size, args.drop_probability, runner.switch.dataplane)
@@ -218,12 +251,40 @@ def emulate(args: argparse.Namespace, ready: threading.Event | None = None, stop
             log.info("workers are told to send to %s:%d", *advertised)
     if runner.p4runtime is not None:
         log.info("P4Runtime: %s, device %d", runner.p4runtime.grpc_address, args.device_id)
+    if tree is not None:
+        log.info("spine of a tree of %d leaves: %s", len(tree.leaves),
+                 ", ".join(f"{leaf.address[0]}:{leaf.address[1]}" for leaf in tree.leaves))
     try:
         run_until_signalled(stop, ready)
     finally:
         runner.stop()
+        for leaf in tree.leaves if tree is not None else ():
+            leaf.target.close()
         drops = {k: v for k, v in runner.switch.drops().items() if v}
         log.info("stopped; drops by reason: %s", drops or "none")
+
+
+def _tree(args: argparse.Namespace):
+    """The ``switchml.tree.Tree`` of --leaf and --rack-sizes (its leaves connected), or None."""
+    if args.rack_sizes and not args.leaves:
+        raise ValueError("--rack-sizes needs --leaf: it places ranks under leaf switches")
+    if not args.leaves:
+        return None
+    if args.no_controller:
+        raise ValueError("--leaf needs this switch's controller (it programs the leaves): drop --no-controller")
+    if args.rack_sizes and len(args.rack_sizes) != len(args.leaves):
+        raise ValueError(f"--rack-sizes {','.join(map(str, args.rack_sizes))}: {len(args.rack_sizes)} racks for "
+                         f"{len(args.leaves)} --leaf switches; expected one size per leaf")
+    from emulation.tree import connect_leaves, racks_of_sizes
+    from switchml.tree import Tree
+
+    leaves = connect_leaves(args.leaves, _tls_client(args))
+    try:
+        return Tree(leaves, racks_of_sizes(args.rack_sizes) if args.rack_sizes else None)
+    except ValueError:
+        for leaf in leaves:
+            leaf.target.close()
+        raise
 
 
 def deploy_plan(args: argparse.Namespace):
@@ -254,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "emulate":
         try:
             emulate(args)
-        except (OSError, ValueError, NativeUnavailable, MissingExtra) as exc:  # ValueError: a bad secret or TLS file
+        except (OSError, ValueError, NativeUnavailable, MissingExtra, SwitchMLError) as exc:
+            # ValueError: a bad secret or TLS file; SwitchMLError: a --leaf not reachable over P4Runtime
             print(f"switchml-switch: cannot start: {exc}", file=sys.stderr)
             return 1
         return 0

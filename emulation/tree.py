@@ -4,24 +4,98 @@
 (docs/hierarchy.md): one software switch per leaf and one for the spine, each on its own UDP socket, and one ``Controller`` that programs all of
 them as a ``switchml.tree.Tree``: in-process (``InProcessTarget``), or over P4Runtime
 (``P4RuntimeTarget``; each switch serves P4Runtime, the leaves with the leaf role's table), the
-code path of switches in other processes or hosts.
+code path of switches in other processes or hosts. ``LeafSpec`` and ``connect_leaves`` serve
+``switchml-switch emulate --leaf SPEC``: a spine whose controller programs leaves that run as
+``switchml-switch emulate --no-controller --p4runtime-port P --leaf-role`` elsewhere.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from emulation.runner import SoftwareSwitchRunner
 from emulation.switch import SoftwareSwitch
 from emulation.target import InProcessTarget
 from switchml import defaults
 from switchml.controller import Controller, ControllerOptions
-from switchml.pipeline import check_drop_probability
+from switchml.pipeline import SOFTWARE_SWITCH_K, check_drop_probability
+from switchml.security import TLSFiles
 from switchml.targets import SwitchTarget
 from switchml.tree import Address, Leaf, Tree
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LeafSpec:
+    """A leaf switch reached over P4Runtime, as ``--leaf`` names it (``parse_leaf_spec``)."""
+
+    p4runtime: str  #: its P4Runtime gRPC address, HOST:PORT
+    data: Address  #: its data address, where its rack sends
+    uplink: Address | None = None  #: its address as the spine sees it (default: ``data``)
+    hosts: tuple[str, ...] = ()  #: worker IPs of its rack
+
+    #: what --leaf takes, for help texts and errors
+    SYNTAX = "p4runtime=HOST:PORT,data=IP:PORT[,uplink=IP:PORT][,hosts=IP+IP+...]"
+
+
+def _address(field: str, text: str) -> Address:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--leaf {field}={text!r}: expected HOST:PORT with a port 1..65535")
+    return (host, int(port))
+
+
+def parse_leaf_spec(text: str) -> LeafSpec:
+    """``p4runtime=HOST:PORT,data=IP:PORT[,uplink=IP:PORT][,hosts=IP+IP]`` as a ``LeafSpec``;
+    ``ValueError`` naming the field, its value and what was expected."""
+    fields: dict[str, str] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or key not in ("p4runtime", "data", "uplink", "hosts") or key in fields:
+            raise ValueError(f"--leaf {text!r}: field {part!r}; expected {LeafSpec.SYNTAX}, each field once")
+        fields[key] = value.strip()
+    for required in ("p4runtime", "data"):
+        if required not in fields:
+            raise ValueError(f"--leaf {text!r}: no {required}=...; expected {LeafSpec.SYNTAX}")
+    _address("p4runtime", fields["p4runtime"])
+    hosts = tuple(h for h in fields.get("hosts", "").split("+") if h)
+    return LeafSpec(fields["p4runtime"], _address("data", fields["data"]),
+                    _address("uplink", fields["uplink"]) if "uplink" in fields else None, hosts)
+
+
+def connect_leaves(specs: Sequence[LeafSpec], tls: TLSFiles | None = None,
+                   timeout: float = defaults.CONTROL_TIMEOUT_S) -> list[Leaf]:
+    """A ``Leaf`` of each spec, its target a ``P4RuntimeTarget`` with the leaf role's P4Info; each
+    leaf's server is retried until ``timeout`` (they may still be starting). The caller closes the
+    targets; on failure the ones already connected are closed and the error names the leaf."""
+    from switchml.p4info import with_leaf_role
+    from switchml.p4runtime_target import P4RuntimeError, P4RuntimeTarget
+
+    p4info = with_leaf_role()
+    leaves: list[Leaf] = []
+    deadline = time.monotonic() + timeout
+    try:
+        for i, spec in enumerate(specs):
+            while True:
+                try:
+                    target = P4RuntimeTarget(spec.p4runtime, p4info=p4info, supported_k=SOFTWARE_SWITCH_K, tls=tls,
+                                             timeout=min(10.0, max(1.0, deadline - time.monotonic())))
+                    break
+                except P4RuntimeError as exc:
+                    if time.monotonic() >= deadline:
+                        raise P4RuntimeError(f"leaf {i} ({spec.p4runtime}): not reachable within {timeout:g} s: "
+                                             f"{exc}", exc.code) from exc
+                    time.sleep(0.5)
+            leaves.append(Leaf(target, spec.data, spec.hosts, spec.uplink))
+    except BaseException:
+        for leaf in leaves:
+            leaf.target.close()
+        raise
+    return leaves
 
 
 def racks_of_sizes(sizes: Sequence[int]) -> Callable[[int, Address], int]:

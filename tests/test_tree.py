@@ -554,3 +554,61 @@ def test_a_leaf_in_its_own_process_started_with_leaf_role_joins_a_tree():
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate(timeout=10)
+
+
+def _emulate(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "emulation.cli", "emulate", "--host", "127.0.0.1", *args],
+                            cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE, text=True)
+
+
+def _stop(proc: subprocess.Popen) -> str:
+    proc.terminate()
+    try:
+        return proc.communicate(timeout=20)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate(timeout=10)[1]
+
+
+def test_switchml_switch_emulate_with_leaf_runs_a_tree_of_three_processes():
+    """The command lines of docs/hierarchy.md: two leaves (--leaf-role) and a spine whose
+    controller programs them (--leaf ... --rack-sizes), each its own process."""
+    pytest.importorskip("grpc")
+    from switchml.net import free_port
+
+    ports = [free_port() for _ in range(6)]  # UDP/TCP ports on loopback, for 3 processes
+    leaves = [_emulate("--port", str(ports[2 * i]), "--no-controller", "--p4runtime-port", str(ports[2 * i + 1]),
+                       "--leaf-role", "--pool-size", "64") for i in range(2)]
+    specs = [f"p4runtime=127.0.0.1:{ports[2 * i + 1]},data=127.0.0.1:{ports[2 * i]}" for i in range(2)]
+    spine = _emulate("--port", str(ports[4]), "--control-port", str(ports[5]), "--pool-size", "64", "--window", "8",
+                     "-k", "64", "--leaf", specs[0], "--leaf", specs[1], "--rack-sizes", "2,1")
+    try:
+        endpoint = f"tcp://127.0.0.1:{ports[5]}"
+        ready = subprocess.run([sys.executable, "-m", "emulation.cli", "wait", "--controller", endpoint, "--timeout",
+                                "60"], capture_output=True, text=True, timeout=90)
+        assert ready.returncode == 0, ready.stderr
+        results = allreduce_job(endpoint, "cli-tree", 3, [1_000], seed=3, dtype="int32")
+        for rank in range(3):
+            assert np.array_equal(results[rank][0], expected_sum(3, 1_000, 3, "int32"))
+    finally:
+        logs = _stop(spine)
+        for proc in leaves:
+            _stop(proc)
+    assert "spine of a tree of 2 leaves" in logs, logs[-2000:]
+
+
+def test_emulate_refuses_a_bad_leaf_spec_naming_the_field():
+    from emulation.tree import LeafSpec, parse_leaf_spec
+
+    assert parse_leaf_spec("p4runtime=h:1,data=10.0.0.1:5,uplink=10.9.0.1:6,hosts=10.0.0.2+10.0.0.3") == LeafSpec(
+        "h:1", ("10.0.0.1", 5), ("10.9.0.1", 6), ("10.0.0.2", "10.0.0.3"))
+    for bad, why in (("data=10.0.0.1:5", "no p4runtime="), ("p4runtime=h:1,data=10.0.0.1:0", "data='10.0.0.1:0'"),
+                     ("p4runtime=h:1,data=a:2,color=red", "field 'color=red'")):
+        with pytest.raises(ValueError, match=why):
+            parse_leaf_spec(bad)
+    proc = subprocess.run([sys.executable, "-m", "emulation.cli", "emulate", "--leaf", "p4runtime=x,data=127.0.0.1:5"],
+                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2 and "--leaf p4runtime='x': expected HOST:PORT" in proc.stderr, proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "emulation.cli", "emulate", "--rack-sizes", "2,1"],
+                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 1 and "--rack-sizes needs --leaf" in proc.stderr, proc.stderr
