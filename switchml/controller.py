@@ -186,12 +186,17 @@ class Controller:
             self._monitor = self._router.get_monitor_socket(HANDSHAKE_FAILED_EVENTS)
         self._router.bind(o.bind)
         self.endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self._udp.bind((local_ip_towards(o.switch_address), 0))
-        self.reset_address: Address = self._udp.getsockname()
-        target.add_controller(*self.reset_address)
-        for leaf in o.tree.leaves if o.tree is not None else ():
-            leaf.target.add_controller(*self.reset_address)
+        # One RESET socket per switch (a tree has several), each admitted as the controller by its
+        # switch: an echo then answers the switch its socket names, whatever source address the
+        # switch's host picks for it.
+        self._reset_sockets: dict[Address, socket.socket] = {}
+        switches = [(target, o.switch_address)] + [(leaf.target, leaf.address) for leaf in
+                                                    (o.tree.leaves if o.tree is not None else ())]
+        for switch_target, address in switches:
+            udp = self._reset_sockets[tuple(address)] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            udp.bind((local_ip_towards(address), 0))
+            switch_target.add_controller(*udp.getsockname())
+        self.reset_address: Address = self._reset_sockets[tuple(o.switch_address)].getsockname()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="switchml-controller", daemon=True)
 
@@ -215,7 +220,8 @@ class Controller:
         if self._auth is not None:
             self._auth.stop()
             self._ctx.term()
-        self._udp.close()
+        for udp in self._reset_sockets.values():
+            udp.close()
 
     def __enter__(self) -> Controller:
         return self.start()
@@ -422,13 +428,11 @@ class Controller:
 
     def _reset_slots(self, job: _Job) -> None:
         """Clear the job's slots on each of its switches with RESET packets; retransmit until every one is echoed."""
-        tree = len(job.plan.programs) > 1
         for program in job.plan.programs:
-            self._reset_switch(job, tuple(program.address), program.role, tree)
+            self._reset_switch(job, tuple(program.address), program.role)
 
-    def _reset_switch(self, job: _Job, switch: Address, role: str, check_source: bool) -> None:
-        """``check_source``: count only echoes from ``switch`` (a tree's switches echo to one socket;
-        a single switch's echo may come from another address than the advertised one, behind NAT)."""
+    def _reset_switch(self, job: _Job, switch: Address, role: str) -> None:
+        udp = self._reset_sockets[switch]  # its echoes come back to this socket only
         pending = {slot: protocol.encode_header(MsgType.RESET, 0, job.number, 0, slot, 0, 0)
                    + bytes(protocol.ELEMENT_BYTES * protocol.SIZE_TO_K[0])
                    for slot in range(job.pool_base, job.pool_base + job.pool_size)}
@@ -436,16 +440,15 @@ class Controller:
         buf = bytearray(protocol.packet_bytes(protocol.MAX_K))
         while pending:
             for packet in pending.values():
-                self._udp.sendto(packet, switch)
+                udp.sendto(packet, switch)
             resend_at = min(time.monotonic() + 0.05, deadline)
             while pending and (wait := resend_at - time.monotonic()) > 0:
-                self._udp.settimeout(wait)
+                udp.settimeout(wait)
                 try:
-                    n, src = self._udp.recvfrom_into(buf)
+                    n = udp.recv_into(buf)
                 except TimeoutError:
                     break
-                # a late echo from another switch of a tree must not count for this one
-                if n >= protocol.PREAMBLE_BYTES and (not check_source or src == switch):
+                if n >= protocol.PREAMBLE_BYTES:
                     h = protocol.decode_header(buf[:n])
                     if h.msg_type == MsgType.RESET and h.job_number == job.number:
                         pending.pop(h.slot, None)
