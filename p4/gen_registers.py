@@ -72,14 +72,22 @@ V1MODEL_TAIL = """\
 # 32-bit word. As in p4app-switchML, each register holds a pair of elements (i, i + k/2):
 # the first pass writes or adds both and returns the second, a recirculated second pass
 # returns the first. Which RegisterAction runs is chosen by a small const table per pair,
-# keyed on the operation the ingress control decided (VALUE_OP_* in switchml_tna.p4).
+# keyed on what the bitmap register returned (as p4app-switchML's Processor): the pairs need
+# nothing computed after that register, so they spread over the stages that follow it,
+# beside the contribution count and the exponent (switchml_tna.p4 explains the layout).
 
 TNA_HEAD = """\
 // Values: one pair register per two payload elements; value_NN[set * POOL_SIZE + slot] holds
-// elements NN (first) and NN + {half} (second) of the slot's running sum.
+// elements NN (first) and NN + {half} (second) of the slot's running sum. What each pair does:
+//   contribution, the set's bitmap was empty (seen_before == 0)  -> write both, read the second
+//   contribution, the worker's bit was not set (map_result == 0) -> add both, read the second
+//   contribution, the worker's bit was set (a retransmission)    -> read the second
+//   harvest pass                                                 -> read the first
 control Values(inout payload_h payload,
                in bit<16> index,
-               in bit<3> op) {{
+               in bit<2> phase,
+               in bit<32> seen_before,
+               in bit<32> map_result) {{
 """
 
 TNA_PAIR = """
@@ -115,14 +123,15 @@ TNA_PAIR = """
     action read_second_{i:02d}() {{ payload.d{j:02d} = value_{i:02d}_read_second.execute(index); }}
     action read_first_{i:02d}() {{ payload.d{i:02d} = value_{i:02d}_read_first.execute(index); }}
 
+    @stage({stage})
     table op_{i:02d} {{
-        key = {{ op : exact; }}
+        key = {{ phase : exact; seen_before : ternary; map_result : ternary; }}
         actions = {{ write_{i:02d}; add_{i:02d}; read_second_{i:02d}; read_first_{i:02d}; @defaultonly NoAction; }}
-        const entries = {{
-            VALUE_OP_WRITE       : write_{i:02d}();
-            VALUE_OP_ADD         : add_{i:02d}();
-            VALUE_OP_READ_SECOND : read_second_{i:02d}();
-            VALUE_OP_READ_FIRST  : read_first_{i:02d}();
+        const entries = {{  // the first match wins
+            (PHASE_CONTRIBUTE, 0, _) : write_{i:02d}();
+            (PHASE_CONTRIBUTE, _, 0) : add_{i:02d}();
+            (PHASE_CONTRIBUTE, _, _) : read_second_{i:02d}();
+            (PHASE_HARVEST,    _, _) : read_first_{i:02d}();
         }}
         const default_action = NoAction();
         size = 4;
@@ -158,12 +167,21 @@ def render_v1model(k: int) -> str:
     return "".join(parts)
 
 
+# Where the pairs go in Tofino 1's 12 stages (bf-p4c's @stage): the verdict and the bitmap
+# register take stage 2, the two slot-state registers one stateful ALU each of stages 3 and 4,
+# and each stage has 4 stateful ALUs. Left to itself the compiler fills stage 6 with the
+# reply logic and needs a 13th stage; pinned, the 32 pairs of k = 64 end in stage 11.
+TNA_PAIR_STAGES = [3] * 2 + [4] * 2 + [stage for stage in range(5, 12) for _ in range(4)]
+
+
 def render_tna(k: int) -> str:
     if k % 2:
         raise SystemExit(f"k={k}: the TNA program pairs elements, k must be even")
     half = k // 2
+    if half > len(TNA_PAIR_STAGES):
+        raise SystemExit(f"k={k}: {half} value pairs do not fit Tofino 1's stages ({len(TNA_PAIR_STAGES)} at most)")
     parts = [BANNER.format(name="generated_tna_values.p4", target="TNA"), TNA_HEAD.format(half=half)]
-    parts += [TNA_PAIR.format(i=i, j=i + half) for i in range(half)]
+    parts += [TNA_PAIR.format(i=i, j=i + half, stage=TNA_PAIR_STAGES[i]) for i in range(half)]
     parts.append(TNA_APPLY_HEAD)
     parts += [TNA_APPLY_PAIR.format(i=i) for i in range(half)]
     parts.append(TNA_TAIL)

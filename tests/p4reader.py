@@ -245,7 +245,13 @@ class Program:
         raise KeyError(f"width of type {type_.name}")
 
     def path_width(self, path: str, params: dict[str, TypeRef]) -> int:
-        """Width of ``a.b.c`` where ``a`` is a control parameter."""
+        """Width of ``a.b.c`` where ``a`` is a control parameter, of a slice ``a.b[hi:lo]``, or
+        of ``a.b.isValid()`` (a bool)."""
+        if path.endswith(".isValid()"):
+            return 1
+        slice_ = re.fullmatch(r"(.*)\[(\d+):(\d+)\]", path)
+        if slice_:
+            return int(slice_.group(2)) - int(slice_.group(3)) + 1
         first, *rest = path.split(".")
         type_ = params[first]
         for name in rest:

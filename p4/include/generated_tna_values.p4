@@ -3,10 +3,16 @@
  * (tests/test_p4_contract.py checks that this file matches it).
  */
 // Values: one pair register per two payload elements; value_NN[set * POOL_SIZE + slot] holds
-// elements NN (first) and NN + 32 (second) of the slot's running sum.
+// elements NN (first) and NN + 32 (second) of the slot's running sum. What each pair does:
+//   contribution, the set's bitmap was empty (seen_before == 0)  -> write both, read the second
+//   contribution, the worker's bit was not set (map_result == 0) -> add both, read the second
+//   contribution, the worker's bit was set (a retransmission)    -> read the second
+//   harvest pass                                                 -> read the first
 control Values(inout payload_h payload,
                in bit<16> index,
-               in bit<3> op) {
+               in bit<2> phase,
+               in bit<32> seen_before,
+               in bit<32> map_result) {
 
     Register<value_pair_t, bit<16>>(REGISTER_SIZE) value_00;
 
@@ -40,14 +46,15 @@ control Values(inout payload_h payload,
     action read_second_00() { payload.d32 = value_00_read_second.execute(index); }
     action read_first_00() { payload.d00 = value_00_read_first.execute(index); }
 
+    @stage(3)
     table op_00 {
-        key = { op : exact; }
+        key = { phase : exact; seen_before : ternary; map_result : ternary; }
         actions = { write_00; add_00; read_second_00; read_first_00; @defaultonly NoAction; }
-        const entries = {
-            VALUE_OP_WRITE       : write_00();
-            VALUE_OP_ADD         : add_00();
-            VALUE_OP_READ_SECOND : read_second_00();
-            VALUE_OP_READ_FIRST  : read_first_00();
+        const entries = {  // the first match wins
+            (PHASE_CONTRIBUTE, 0, _) : write_00();
+            (PHASE_CONTRIBUTE, _, 0) : add_00();
+            (PHASE_CONTRIBUTE, _, _) : read_second_00();
+            (PHASE_HARVEST,    _, _) : read_first_00();
         }
         const default_action = NoAction();
         size = 4;
@@ -85,14 +92,15 @@ control Values(inout payload_h payload,
     action read_second_01() { payload.d33 = value_01_read_second.execute(index); }
     action read_first_01() { payload.d01 = value_01_read_first.execute(index); }
 
+    @stage(3)
     table op_01 {
-        key = { op : exact; }
+        key = { phase : exact; seen_before : ternary; map_result : ternary; }
         actions = { write_01; add_01; read_second_01; read_first_01; @defaultonly NoAction; }
-        const entries = {
-            VALUE_OP_WRITE       : write_01();
-            VALUE_OP_ADD         : add_01();
-            VALUE_OP_READ_SECOND : read_second_01();
-            VALUE_OP_READ_FIRST  : read_first_01();
+        const entries = {  // the first match wins
+            (PHASE_CONTRIBUTE, 0, _) : write_01();
+            (PHASE_CONTRIBUTE, _, 0) : add_01();
+            (PHASE_CONTRIBUTE, _, _) : read_second_01();
+            (PHASE_HARVEST,    _, _) : read_first_01();
         }
         const default_action = NoAction();
         size = 4;
@@ -130,14 +138,15 @@ control Values(inout payload_h payload,
     action read_second_02() { payload.d34 = value_02_read_second.execute(index); }
     action read_first_02() { payload.d02 = value_02_read_first.execute(index); }
 
+    @stage(4)
     table op_02 {
-        key = { op : exact; }
+        key = { phase : exact; seen_before : ternary; map_result : ternary; }
         actions = { write_02; add_02; read_second_02; read_first_02; @defaultonly NoAction; }
-        const entries = {
-            VALUE_OP_WRITE       : write_02();
-            VALUE_OP_ADD         : add_02();
-            VALUE_OP_READ_SECOND : read_second_02();
-            VALUE_OP_READ_FIRST  : read_first_02();
+        const entries = {  // the first match wins
+            (PHASE_CONTRIBUTE, 0, _) : write_02();
+            (PHASE_CONTRIBUTE, _, 0) : add_02();
+            (PHASE_CONTRIBUTE, _, _) : read_second_02();
+            (PHASE_HARVEST,    _, _) : read_first_02();
         }
         const default_action = NoAction();
         size = 4;
@@ -175,14 +184,15 @@ control Values(inout payload_h payload,
     action read_second_03() { payload.d35 = value_03_read_second.execute(index); }
     action read_first_03() { payload.d03 = value_03_read_first.execute(index); }
 
+    @stage(4)
     table op_03 {
-        key = { op : exact; }
+        key = { phase : exact; seen_before : ternary; map_result : ternary; }
         actions = { write_03; add_03; read_second_03; read_first_03; @defaultonly NoAction; }
-        const entries = {
-            VALUE_OP_WRITE       : write_03();
-            VALUE_OP_ADD         : add_03();
-            VALUE_OP_READ_SECOND : read_second_03();
-            VALUE_OP_READ_FIRST  : read_first_03();
+        const entries = {  // the first match wins
+            (PHASE_CONTRIBUTE, 0, _) : write_03();
+            (PHASE_CONTRIBUTE, _, 0) : add_03();
+            (PHASE_CONTRIBUTE, _, _) : read_second_03();
+            (PHASE_HARVEST,    _, _) : read_first_03();
         }
         const default_action = NoAction();
         size = 4;
@@ -220,14 +230,15 @@ control Values(inout payload_h payload,
     action read_second_04() { payload.d36 = value_04_read_second.execute(index); }
     action read_first_04() { payload.d04 = value_04_read_first.execute(index); }
 
+    @stage(5)
     table op_04 {
-        key = { op : exact; }
+        key = { phase : exact; seen_before : ternary; map_result : ternary; }
         actions = { write_04; add_04; read_second_04; read_first_04; @defaultonly NoAction; }
-        const entries = {
-            VALUE_OP_WRITE       : write_04();
-            VALUE_OP_ADD         : add_04();
-            VALUE_OP_READ_SECOND : read_second_04();
-            VALUE_OP_READ_FIRST  : read_first_04();
+        const entries = {  // the first match wins
+            (PHASE_CONTRIBUTE, 0, _) : write_04();
+            (PHASE_CONTRIBUTE, _, 0) : add_04();
+            (PHASE_CONTRIBUTE, _, _) : read_second_04();
+            (PHASE_HARVEST,    _, _) : read_first_04();
         }
         const default_action = NoAction();
         size = 4;
@@ -265,14 +276,15 @@ control Values(inout payload_h payload,
     action read_second_05() { payload.d37 = value_05_read_second.execute(index); }
     action read_first_05() { payload.d05 = value_05_read_first.execute(index); }
 
+    @stage(5)
     table op_05 {
-        key = { op : exact; }
+        key = { phase : exact; seen_before : ternary; map_result : ternary; }
         actions = { write_05; add_05; read_second_05; read_first_05; @defaultonly NoAction; }
-        const entries = {
-            VALUE_OP_WRITE       : write_05();
-            VALUE_OP_ADD         : add_05();
-            VALUE_OP_READ_SECOND : read_second_05();
-            VALUE_OP_READ_FIRST  : read_first_05();
+        const entries = {  // the first match wins
+            (PHASE_CONTRIBUTE, 0, _) : write_05();
+            (PHASE_CONTRIBUTE, _, 0) : add_05();
+            (PHASE_CONTRIBUTE, _, _) : read_second_05();
+            (PHASE_HARVEST,    _, _) : read_first_05();
         }
         const default_action = NoAction();
         size = 4;
@@ -310,14 +322,15 @@ control Values(inout payload_h payload,
     action read_second_06() { payload.d38 = value_06_read_second.execute(index); }
     action read_first_06() { payload.d06 = value_06_read_first.execute(index); }
 
+    @stage(5)
     table op_06 {
-        key = { op : exact; }
+        key = { phase : exact; seen_before : ternary; map_result : ternary; }
         actions = { write_06; add_06; read_second_06; read_first_06; @defaultonly NoAction; }
-        const entries = {
-            VALUE_OP_WRITE       : write_06();
-            VALUE_OP_ADD         : add_06();
-            VALUE_OP_READ_SECOND : read_second_06();
-            VALUE_OP_READ_FIRST  : read_first_06();
+        const entries = {  // the first match wins
+            (PHASE_CONTRIBUTE, 0, _) : write_06();
+            (PHASE_CONTRIBUTE, _, 0) : add_06();
+            (PHASE_CONTRIBUTE, _, _) : read_second_06();
+            (PHASE_HARVEST,    _, _) : read_first_06();
         }
         const default_action = NoAction();
         size = 4;
@@ -355,14 +368,15 @@ control Values(inout payload_h payload,
     action read_second_07() { payload.d39 = value_07_read_second.execute(index); }
     action read_first_07() { payload.d07 = value_07_read_first.execute(index); }
 
+    @stage(5)
     table op_07 {
-        key = { op : exact; }
+        key = { phase : exact; seen_before : ternary; map_result : ternary; }
         actions = { write_07; add_07; read_second_07; read_first_07; @defaultonly NoAction; }
-        const entries = {
-            VALUE_OP_WRITE       : write_07();
-            VALUE_OP_ADD         : add_07();
-            VALUE_OP_READ_SECOND : read_second_07();
-            VALUE_OP_READ_FIRST  : read_first_07();
+        const entries = {  // the first match wins
+            (PHASE_CONTRIBUTE, 0, _) : write_07();
+            (PHASE_CONTRIBUTE, _, 0) : add_07();
+            (PHASE_CONTRIBUTE, _, _) : read_second_07();
+            (PHASE_HARVEST,    _, _) : read_first_07();
         }
         const default_action = NoAction();
         size = 4;
@@ -400,14 +414,15 @@ control Values(inout payload_h payload,
     action read_second_08() { payload.d40 = value_08_read_second.execute(index); }
     action read_first_08() { payload.d08 = value_08_read_first.execute(index); }
 
+    @stage(6)
     table op_08 {
-        key = { op : exact; }
+        key = { phase : exact; seen_before : ternary; map_result : ternary; }
         actions = { write_08; add_08; read_second_08; read_first_08; @defaultonly NoAction; }
-        const entries = {
-            VALUE_OP_WRITE       : write_08();
-            VALUE_OP_ADD         : add_08();
-            VALUE_OP_READ_SECOND : read_second_08();
-            VALUE_OP_READ_FIRST  : read_first_08();
+        const entries = {  // the first match wins
+            (PHASE_CONTRIBUTE, 0, _) : write_08();
+            (PHASE_CONTRIBUTE, _, 0) : add_08();
+            (PHASE_CONTRIBUTE, _, _) : read_second_08();
+            (PHASE_HARVEST,    _, _) : read_first_08();
         }
         const default_action = NoAction();
         size = 4;
@@ -445,14 +460,15 @@ control Values(inout payload_h payload,
     action read_second_09() { payload.d41 = value_09_read_second.execute(index); }
     action read_first_09() { payload.d09 = value_09_read_first.execute(index); }
 
+    @stage(6)
     table op_09 {
-        key = { op : exact; }
+        key = { phase : exact; seen_before : ternary; map_result : ternary; }
         actions = { write_09; add_09; read_second_09; read_first_09; @defaultonly NoAction; }
-        const entries = {
-            VALUE_OP_WRITE       : write_09();
-            VALUE_OP_ADD         : add_09();
-            VALUE_OP_READ_SECOND : read_second_09();
-            VALUE_OP_READ_FIRST  : read_first_09();
+        const entries = {  // the first match wins
+            (PHASE_CONTRIBUTE, 0, _) : write_09();
+            (PHASE_CONTRIBUTE, _, 0) : add_09();
+            (PHASE_CONTRIBUTE, _, _) : read_second_09();
+            (PHASE_HARVEST,    _, _) : read_first_09();
         }
         const default_action = NoAction();
         size = 4;
@@ -490,14 +506,15 @@ control Values(inout payload_h payload,
     action read_second_10() { payload.d42 = value_10_read_second.execute(index); }
     action read_first_10() { payload.d10 = value_10_read_first.execute(index); }
 
+    @stage(6)
     table op_10 {
-        key = { op : exact; }
+        key = { phase : exact; seen_before : ternary; map_result : ternary; }
         actions = { write_10; add_10; read_second_10; read_first_10; @defaultonly NoAction; }
-        const entries = {
-            VALUE_OP_WRITE       : write_10();
-            VALUE_OP_ADD         : add_10();
-            VALUE_OP_READ_SECOND : read_second_10();
-            VALUE_OP_READ_FIRST  : read_first_10();
+        const entries = {  // the first match wins
+            (PHASE_CONTRIBUTE, 0, _) : write_10();
+            (PHASE_CONTRIBUTE, _, 0) : add_10();
+            (PHASE_CONTRIBUTE, _, _) : read_second_10();
+            (PHASE_HARVEST,    _, _) : read_first_10();
         }
         const default_action = NoAction();
         size = 4;
@@ -535,14 +552,15 @@ control Values(inout payload_h payload,
     action read_second_11() { payload.d43 = value_11_read_second.execute(index); }
     action read_first_11() { payload.d11 = value_11_read_first.execute(index); }
 
+    @stage(6)
     table op_11 {
-        key = { op : exact; }
+        key = { phase : exact; seen_before : ternary; map_result : ternary; }
         actions = { write_11; add_11; read_second_11; read_first_11; @defaultonly NoAction; }
-        const entries = {
-            VALUE_OP_WRITE       : write_11();
-            VALUE_OP_ADD         : add_11();
-            VALUE_OP_READ_SECOND : read_second_11();
-            VALUE_OP_READ_FIRST  : read_first_11();
+        const entries = {  // the first match wins
+            (PHASE_CONTRIBUTE, 0, _) : write_11();
+            (PHASE_CONTRIBUTE, _, 0) : add_11();
+            (PHASE_CONTRIBUTE, _, _) : read_second_11();
+            (PHASE_HARVEST,    _, _) : read_first_11();
         }
         const default_action = NoAction();
         size = 4;
@@ -580,14 +598,15 @@ control Values(inout payload_h payload,
     action read_second_12() { payload.d44 = value_12_read_second.execute(index); }
     action read_first_12() { payload.d12 = value_12_read_first.execute(index); }
 
+    @stage(7)
     table op_12 {
-        key = { op : exact; }
+        key = { phase : exact; seen_before : ternary; map_result : ternary; }
         actions = { write_12; add_12; read_second_12; read_first_12; @defaultonly NoAction; }
-        const entries = {
-            VALUE_OP_WRITE       : write_12();
-            VALUE_OP_ADD         : add_12();
-            VALUE_OP_READ_SECOND : read_second_12();
-            VALUE_OP_READ_FIRST  : read_first_12();
+        const entries = {  // the first match wins
+            (PHASE_CONTRIBUTE, 0, _) : write_12();
+            (PHASE_CONTRIBUTE, _, 0) : add_12();
+            (PHASE_CONTRIBUTE, _, _) : read_second_12();
+            (PHASE_HARVEST,    _, _) : read_first_12();
         }
         const default_action = NoAction();
         size = 4;
@@ -625,14 +644,15 @@ control Values(inout payload_h payload,
     action read_second_13() { payload.d45 = value_13_read_second.execute(index); }
     action read_first_13() { payload.d13 = value_13_read_first.execute(index); }
 
+    @stage(7)
     table op_13 {
-        key = { op : exact; }
+        key = { phase : exact; seen_before : ternary; map_result : ternary; }
         actions = { write_13; add_13; read_second_13; read_first_13; @defaultonly NoAction; }
-        const entries = {
-            VALUE_OP_WRITE       : write_13();
-            VALUE_OP_ADD         : add_13();
-            VALUE_OP_READ_SECOND : read_second_13();
-            VALUE_OP_READ_FIRST  : read_first_13();
+        const entries = {  // the first match wins
+            (PHASE_CONTRIBUTE, 0, _) : write_13();
+            (PHASE_CONTRIBUTE, _, 0) : add_13();
+            (PHASE_CONTRIBUTE, _, _) : read_second_13();
+            (PHASE_HARVEST,    _, _) : read_first_13();
         }
         const default_action = NoAction();
         size = 4;
@@ -670,14 +690,15 @@ control Values(inout payload_h payload,
     action read_second_14() { payload.d46 = value_14_read_second.execute(index); }
     action read_first_14() { payload.d14 = value_14_read_first.execute(index); }
 
+    @stage(7)
     table op_14 {
-        key = { op : exact; }
+        key = { phase : exact; seen_before : ternary; map_result : ternary; }
         actions = { write_14; add_14; read_second_14; read_first_14; @defaultonly NoAction; }
-        const entries = {
-            VALUE_OP_WRITE       : write_14();
-            VALUE_OP_ADD         : add_14();
-            VALUE_OP_READ_SECOND : read_second_14();
-            VALUE_OP_READ_FIRST  : read_first_14();
+        const entries = {  // the first match wins
+            (PHASE_CONTRIBUTE, 0, _) : write_14();
+            (PHASE_CONTRIBUTE, _, 0) : add_14();
+            (PHASE_CONTRIBUTE, _, _) : read_second_14();
+            (PHASE_HARVEST,    _, _) : read_first_14();
         }
         const default_action = NoAction();
         size = 4;
@@ -715,14 +736,15 @@ control Values(inout payload_h payload,
     action read_second_15() { payload.d47 = value_15_read_second.execute(index); }
     action read_first_15() { payload.d15 = value_15_read_first.execute(index); }
 
+    @stage(7)
     table op_15 {
-        key = { op : exact; }
+        key = { phase : exact; seen_before : ternary; map_result : ternary; }
         actions = { write_15; add_15; read_second_15; read_first_15; @defaultonly NoAction; }
-        const entries = {
-            VALUE_OP_WRITE       : write_15();
-            VALUE_OP_ADD         : add_15();
-            VALUE_OP_READ_SECOND : read_second_15();
-            VALUE_OP_READ_FIRST  : read_first_15();
+        const entries = {  // the first match wins
+            (PHASE_CONTRIBUTE, 0, _) : write_15();
+            (PHASE_CONTRIBUTE, _, 0) : add_15();
+            (PHASE_CONTRIBUTE, _, _) : read_second_15();
+            (PHASE_HARVEST,    _, _) : read_first_15();
         }
         const default_action = NoAction();
         size = 4;
@@ -760,14 +782,15 @@ control Values(inout payload_h payload,
     action read_second_16() { payload.d48 = value_16_read_second.execute(index); }
     action read_first_16() { payload.d16 = value_16_read_first.execute(index); }
 
+    @stage(8)
     table op_16 {
-        key = { op : exact; }
+        key = { phase : exact; seen_before : ternary; map_result : ternary; }
         actions = { write_16; add_16; read_second_16; read_first_16; @defaultonly NoAction; }
-        const entries = {
-            VALUE_OP_WRITE       : write_16();
-            VALUE_OP_ADD         : add_16();
-            VALUE_OP_READ_SECOND : read_second_16();
-            VALUE_OP_READ_FIRST  : read_first_16();
+        const entries = {  // the first match wins
+            (PHASE_CONTRIBUTE, 0, _) : write_16();
+            (PHASE_CONTRIBUTE, _, 0) : add_16();
+            (PHASE_CONTRIBUTE, _, _) : read_second_16();
+            (PHASE_HARVEST,    _, _) : read_first_16();
         }
         const default_action = NoAction();
         size = 4;
@@ -805,14 +828,15 @@ control Values(inout payload_h payload,
     action read_second_17() { payload.d49 = value_17_read_second.execute(index); }
     action read_first_17() { payload.d17 = value_17_read_first.execute(index); }
 
+    @stage(8)
     table op_17 {
-        key = { op : exact; }
+        key = { phase : exact; seen_before : ternary; map_result : ternary; }
         actions = { write_17; add_17; read_second_17; read_first_17; @defaultonly NoAction; }
-        const entries = {
-            VALUE_OP_WRITE       : write_17();
-            VALUE_OP_ADD         : add_17();
-            VALUE_OP_READ_SECOND : read_second_17();
-            VALUE_OP_READ_FIRST  : read_first_17();
+        const entries = {  // the first match wins
+            (PHASE_CONTRIBUTE, 0, _) : write_17();
+            (PHASE_CONTRIBUTE, _, 0) : add_17();
+            (PHASE_CONTRIBUTE, _, _) : read_second_17();
+            (PHASE_HARVEST,    _, _) : read_first_17();
         }
         const default_action = NoAction();
         size = 4;
@@ -850,14 +874,15 @@ control Values(inout payload_h payload,
     action read_second_18() { payload.d50 = value_18_read_second.execute(index); }
     action read_first_18() { payload.d18 = value_18_read_first.execute(index); }
 
+    @stage(8)
     table op_18 {
-        key = { op : exact; }
+        key = { phase : exact; seen_before : ternary; map_result : ternary; }
         actions = { write_18; add_18; read_second_18; read_first_18; @defaultonly NoAction; }
-        const entries = {
-            VALUE_OP_WRITE       : write_18();
-            VALUE_OP_ADD         : add_18();
-            VALUE_OP_READ_SECOND : read_second_18();
-            VALUE_OP_READ_FIRST  : read_first_18();
+        const entries = {  // the first match wins
+            (PHASE_CONTRIBUTE, 0, _) : write_18();
+            (PHASE_CONTRIBUTE, _, 0) : add_18();
+            (PHASE_CONTRIBUTE, _, _) : read_second_18();
+            (PHASE_HARVEST,    _, _) : read_first_18();
         }
         const default_action = NoAction();
         size = 4;
@@ -895,14 +920,15 @@ control Values(inout payload_h payload,
     action read_second_19() { payload.d51 = value_19_read_second.execute(index); }
     action read_first_19() { payload.d19 = value_19_read_first.execute(index); }
 
+    @stage(8)
     table op_19 {
-        key = { op : exact; }
+        key = { phase : exact; seen_before : ternary; map_result : ternary; }
         actions = { write_19; add_19; read_second_19; read_first_19; @defaultonly NoAction; }
-        const entries = {
-            VALUE_OP_WRITE       : write_19();
-            VALUE_OP_ADD         : add_19();
-            VALUE_OP_READ_SECOND : read_second_19();
-            VALUE_OP_READ_FIRST  : read_first_19();
+        const entries = {  // the first match wins
+            (PHASE_CONTRIBUTE, 0, _) : write_19();
+            (PHASE_CONTRIBUTE, _, 0) : add_19();
+            (PHASE_CONTRIBUTE, _, _) : read_second_19();
+            (PHASE_HARVEST,    _, _) : read_first_19();
         }
         const default_action = NoAction();
         size = 4;
@@ -940,14 +966,15 @@ control Values(inout payload_h payload,
     action read_second_20() { payload.d52 = value_20_read_second.execute(index); }
     action read_first_20() { payload.d20 = value_20_read_first.execute(index); }
 
+    @stage(9)
     table op_20 {
-        key = { op : exact; }
+        key = { phase : exact; seen_before : ternary; map_result : ternary; }
         actions = { write_20; add_20; read_second_20; read_first_20; @defaultonly NoAction; }
-        const entries = {
-            VALUE_OP_WRITE       : write_20();
-            VALUE_OP_ADD         : add_20();
-            VALUE_OP_READ_SECOND : read_second_20();
-            VALUE_OP_READ_FIRST  : read_first_20();
+        const entries = {  // the first match wins
+            (PHASE_CONTRIBUTE, 0, _) : write_20();
+            (PHASE_CONTRIBUTE, _, 0) : add_20();
+            (PHASE_CONTRIBUTE, _, _) : read_second_20();
+            (PHASE_HARVEST,    _, _) : read_first_20();
         }
         const default_action = NoAction();
         size = 4;
@@ -985,14 +1012,15 @@ control Values(inout payload_h payload,
     action read_second_21() { payload.d53 = value_21_read_second.execute(index); }
     action read_first_21() { payload.d21 = value_21_read_first.execute(index); }
 
+    @stage(9)
     table op_21 {
-        key = { op : exact; }
+        key = { phase : exact; seen_before : ternary; map_result : ternary; }
         actions = { write_21; add_21; read_second_21; read_first_21; @defaultonly NoAction; }
-        const entries = {
-            VALUE_OP_WRITE       : write_21();
-            VALUE_OP_ADD         : add_21();
-            VALUE_OP_READ_SECOND : read_second_21();
-            VALUE_OP_READ_FIRST  : read_first_21();
+        const entries = {  // the first match wins
+            (PHASE_CONTRIBUTE, 0, _) : write_21();
+            (PHASE_CONTRIBUTE, _, 0) : add_21();
+            (PHASE_CONTRIBUTE, _, _) : read_second_21();
+            (PHASE_HARVEST,    _, _) : read_first_21();
         }
         const default_action = NoAction();
         size = 4;
@@ -1030,14 +1058,15 @@ control Values(inout payload_h payload,
     action read_second_22() { payload.d54 = value_22_read_second.execute(index); }
     action read_first_22() { payload.d22 = value_22_read_first.execute(index); }
 
+    @stage(9)
     table op_22 {
-        key = { op : exact; }
+        key = { phase : exact; seen_before : ternary; map_result : ternary; }
         actions = { write_22; add_22; read_second_22; read_first_22; @defaultonly NoAction; }
-        const entries = {
-            VALUE_OP_WRITE       : write_22();
-            VALUE_OP_ADD         : add_22();
-            VALUE_OP_READ_SECOND : read_second_22();
-            VALUE_OP_READ_FIRST  : read_first_22();
+        const entries = {  // the first match wins
+            (PHASE_CONTRIBUTE, 0, _) : write_22();
+            (PHASE_CONTRIBUTE, _, 0) : add_22();
+            (PHASE_CONTRIBUTE, _, _) : read_second_22();
+            (PHASE_HARVEST,    _, _) : read_first_22();
         }
         const default_action = NoAction();
         size = 4;
@@ -1075,14 +1104,15 @@ control Values(inout payload_h payload,
     action read_second_23() { payload.d55 = value_23_read_second.execute(index); }
     action read_first_23() { payload.d23 = value_23_read_first.execute(index); }
 
+    @stage(9)
     table op_23 {
-        key = { op : exact; }
+        key = { phase : exact; seen_before : ternary; map_result : ternary; }
         actions = { write_23; add_23; read_second_23; read_first_23; @defaultonly NoAction; }
-        const entries = {
-            VALUE_OP_WRITE       : write_23();
-            VALUE_OP_ADD         : add_23();
-            VALUE_OP_READ_SECOND : read_second_23();
-            VALUE_OP_READ_FIRST  : read_first_23();
+        const entries = {  // the first match wins
+            (PHASE_CONTRIBUTE, 0, _) : write_23();
+            (PHASE_CONTRIBUTE, _, 0) : add_23();
+            (PHASE_CONTRIBUTE, _, _) : read_second_23();
+            (PHASE_HARVEST,    _, _) : read_first_23();
         }
         const default_action = NoAction();
         size = 4;
@@ -1120,14 +1150,15 @@ control Values(inout payload_h payload,
     action read_second_24() { payload.d56 = value_24_read_second.execute(index); }
     action read_first_24() { payload.d24 = value_24_read_first.execute(index); }
 
+    @stage(10)
     table op_24 {
-        key = { op : exact; }
+        key = { phase : exact; seen_before : ternary; map_result : ternary; }
         actions = { write_24; add_24; read_second_24; read_first_24; @defaultonly NoAction; }
-        const entries = {
-            VALUE_OP_WRITE       : write_24();
-            VALUE_OP_ADD         : add_24();
-            VALUE_OP_READ_SECOND : read_second_24();
-            VALUE_OP_READ_FIRST  : read_first_24();
+        const entries = {  // the first match wins
+            (PHASE_CONTRIBUTE, 0, _) : write_24();
+            (PHASE_CONTRIBUTE, _, 0) : add_24();
+            (PHASE_CONTRIBUTE, _, _) : read_second_24();
+            (PHASE_HARVEST,    _, _) : read_first_24();
         }
         const default_action = NoAction();
         size = 4;
@@ -1165,14 +1196,15 @@ control Values(inout payload_h payload,
     action read_second_25() { payload.d57 = value_25_read_second.execute(index); }
     action read_first_25() { payload.d25 = value_25_read_first.execute(index); }
 
+    @stage(10)
     table op_25 {
-        key = { op : exact; }
+        key = { phase : exact; seen_before : ternary; map_result : ternary; }
         actions = { write_25; add_25; read_second_25; read_first_25; @defaultonly NoAction; }
-        const entries = {
-            VALUE_OP_WRITE       : write_25();
-            VALUE_OP_ADD         : add_25();
-            VALUE_OP_READ_SECOND : read_second_25();
-            VALUE_OP_READ_FIRST  : read_first_25();
+        const entries = {  // the first match wins
+            (PHASE_CONTRIBUTE, 0, _) : write_25();
+            (PHASE_CONTRIBUTE, _, 0) : add_25();
+            (PHASE_CONTRIBUTE, _, _) : read_second_25();
+            (PHASE_HARVEST,    _, _) : read_first_25();
         }
         const default_action = NoAction();
         size = 4;
@@ -1210,14 +1242,15 @@ control Values(inout payload_h payload,
     action read_second_26() { payload.d58 = value_26_read_second.execute(index); }
     action read_first_26() { payload.d26 = value_26_read_first.execute(index); }
 
+    @stage(10)
     table op_26 {
-        key = { op : exact; }
+        key = { phase : exact; seen_before : ternary; map_result : ternary; }
         actions = { write_26; add_26; read_second_26; read_first_26; @defaultonly NoAction; }
-        const entries = {
-            VALUE_OP_WRITE       : write_26();
-            VALUE_OP_ADD         : add_26();
-            VALUE_OP_READ_SECOND : read_second_26();
-            VALUE_OP_READ_FIRST  : read_first_26();
+        const entries = {  // the first match wins
+            (PHASE_CONTRIBUTE, 0, _) : write_26();
+            (PHASE_CONTRIBUTE, _, 0) : add_26();
+            (PHASE_CONTRIBUTE, _, _) : read_second_26();
+            (PHASE_HARVEST,    _, _) : read_first_26();
         }
         const default_action = NoAction();
         size = 4;
@@ -1255,14 +1288,15 @@ control Values(inout payload_h payload,
     action read_second_27() { payload.d59 = value_27_read_second.execute(index); }
     action read_first_27() { payload.d27 = value_27_read_first.execute(index); }
 
+    @stage(10)
     table op_27 {
-        key = { op : exact; }
+        key = { phase : exact; seen_before : ternary; map_result : ternary; }
         actions = { write_27; add_27; read_second_27; read_first_27; @defaultonly NoAction; }
-        const entries = {
-            VALUE_OP_WRITE       : write_27();
-            VALUE_OP_ADD         : add_27();
-            VALUE_OP_READ_SECOND : read_second_27();
-            VALUE_OP_READ_FIRST  : read_first_27();
+        const entries = {  // the first match wins
+            (PHASE_CONTRIBUTE, 0, _) : write_27();
+            (PHASE_CONTRIBUTE, _, 0) : add_27();
+            (PHASE_CONTRIBUTE, _, _) : read_second_27();
+            (PHASE_HARVEST,    _, _) : read_first_27();
         }
         const default_action = NoAction();
         size = 4;
@@ -1300,14 +1334,15 @@ control Values(inout payload_h payload,
     action read_second_28() { payload.d60 = value_28_read_second.execute(index); }
     action read_first_28() { payload.d28 = value_28_read_first.execute(index); }
 
+    @stage(11)
     table op_28 {
-        key = { op : exact; }
+        key = { phase : exact; seen_before : ternary; map_result : ternary; }
         actions = { write_28; add_28; read_second_28; read_first_28; @defaultonly NoAction; }
-        const entries = {
-            VALUE_OP_WRITE       : write_28();
-            VALUE_OP_ADD         : add_28();
-            VALUE_OP_READ_SECOND : read_second_28();
-            VALUE_OP_READ_FIRST  : read_first_28();
+        const entries = {  // the first match wins
+            (PHASE_CONTRIBUTE, 0, _) : write_28();
+            (PHASE_CONTRIBUTE, _, 0) : add_28();
+            (PHASE_CONTRIBUTE, _, _) : read_second_28();
+            (PHASE_HARVEST,    _, _) : read_first_28();
         }
         const default_action = NoAction();
         size = 4;
@@ -1345,14 +1380,15 @@ control Values(inout payload_h payload,
     action read_second_29() { payload.d61 = value_29_read_second.execute(index); }
     action read_first_29() { payload.d29 = value_29_read_first.execute(index); }
 
+    @stage(11)
     table op_29 {
-        key = { op : exact; }
+        key = { phase : exact; seen_before : ternary; map_result : ternary; }
         actions = { write_29; add_29; read_second_29; read_first_29; @defaultonly NoAction; }
-        const entries = {
-            VALUE_OP_WRITE       : write_29();
-            VALUE_OP_ADD         : add_29();
-            VALUE_OP_READ_SECOND : read_second_29();
-            VALUE_OP_READ_FIRST  : read_first_29();
+        const entries = {  // the first match wins
+            (PHASE_CONTRIBUTE, 0, _) : write_29();
+            (PHASE_CONTRIBUTE, _, 0) : add_29();
+            (PHASE_CONTRIBUTE, _, _) : read_second_29();
+            (PHASE_HARVEST,    _, _) : read_first_29();
         }
         const default_action = NoAction();
         size = 4;
@@ -1390,14 +1426,15 @@ control Values(inout payload_h payload,
     action read_second_30() { payload.d62 = value_30_read_second.execute(index); }
     action read_first_30() { payload.d30 = value_30_read_first.execute(index); }
 
+    @stage(11)
     table op_30 {
-        key = { op : exact; }
+        key = { phase : exact; seen_before : ternary; map_result : ternary; }
         actions = { write_30; add_30; read_second_30; read_first_30; @defaultonly NoAction; }
-        const entries = {
-            VALUE_OP_WRITE       : write_30();
-            VALUE_OP_ADD         : add_30();
-            VALUE_OP_READ_SECOND : read_second_30();
-            VALUE_OP_READ_FIRST  : read_first_30();
+        const entries = {  // the first match wins
+            (PHASE_CONTRIBUTE, 0, _) : write_30();
+            (PHASE_CONTRIBUTE, _, 0) : add_30();
+            (PHASE_CONTRIBUTE, _, _) : read_second_30();
+            (PHASE_HARVEST,    _, _) : read_first_30();
         }
         const default_action = NoAction();
         size = 4;
@@ -1435,14 +1472,15 @@ control Values(inout payload_h payload,
     action read_second_31() { payload.d63 = value_31_read_second.execute(index); }
     action read_first_31() { payload.d31 = value_31_read_first.execute(index); }
 
+    @stage(11)
     table op_31 {
-        key = { op : exact; }
+        key = { phase : exact; seen_before : ternary; map_result : ternary; }
         actions = { write_31; add_31; read_second_31; read_first_31; @defaultonly NoAction; }
-        const entries = {
-            VALUE_OP_WRITE       : write_31();
-            VALUE_OP_ADD         : add_31();
-            VALUE_OP_READ_SECOND : read_second_31();
-            VALUE_OP_READ_FIRST  : read_first_31();
+        const entries = {  // the first match wins
+            (PHASE_CONTRIBUTE, 0, _) : write_31();
+            (PHASE_CONTRIBUTE, _, 0) : add_31();
+            (PHASE_CONTRIBUTE, _, _) : read_second_31();
+            (PHASE_HARVEST,    _, _) : read_first_31();
         }
         const default_action = NoAction();
         size = 4;
