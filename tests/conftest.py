@@ -15,7 +15,7 @@ import pytest
 
 from emulation import native as switch_native
 from emulation.runner import SoftwareSwitchRunner
-from switchml import native
+from switchml import defaults, native
 
 DATAPLANES = ("python", "native")
 
@@ -49,3 +49,12 @@ def make_switch(dataplane: str) -> Iterator:
 @pytest.fixture(autouse=True)
 def _quiet_logs(caplog):
     caplog.set_level(logging.WARNING)
+
+
+@pytest.fixture(autouse=True)
+def _no_cluster_secret(monkeypatch):
+    """Every test starts without a cluster secret in the environment and leaves none behind:
+    a launcher run in-process puts its secret in ``os.environ`` for the ranks it starts, and a
+    later test's workers would inherit it and fail the handshake with an open controller."""
+    for name in (defaults.SECRET_ENV, defaults.SECRET_FILE_ENV):
+        monkeypatch.delenv(name, raising=False)
