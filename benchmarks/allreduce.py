@@ -41,9 +41,8 @@ from benchmarks.common import (
     process_cpu_seconds,
     summarize,
     table,
-    write_json,
 )
-from emulation.spawn import child_env, spawn_switch, stop_process, wait_until_ready
+from emulation.spawn import child_env, spawn_switch, stop_process
 from switchml import defaults
 from switchml.deploy import P4_K
 from switchml.errors import SwitchMLError
@@ -146,8 +145,7 @@ class _Loopback:
 
     def start_switch(self, log_path: Path, **options: Any) -> subprocess.Popen:
         """``emulation.spawn.spawn_switch`` here, its output to ``log_path``."""
-        return spawn_switch(start=lambda cmd: self._popen(cmd, _child_env(), log_path), wait=wait_until_ready,
-                            **options)
+        return spawn_switch(start=lambda cmd: self._popen(cmd, _child_env(), log_path), **options)
 
     def start_worker(self, rank: int, args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
         return self._popen(args, env, log_path)
@@ -195,9 +193,7 @@ class _Mininet:
     def start_switch(self, log_path: Path, **options: Any) -> subprocess.Popen:
         """``emulation.spawn.spawn_switch`` on the switch host, ready when worker 0 gets ``hello``."""
         # the star's namespaces are this run's own, reachable from nothing else: an open control channel
-        return spawn_switch(start=lambda cmd: self.star.popen(self.star.switch, cmd, env=_child_env(),
-                                                              log_path=str(log_path), cwd=str(REPO_ROOT)),
-                            wait=self.star.wait_for_controller, extra=["--insecure"], **options)
+        return self.star.spawn_switch(log_path, env=_THREAD_CAPS, extra=["--insecure"], **options)
 
     def start_worker(self, rank: int, args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
         return self.star.popen(self.star.hosts[rank], args, env=env, log_path=str(log_path), cwd=str(REPO_ROOT))
@@ -240,9 +236,13 @@ def _switch_command() -> list[str]:
     return [str(script)] if script.exists() else [*_python(), "-m", "emulation.cli"]
 
 
+#: One thread per process: the ranks and the switch share the cores.
+_THREAD_CAPS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 def _child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """``emulation.spawn.child_env`` with one thread per process: the ranks share the cores."""
-    return child_env({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(extra or {})})
+    """``emulation.spawn.child_env`` with ``_THREAD_CAPS``."""
+    return child_env({**_THREAD_CAPS, **(extra or {})})
 
 
 # ---------------------------------------------------------------- one backend
@@ -616,9 +616,3 @@ def plot(doc: dict[str, Any], path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
-def save(doc: dict[str, Any], json_path: str | None, plot_path: str | None) -> None:
-    """Write the JSON document and the PNG plot where asked."""
-    if json_path:
-        write_json(json_path, doc)
-    if plot_path:
-        plot(doc, plot_path)

@@ -17,7 +17,7 @@ import shlex
 import sys
 from typing import Any
 
-from benchmarks.common import parse_fraction, parse_list, parse_size
+from benchmarks.common import parse_fraction, parse_list, parse_size, write_json
 from switchml.extras import missing
 
 
@@ -257,10 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     return _train(args, command, passthrough)
 
 
-def _report(module: Any, doc: dict[str, Any], json_path: str | None, plot_path: str | None) -> None:
-    """Print a benchmark's table, write its JSON and plot, and say where they went."""
+def _report(module: Any, doc: dict[str, Any], json_path: str | None, plot_path: str | None = None) -> None:
+    """Print a benchmark's table, write its JSON and (``module.plot``) its PNG, and say where they went."""
     print(module.format_report(doc))
-    module.save(doc, json_path, plot_path)
+    if json_path:
+        write_json(json_path, doc)
+    if plot_path:
+        module.plot(doc, plot_path)
     for what, path in (("JSON", json_path), ("plot", plot_path)):
         if path:
             print(f"{what}: {path}")
@@ -301,10 +304,7 @@ def _fuzz(args: argparse.Namespace, command: str) -> int:
     except (RuntimeError, ValueError, OSError) as exc:
         print(f"switchml-bench fuzz: {exc}", file=sys.stderr)
         return 1
-    print(fuzz.format_report(doc))
-    fuzz.save(doc, args.json)
-    if args.json:
-        print(f"JSON: {args.json}")
+    _report(fuzz, doc, args.json)
     return 0 if doc["ok"] else 3
 
 
@@ -324,10 +324,7 @@ def _pps(args: argparse.Namespace, command: str) -> int:
     except (RuntimeError, ValueError, OSError) as exc:
         print(f"switchml-bench pps: {exc}", file=sys.stderr)
         return 1
-    print(pps.format_report(doc))
-    pps.save(doc, args.json)
-    if args.json:
-        print(f"JSON: {args.json}")
+    _report(pps, doc, args.json)
     return 0
 
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import machine_info, write_json
+from benchmarks.common import machine_info
 from emulation.server import SwitchServer
 from emulation.switch import SoftwareSwitch
 from emulation.target import InProcessTarget
@@ -380,9 +380,4 @@ def format_report(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def save(doc: dict[str, Any], path: str | None) -> None:
-    if path:
-        write_json(path, doc)
-
-
-__all__ = ["FuzzConfig", "KINDS", "PacketForge", "expected_reason", "format_report", "passed", "run", "save"]
+__all__ = ["FuzzConfig", "KINDS", "PacketForge", "expected_reason", "format_report", "passed", "run"]

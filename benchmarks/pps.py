@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import format_size, machine_info, summarize, table, write_json
+from benchmarks.common import format_size, machine_info, summarize, table
 from switchml import quantize
 from switchml.net import open_udp_socket
 from switchml.pipeline import Replica, WorkerEntry
@@ -259,6 +259,3 @@ def format_report(doc: dict[str, Any]) -> str:
     return text
 
 
-def save(doc: dict[str, Any], path: str | None) -> None:
-    if path:
-        write_json(path, doc)

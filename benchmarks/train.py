@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.allreduce import AllreduceConfig, _wait_workers
-from benchmarks.common import REPO_ROOT, machine_info, process_cpu_seconds, summarize, table, write_json
+from benchmarks.common import REPO_ROOT, machine_info, process_cpu_seconds, summarize, table
 from emulation.spawn import child_env, stop_process
 from switchml import defaults
 from switchml.errors import SwitchMLError
@@ -425,15 +425,7 @@ def format_report(doc: dict[str, Any]) -> str:
             "\ncomm wait: share of each step blocked in backward() after its last gradient (the unhidden allreduce)")
 
 
-def save(doc: dict[str, Any], json_path: str | None, plot_path: str | None) -> None:
-    """Write the JSON and, if asked, a PNG of smoothed loss against training time."""
-    if json_path:
-        write_json(json_path, doc)
-    if plot_path:
-        _plot(doc, plot_path)
-
-
-def _plot(doc: dict[str, Any], path: str) -> None:
+def plot(doc: dict[str, Any], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -66,6 +66,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from switchml.net import Address
 from switchml.pipeline import (
     DROPS_COUNTER,
     LEAF_COUNTER,
@@ -95,7 +96,6 @@ from switchml.protocol import (
 
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 Reply = tuple[bytes, Address]
 
 _RECV_BUFFER = 65536  # larger than any wire-format v1 packet (16 KB)

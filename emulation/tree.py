@@ -21,10 +21,11 @@ from emulation.switch import SoftwareSwitch
 from emulation.target import InProcessTarget
 from switchml import defaults
 from switchml.controller import Controller, ControllerOptions
+from switchml.net import Address
 from switchml.pipeline import SOFTWARE_SWITCH_K, check_drop_probability
 from switchml.security import TLSFiles
 from switchml.targets import SwitchTarget
-from switchml.tree import Address, Leaf, Tree
+from switchml.tree import Leaf, Tree
 
 log = logging.getLogger(__name__)
 

@@ -121,7 +121,6 @@ struct ingress_metadata_t {
     bit<16>  loss_roll;        // random(0..32767)
     bit<16>  loss_margin;      // roll - threshold: negative means drop
     bit<2>   role;
-    bit<8>   job;
     bit<8>   job_diff;         // header's job ^ admitted job: non-zero is a mismatch
     bit<5>   worker_id;
     bit<8>   num_workers;
@@ -168,7 +167,6 @@ parser SwitchIngressParser(packet_in pkt,
         ig_md.loss_roll = 0;
         ig_md.loss_margin = 0;
         ig_md.role = ROLE_NONE;
-        ig_md.job = 0;
         ig_md.job_diff = 0;
         ig_md.worker_id = 0;
         ig_md.num_workers = 0;
@@ -526,7 +524,6 @@ control SwitchIngress(inout headers_t hdr,
     action set_worker(bit<8> job, bit<5> worker_id, bit<6> num_workers,
                       bit<16> mgid, bit<16> pool_base, bit<16> pool_size) {
         ig_md.role = ROLE_WORKER;
-        ig_md.job = job;
         ig_md.worker_id = worker_id;
         ig_md.num_workers = (bit<8>)num_workers;
         ig_md.job_diff = job ^ hdr.switchml.job_number;

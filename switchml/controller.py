@@ -58,7 +58,7 @@ from switchml.messages import (
     decode_request,
     to_json,
 )
-from switchml.net import local_ip_towards
+from switchml.net import Address, local_ip_towards
 from switchml.protocol import MAX_JOBS, MsgType
 from switchml.security import HANDSHAKE_FAILED_EVENTS, CurveKeys, is_local_endpoint
 from switchml.targets import SwitchTarget
@@ -66,7 +66,6 @@ from switchml.tree import JobSlots, Plan, Tree, flat_plan, tree_plan
 
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 _HANDSHAKE_EVENT_NAMES = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "no detail", zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
                           "protocol error", zmq.EVENT_HANDSHAKE_FAILED_AUTH: "key refused"}
 _PLACEHOLDER_MAC = "00:00:00:00:00:00"  # the software switch routes by IP; P4 targets get MACs from --ports

@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
+from switchml.net import Address
 from switchml.protocol import MAX_WORKERS
-
-Address = tuple[str, int]
 
 #: Of the control protocol, in the hello answer. 2: barrier, heartbeat and leave carry the
 #: session token of the rank's register answer.

@@ -6,6 +6,9 @@ import socket
 
 from switchml import defaults
 
+#: An IPv4 address and a UDP or TCP port, as the socket module gives and takes them.
+Address = tuple[str, int]
+
 
 def open_udp_socket(host: str, port: int, buffer_bytes: int = defaults.SOCKET_BUFFER_BYTES) -> socket.socket:
     """A UDP socket bound to (host, port) with large buffers (forced past rmem_max as root)."""

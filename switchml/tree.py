@@ -36,10 +36,10 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from switchml.errors import LeafRoleUnsupported
+from switchml.net import Address
 from switchml.pipeline import Replica, UpstreamEntry, WorkerEntry
 from switchml.targets import SwitchTarget
 
-Address = tuple[str, int]
 #: The switch port (loss table, egress) of an address, and its MAC, as the controller knows them.
 PortOf = Callable[[Address], int]
 MacOf = Callable[[Address], str]
