@@ -11,6 +11,12 @@ For every (workers, size, loss) of the grid:
 4. do the same with torch.distributed's Gloo allreduce (on 127.0.0.1, or on the star's
    hosts and links).
 
+``--topo tree`` (Mininet): racks of workers under leaf hosts, leaves under a spine
+(``emulation.mininet.TreeNetwork``); ``switchml`` then aggregates in two levels (a leaf
+switch per rack, the spine above: docs/hierarchy.md), ``flat`` is one switch on the spine
+that every worker's stream reaches through the core, and Gloo's ring crosses the core from
+rack to rack. Beside the times: the bytes each backend put on the core links per allreduce.
+
 A repeat's time is the slowest rank's (the collective is done when the last rank is).
 Reported per backend: median, min/max and quartiles of that time, goodput per worker
 (size / time), the ratio SwitchML/Gloo of the medians and, with ``--bw``, each backend's
@@ -37,6 +43,8 @@ from benchmarks.common import (
     REPO_ROOT,
     format_size,
     free_port,
+    host_cpu_share,
+    host_cpu_times,
     machine_info,
     process_cpu_seconds,
     summarize,
@@ -50,7 +58,10 @@ from switchml.protocol import MAX_WORKERS, SIZE_TO_K
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("switchml", "gloo")
+BACKENDS = ("switchml", "flat", "gloo")
+#: What each backend is, for tables and plots.
+BACKEND_LABELS = {"switchml": "SwitchML", "flat": "SwitchML, one switch at the spine", "gloo": "Gloo ring"}
+TOPOLOGIES = ("star", "tree")
 #: Bytes of packets all workers may have in flight towards the switch: half of the 4 MB
 #: receive buffer the switch gets (DESIGN.md, "Pitfalls": n * W * packet must fit).
 IN_FLIGHT_BUDGET = 2 * 1024 * 1024
@@ -72,6 +83,10 @@ class AllreduceConfig:
     switch: str = "software"
     bw_mbit: float | None = None
     mtu: int = 1500
+    topo: str = "star"
+    racks: int = 2
+    per_rack: int = 4
+    core_bw_mbit: float | None = None
     losses: list[float] = field(default_factory=lambda: [0.0])
     loss_at: str = "switch"
     repeats: int = 5
@@ -80,6 +95,10 @@ class AllreduceConfig:
     timeout: float = 120.0
     check: bool = True
     progress: bool = True
+
+    def core_rate_mbit(self) -> float | None:
+        """--topo tree: the leaf-spine links' rate (--core-bw, by default --bw)."""
+        return self.core_bw_mbit if self.core_bw_mbit is not None else self.bw_mbit
 
     def effective_mtu(self) -> int:
         """The MTU the packets see: the links' in Mininet, loopback's (64 KB) otherwise."""
@@ -168,15 +187,20 @@ class _Loopback:
 
 
 class _Mininet:
-    """Workers and switch on the hosts of an ``emulation.mininet.StarNetwork``."""
+    """Workers and switch on the hosts of an ``emulation.mininet.StarNetwork`` (or, with
+    ``--topo tree``, a ``TreeNetwork``: the flat switch on its spine, the tree's leaves on its
+    leaf hosts)."""
 
     name = "mininet"
 
     def __init__(self, n: int, cfg: AllreduceConfig) -> None:
-        from emulation.mininet import SWITCH_IP, StarNetwork
+        from emulation.mininet import SWITCH_IP, StarNetwork, TreeNetwork
 
         self.switch_host = SWITCH_IP
-        self.star = StarNetwork(n, cfg.bw_mbit, cfg.mtu, switch=cfg.switch).start()
+        if cfg.topo == "tree":
+            self.star = TreeNetwork(cfg.racks, cfg.per_rack, cfg.bw_mbit, cfg.core_rate_mbit(), cfg.mtu).start()
+        else:
+            self.star = StarNetwork(n, cfg.bw_mbit, cfg.mtu, switch=cfg.switch).start()
         self._gloo_port = 29500
         self._bmv2_config: tuple[str, str] | None = None
 
@@ -194,6 +218,14 @@ class _Mininet:
         """``emulation.spawn.spawn_switch`` on the switch host, ready when worker 0 gets ``hello``."""
         # the star's namespaces are this run's own, reachable from nothing else: an open control channel
         return self.star.spawn_switch(log_path, env=_THREAD_CAPS, extra=["--insecure"], **options)
+
+    def start_tree(self, log_dir: Path, **options: Any) -> list[subprocess.Popen]:
+        """--topo tree: a leaf switch per rack and the spine above them; [spine, leaves...]."""
+        return self.star.spawn_tree(log_dir, env=_THREAD_CAPS, extra=["--insecure"], **options)
+
+    def core_bytes(self) -> dict[str, int] | None:
+        """--topo tree: bytes the core links carried so far (``TreeNetwork.core_bytes``); star: None."""
+        return self.star.core_bytes() if hasattr(self.star, "core_bytes") else None
 
     def start_worker(self, rank: int, args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
         return self.star.popen(self.star.hosts[rank], args, env=env, log_path=str(log_path), cwd=str(REPO_ROOT))
@@ -288,24 +320,30 @@ def _worker_args(backend: str, rank: int, n: int, elements: int, cfg: AllreduceC
     return args
 
 
-def run_switchml(place: Any, n: int, elements: int, loss: float, cfg: AllreduceConfig, tmp: Path) -> dict[str, Any]:
-    """One SwitchML measurement: its own switch process, n worker processes."""
+def run_switchml(place: Any, n: int, elements: int, loss: float, cfg: AllreduceConfig, tmp: Path,
+                 tree: bool = False) -> dict[str, Any]:
+    """One SwitchML measurement: its own switch process (``tree``: a leaf switch per rack and
+    the spine, as processes on their hosts), n worker processes."""
     k, window = cfg.packet_k(), cfg.window_for(n)
     port, control_port = place.free_ports()
     switch_loss = loss if cfg.loss_at == "switch" else 0.0
-    switch_log = tmp / "switch.log"
+    switch_log = tmp / ("spine.log" if tree else "switch.log")
+    leaves: list[subprocess.Popen] = []
     if cfg.switch == "bmv2":
         switch, controller = place.deploy_bmv2(tmp, window, switch_loss)
     else:
+        options = dict(host=place.switch_host, port=port, control_port=control_port, window=window, k=k,
+                       pool_size=max(1024, window), heartbeat_timeout=max(10.0, cfg.timeout / 2))
         try:
-            switch = place.start_switch(switch_log, host=place.switch_host, port=port, control_port=control_port,
-                                        window=window, k=k, pool_size=max(1024, window),
-                                        drop_probability=switch_loss, seed=cfg.seed,
-                                        heartbeat_timeout=max(10.0, cfg.timeout / 2))
+            if tree:
+                switch, *leaves = place.start_tree(tmp, **options)
+            else:
+                switch = place.start_switch(switch_log, drop_probability=switch_loss, seed=cfg.seed, **options)
         except SwitchMLError as exc:
             raise BenchmarkError(f"{exc}:\n{switch_log.read_text(errors='replace')[-2000:]}") from None
         controller = f"tcp://{place.switch_host}:{control_port}"
     try:
+        leaf_cpu0 = [process_cpu_seconds(leaf.pid) for leaf in leaves]
         cpu0 = process_cpu_seconds(switch.pid)
         t0 = time.monotonic()
         procs = []
@@ -318,14 +356,17 @@ def run_switchml(place: Any, n: int, elements: int, loss: float, cfg: AllreduceC
         _wait_workers(procs, time.monotonic() + cfg.timeout * (cfg.repeats + cfg.warmup + 3))
         wall = time.monotonic() - t0
         cpu1 = process_cpu_seconds(switch.pid)
+        leaf_cpu = [_cpu_delta(before, process_cpu_seconds(leaf.pid)) for before, leaf in zip(leaf_cpu0, leaves,
+                                                                                              strict=True)]
         stats_out = place.capture([*_switch_command(), "stats", "--controller", controller, "--timeout", "5"])
         reports = _read_reports(tmp, "switchml", n)
     finally:
         if cfg.switch != "bmv2":  # BMv2 also forwards Gloo's traffic: the star stops it
-            stop_process(switch, grace=5.0)
+            for proc in (switch, *leaves):
+                stop_process(proc, grace=5.0)
     result = _summarize_backend(reports, elements * 4)
     calls = cfg.repeats + cfg.warmup
-    cpu = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
+    cpu = _cpu_delta(cpu0, cpu1)
     median = result["time_s"].get("median")
     result.update({
         "k": reports[0]["k"], "window": reports[0]["window"], "rto_s": cfg.retransmit_timeout(), "loss": switch_loss, "loss_at": cfg.loss_at,
@@ -341,8 +382,16 @@ def run_switchml(place: Any, n: int, elements: int, loss: float, cfg: AllreduceC
             "counters": _parse_stats(stats_out),
         },
     })
+    if tree:
+        result["leaves"] = {"cpu_s": leaf_cpu,
+                            "busy_fraction": [c / calls / median if c is not None and median else None
+                                              for c in leaf_cpu]}
     result.update(spurious_retransmissions(result))
     return result
+
+
+def _cpu_delta(before: float | None, after: float | None) -> float | None:
+    return after - before if before is not None and after is not None else None
 
 
 def spurious_retransmissions(result: dict[str, Any]) -> dict[str, Any]:
@@ -400,7 +449,23 @@ def _summarize_backend(reports: list[dict[str, Any]], size_bytes: int) -> dict[s
         "time_s": summary, "samples_s": per_repeat, "per_rank_samples_s": per_rank,
         "goodput_MBps": goodput, "ranks_identical": len(digests) == 1, "check": check,
         "worker_cpu_s": [r["cpu_s"] for r in reports],
+        **_timed_cpu(reports),
     }
+
+
+def _timed_cpu(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """CPU during the timed calls only (``benchmarks.worker.time_calls``): each rank's CPU seconds
+    per call (median over calls) and, as rank 0 saw it, the median share of the machine's cores
+    busy (and in softirq: the kernel's packet processing) per call."""
+    if not all(r.get("cpu_per_call_s") for r in reports):
+        return {}
+    import numpy as np
+
+    out: dict[str, Any] = {"worker_cpu_per_call_s": [float(np.median(r["cpu_per_call_s"])) for r in reports]}
+    shares = [h for h in reports[0].get("host_cpu_per_call", []) if h]
+    if shares:
+        out["host_cpu_timed"] = {key: float(np.median([h[key] for h in shares])) for key in shares[0]}
+    return out
 
 
 # ---------------------------------------------------------------- the grid
@@ -409,6 +474,13 @@ def run(cfg: AllreduceConfig, command: str) -> dict[str, Any]:
     for b in cfg.backends:
         if b not in BACKENDS:
             raise ValueError(f"backend {b!r}: expected one of {', '.join(BACKENDS)}")
+    if cfg.topo not in TOPOLOGIES:
+        raise ValueError(f"--topo {cfg.topo!r}: expected one of {', '.join(TOPOLOGIES)}")
+    if cfg.topo == "tree":
+        _check_tree(cfg)
+    elif "flat" in cfg.backends:
+        raise ValueError("--backends flat: one switch reached through the core exists only with --topo tree "
+                         "(on a star, switchml is that switch)")
     if any(not 1 <= n <= MAX_WORKERS for n in cfg.workers):
         raise ValueError(f"--workers {cfg.workers}: each must be in 1..{MAX_WORKERS} (the switch's worker bitmap)")
     if any(size < 4 for size in cfg.sizes):
@@ -457,6 +529,29 @@ def run(cfg: AllreduceConfig, command: str) -> dict[str, Any]:
     return doc
 
 
+def _check_tree(cfg: AllreduceConfig) -> None:
+    """--topo tree's own rules (a ValueError naming the option otherwise); sets cfg.workers."""
+    if cfg.net != "mininet":
+        raise ValueError("--topo tree needs --net mininet (racks, leaves and a spine as Mininet hosts)")
+    if cfg.switch != "software":
+        raise ValueError(f"--topo tree --switch {cfg.switch}: the leaf role is the software switch's "
+                         "(docs/hierarchy.md); use --switch software")
+    if cfg.racks < 1 or cfg.per_rack < 1:
+        raise ValueError(f"--racks {cfg.racks} --per-rack {cfg.per_rack}: expected at least 1 of each")
+    n = cfg.racks * cfg.per_rack
+    if n > MAX_WORKERS:
+        raise ValueError(f"--racks {cfg.racks} x --per-rack {cfg.per_rack} = {n} workers; at most {MAX_WORKERS}")
+    if cfg.workers not in ([n], []):
+        raise ValueError(f"--workers {','.join(map(str, cfg.workers))}: --topo tree has racks x per-rack = {n} "
+                         "workers; leave --workers out")
+    if cfg.core_bw_mbit is not None and cfg.core_bw_mbit <= 0:
+        raise ValueError(f"--core-bw {cfg.core_bw_mbit:g}: expected a positive rate in Mbit/s")
+    if cfg.loss_at == "switch" and any(cfg.losses):
+        raise ValueError("--topo tree takes loss from the hosts (--loss-at hosts): a switch's drop probability "
+                         "would hit the tree's leaves and the flat switch differently")
+    cfg.workers = [n]
+
+
 def add_loss_slowdown(points: list[dict[str, Any]]) -> None:
     """Each backend's ``slowdown_vs_lossless``: its median time over its own at loss 0 for the
     same workers and size (where the grid has loss 0)."""
@@ -477,72 +572,129 @@ def _run_point(place: Any, n: int, size: int, loss: float, cfg: AllreduceConfig,
         place.set_loss(loss if cfg.loss_at == "hosts" else 0.0)
     for backend in cfg.backends:
         bar.set_postfix_str(f"{backend} n={n} {format_size(size)} loss={loss:g}")
+        core_before = place.core_bytes() if hasattr(place, "core_bytes") else None
+        cpu_before = host_cpu_times()
         with tempfile.TemporaryDirectory(prefix=f"switchml-bench-{backend}-") as tmpdir:
             tmp = Path(tmpdir)
-            if backend == "switchml":
-                res = run_switchml(place, n, elements, loss, cfg, tmp)
-            else:
+            if backend == "gloo":
                 res = run_gloo(place, n, elements, cfg, tmp)
                 res["loss"] = loss if cfg.loss_at == "hosts" else 0.0
+            else:
+                res = run_switchml(place, n, elements, loss, cfg, tmp, tree=backend == "switchml" and cfg.topo == "tree")
+        res["host_cpu"] = host_cpu_share(cpu_before, host_cpu_times())  # the whole run, start-up included
+        if core_before is not None:
+            res["core"] = _core_traffic(core_before, place.core_bytes(), cfg.repeats + cfg.warmup)
         point["backends"][backend] = res
         bar.update(1)
     _add_bounds(point, cfg)
     return point
 
 
+def _core_traffic(before: dict[str, int], after: dict[str, int], calls: int) -> dict[str, Any]:
+    """Bytes on the core links over one backend's run (start-up and control traffic included)
+    and per allreduce (over every call, warm-up included): per link and direction, and in all."""
+    delta = {link: after[link] - before[link] for link in before}
+    total = sum(delta.values())
+    return {"bytes": delta, "bytes_total": total, "bytes_per_allreduce": total / calls,
+            "max_link_bytes_per_allreduce": max(delta.values()) / calls}
+
+
 def _add_bounds(point: dict[str, Any], cfg: AllreduceConfig) -> None:
     b = point["backends"]
     n, size = point["workers"], point["size_bytes"]
-    if "switchml" in b and "gloo" in b:
-        point["ratio_switchml_over_gloo"] = b["switchml"]["time_s"]["median"] / b["gloo"]["time_s"]["median"]
+    for name in ("switchml", "flat"):
+        if name in b and "gloo" in b:
+            point[f"ratio_{name}_over_gloo"] = b[name]["time_s"]["median"] / b["gloo"]["time_s"]["median"]
+    if "switchml" in b and "flat" in b:
+        point["ratio_switchml_over_flat"] = b["switchml"]["time_s"]["median"] / b["flat"]["time_s"]["median"]
     if not cfg.bw_mbit:
         return
     bw = cfg.bw_mbit * 1e6
     mtu, l2 = cfg.mtu, cfg.l2_bytes()
-    if "switchml" in b:
-        sw = wire.switchml_wire(size, b["switchml"]["k"], b["switchml"]["window"], mtu, l2)
-        b["switchml"]["bound_s"] = sw.wire_bytes * 8 / bw
-        b["switchml"]["wire_bytes_per_worker"] = sw.wire_bytes
+    # --topo tree: how many streams of each backend share a core link (one direction), at its rate
+    core_bw = (cfg.core_rate_mbit() or cfg.bw_mbit) * 1e6
+    # (the ring, in rank order, crosses each core link once per direction, and not at all in one rack)
+    streams = {"switchml": 1, "flat": cfg.per_rack, "gloo": 1 if cfg.racks > 1 else 0}
+    for name in ("switchml", "flat"):
+        if name in b:
+            sw = wire.switchml_wire(size, b[name]["k"], b[name]["window"], mtu, l2)
+            b[name]["bound_s"] = sw.wire_bytes * 8 / bw
+            b[name]["wire_bytes_per_worker"] = sw.wire_bytes
     if "gloo" in b:
         b["gloo"]["bound_s"] = wire.ring_bound_s(size, n, bw, mtu, l2)
         b["gloo"]["wire_bytes_per_worker"] = wire.tcp_wire_bytes(wire.ring_bytes(size, n), mtu, l2)
+    if cfg.topo == "tree":
+        for name, res in b.items():
+            per_stream = res["wire_bytes_per_worker"]
+            res["bound_s"] = max(res["bound_s"], streams[name] * per_stream * 8 / core_bw)
+            # what crosses the core per allreduce, both directions of every core link, if nothing is resent
+            res["core_bytes_model"] = 2 * cfg.racks * streams[name] * per_stream
     for res in b.values():
         res["time_over_bound"] = res["time_s"]["median"] / res["bound_s"] if res.get("bound_s") else None
-    if "switchml" in b and "gloo" in b:
-        point["bound_ratio_switchml_over_gloo"] = b["switchml"]["bound_s"] / b["gloo"]["bound_s"]
+    for name in ("switchml", "flat"):
+        if name in b and "gloo" in b:
+            point[f"bound_ratio_{name}_over_gloo"] = b[name]["bound_s"] / b["gloo"]["bound_s"]
 
 
 # ---------------------------------------------------------------- output
 def format_report(doc: dict[str, Any]) -> str:
     """The readable table of a run, with the correctness verdicts under it."""
     cfg = doc["config"]
+    tree = cfg.get("topo") == "tree"
     rows, notes = [], []
     for p in doc["results"]:
         for name, r in p["backends"].items():
             t = r["time_s"]
             switch = r.get("switch") or {}
-            rows.append([
+            row = [
                 p["workers"], format_size(p["size_bytes"]), f"{p['loss']:g}", name,
                 t["median"] * 1e3, f"{t['min'] * 1e3:.4g}..{t['max'] * 1e3:.4g}", r["goodput_MBps"]["median"],
-                p.get("ratio_switchml_over_gloo") if name == "switchml" else None,
+                p.get(f"ratio_{name}_over_gloo"),
                 r.get("time_over_bound"), r.get("slowdown_vs_lossless") if p["loss"] else None,
-                switch.get("busy_fraction"),
+                switch.get("busy_fraction"), (r.get("host_cpu_timed") or r.get("host_cpu") or {}).get("busy"),
                 _verdict(r),
-            ])
-            if name == "switchml" and r.get("retransmissions"):
+            ]
+            if tree:
+                core = r.get("core") or {}
+                row[-1:-1] = [core.get("bytes_per_allreduce", 0) / 1e6 or None,
+                              (core["bytes_per_allreduce"] / r["core_bytes_model"]) if r.get("core_bytes_model") else None]
+            rows.append(row)
+            if r.get("host_cpu_timed") and r.get("worker_cpu_per_call_s"):
+                h = r["host_cpu_timed"]
+                ranks = sorted(r["worker_cpu_per_call_s"])
+                notes.append(f"{name} n={p['workers']} {format_size(p['size_bytes'])}: per call, each rank "
+                             f"{ranks[0]:.3g}..{ranks[-1]:.3g} CPU s, the machine {h['busy']:.0%} busy "
+                             f"(user {h['user']:.0%}, system {h['system']:.0%}, softirq {h['softirq']:.0%})")
+            if name != "gloo" and r.get("retransmissions"):
                 spurious = (f", {r['spurious_retransmissions']} spurious ({r['spurious_rate']:.2%})"
                             if r.get("spurious_rate") is not None else "")
-                notes.append(f"n={p['workers']} {format_size(p['size_bytes'])} loss={p['loss']:g}: "
+                notes.append(f"{name} n={p['workers']} {format_size(p['size_bytes'])} loss={p['loss']:g}: "
                              f"{r['retransmissions']} retransmissions of {r['packets_sent']} packets{spurious}")
-    headers = ["n", "size", "loss", "backend", "median ms", "min..max ms", "MB/s/worker", "sw/gloo",
-               "time/bound", "vs loss 0", "switch CPU", "result"]
-    lines = [f"allreduce on {cfg['net']}: k={cfg['k_effective']}, repeats={cfg['repeats']}, warmup={cfg['warmup']}"
+        if "ratio_switchml_over_flat" in p:
+            notes.append(f"n={p['workers']} {format_size(p['size_bytes'])}: the tree takes "
+                         f"{p['ratio_switchml_over_flat']:.3f} x the flat switch's time")
+    headers = ["n", "size", "loss", "backend", "median ms", "min..max ms", "MB/s/worker", "x gloo",
+               "time/bound", "vs loss 0", "switch CPU", "host CPU", *(["core MB", "core/model"] if tree else []), "result"]
+    where = cfg["net"]
+    if tree:
+        core = cfg.get("core_bw_mbit") or cfg.get("bw_mbit")
+        where += (f", tree of {cfg['racks']} racks x {cfg['per_rack']} workers"
+                  + (f", core links {core:g} Mbit/s" if core else ""))
+    lines = [f"allreduce on {where}: k={cfg['k_effective']}, repeats={cfg['repeats']}, warmup={cfg['warmup']}"
              + (f", links {cfg['bw_mbit']:g} Mbit/s, MTU {cfg['mtu']}" if cfg.get("bw_mbit") else ""),
              table(headers, rows), ""]
-    lines.append("sw/gloo: median time of SwitchML over Gloo's (below 1: SwitchML is faster). "
-                 "switch CPU: the switch process's CPU seconds per second of allreduce (1.0: its thread is saturated).")
+    lines.append("x gloo: median time over Gloo's (below 1: faster than Gloo). "
+                 "switch CPU: the switch process's CPU seconds per second of allreduce (1.0: its thread is saturated"
+                 "; the tree: the spine's). host CPU: the share of all this machine's cores busy during the timed "
+                 "calls (median; in Mininet every host and the kernel's packet processing share them).")
+    if tree:
+        lines.append("switchml: a leaf switch per rack and the spine (two-level aggregation); flat: one switch on "
+                     "the spine, every worker's stream through the core; core MB: bytes on the leaf-spine links "
+                     "(both directions of all) per allreduce; core/model: over what the backend must put there "
+                     "(2 x racks x streams per core link x its wire bytes).")
     if cfg.get("bw_mbit"):
-        lines.append("time/bound: median time over the wire bound (SwitchML S_wire/B, ring 2(n-1)/n S_wire/B).")
+        lines.append("time/bound: median time over the wire bound (SwitchML S_wire/B, ring 2(n-1)/n S_wire/B"
+                     + ("; in the tree, at least the streams a core link carries over its rate)." if tree else ")."))
     else:
         lines.append("time/bound: needs --bw (the link rate the bound is computed for).")
     lines.append("vs loss 0: median time over the same backend's without loss (the slowdown loss causes).")

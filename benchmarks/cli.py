@@ -2,6 +2,7 @@
 
     switchml-bench allreduce --workers 4 --size 25MB --backends switchml,gloo --json out.json
     switchml-bench allreduce --net mininet --bw 100 --mtu 9000 --workers 4,8 --size 64MB --plot out.png
+    switchml-bench allreduce --net mininet --topo tree --racks 2 --per-rack 4 --bw 100 --core-bw 100 --size 64MB
     switchml-bench scale --measured benchmarks/results/allreduce_mininet.json --plot scale.png
     switchml-bench pps --payload 256,1024 --json benchmarks/results/pps.json
     switchml-bench train --task digits --workers 4 --steps 100 --plot train.png -- --width 64
@@ -70,12 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "same with torch.distributed's Gloo allreduce. Prints medians, spread, goodput per worker, "
                     "the SwitchML/Gloo ratio and, with --bw, each backend's time over its wire bound; checks the "
                     "SwitchML result against the exact sum within the quantization bound.")
-    ar.add_argument("--workers", type=_arg(_ints, "--workers"), default=[4], metavar="N[,N...]",
-                    help="worker counts (at most 32: the switch's bitmap)")
+    ar.add_argument("--workers", type=_arg(_ints, "--workers"), default=None, metavar="N[,N...]",
+                    help="worker counts (at most 32: the switch's bitmap); default 4, and with --topo tree "
+                         "racks x per-rack")
     ar.add_argument("--size", type=_arg(lambda t: parse_list(t, parse_size), "--size"), default=[25_000_000],
                     metavar="S[,S...]", help="bytes of float32 per worker: 25MB (10^6), 4MiB (2^20), 1KB, 1000")
     ar.add_argument("--backends", type=_arg(lambda t: parse_list(t, str.strip), "--backends"),
-                    default=["switchml", "gloo"], metavar="B[,B...]", help="switchml and/or gloo")
+                    default=None, metavar="B[,B...]",
+                    help="switchml, gloo and, with --topo tree, flat (one switch at the spine, reached through "
+                         "the core); default: all of them")
     ar.add_argument("--rto", type=float, default=None, metavar="SECONDS",
                     help="SwitchML workers' first retransmission timeout (default: the worker's, 0.01); a larger "
                          "one tolerates more queueing and CPU jitter, a smaller one recovers losses sooner")
@@ -87,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="software: the software switch; bmv2: BMv2 (simple_switch_grpc) running "
                          "p4/switchml_v1model.p4, deployed over P4Runtime (needs --net mininet, p4c-bm2-ss and "
                          "simple_switch_grpc on PATH; k=64)")
+    ar.add_argument("--topo", choices=["star", "tree"], default="star",
+                    help="--net mininet: star (every worker on a link to one switch host) or tree (--racks racks "
+                         "of --per-rack workers under leaf hosts, the leaves under a spine host; SwitchML "
+                         "aggregates in the leaves and the spine, docs/hierarchy.md)")
+    ar.add_argument("--racks", type=int, default=2, help="--topo tree: racks (leaf switches)")
+    ar.add_argument("--per-rack", type=int, default=4, help="--topo tree: workers per rack")
+    ar.add_argument("--core-bw", type=float, default=None, metavar="MBIT",
+                    help="--topo tree: rate of the leaf-spine links in Mbit/s (default: --bw); with --per-rack 4 "
+                         "and --core-bw equal to --bw the core is 4:1 oversubscribed")
     ar.add_argument("--loss", type=_arg(lambda t: parse_list(t, parse_fraction), "--loss"), default=[0.0],
                     metavar="P[,P...]", help="packet loss, a fraction or a percentage (0.001 or 0.1%%)")
     ar.add_argument("--loss-at", choices=["switch", "hosts"], default="switch",
@@ -331,9 +344,13 @@ def _pps(args: argparse.Namespace, command: str) -> int:
 def _allreduce(args: argparse.Namespace, command: str) -> int:
     from benchmarks import allreduce
 
+    tree = args.topo == "tree"
+    backends = args.backends or (["switchml", "flat", "gloo"] if tree else ["switchml", "gloo"])
+    workers = args.workers or ([] if tree else [4])
     cfg = allreduce.AllreduceConfig(
-        workers=args.workers, sizes=args.size, backends=args.backends, k=args.k, window=args.window, rto=args.rto, net=args.net,
-        switch=args.switch, bw_mbit=args.bw, mtu=args.mtu, losses=args.loss, loss_at=args.loss_at, repeats=args.repeats,
+        workers=workers, sizes=args.size, backends=backends, k=args.k, window=args.window, rto=args.rto, net=args.net,
+        switch=args.switch, bw_mbit=args.bw, mtu=args.mtu, topo=args.topo, racks=args.racks, per_rack=args.per_rack,
+        core_bw_mbit=args.core_bw, losses=args.loss, loss_at=args.loss_at, repeats=args.repeats,
         warmup=args.warmup, seed=args.seed, timeout=args.timeout, check=args.check, progress=not args.quiet)
     try:
         doc = allreduce.run(cfg, command)

@@ -78,6 +78,35 @@ def process_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+#: The fields of /proc/stat's "cpu" line, in order (jiffies spent in each state, all cores).
+_PROC_STAT_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def host_cpu_times() -> dict[str, int] | None:
+    """This machine's CPU time by state since boot, all cores together (``/proc/stat``), or
+    None where there is none. Every network namespace shares the kernel, so in Mininet this
+    holds every host's processes and the kernel's packet processing (softirq) alike."""
+    try:
+        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    return dict(zip(_PROC_STAT_FIELDS, map(int, first[1:1 + len(_PROC_STAT_FIELDS)]), strict=True))
+
+
+def host_cpu_share(before: dict[str, int] | None, after: dict[str, int] | None) -> dict[str, float] | None:
+    """Where the machine's CPU time went between two ``host_cpu_times()``: each state's share of
+    all cores' time (``busy`` = 1 - idle - iowait: 1.0 means every core was busy throughout)."""
+    if before is None or after is None:
+        return None
+    delta = {key: after[key] - before[key] for key in before}
+    total = sum(delta.values())
+    if total <= 0:
+        return None
+    share = {key: value / total for key, value in delta.items() if key in ("user", "system", "softirq", "steal")}
+    share["busy"] = 1 - (delta["idle"] + delta["iowait"]) / total
+    return share
+
+
 def machine_info() -> dict[str, Any]:
     """What ran the benchmark: CPU, kernel, Python, library versions, load, git commit."""
     info: dict[str, Any] = {

@@ -34,7 +34,10 @@ Validation
     Published (Sapio et al., NSDI'21), 100 Gbit/s: SwitchML about 2.8e9 aggregated int32
     elements/s, flat from 4 to 16 workers; NCCL over RDMA about 1.37e9 / 1.25e9 / 0.97e9 at
     4 / 8 / 16 workers. ``--measured`` adds this machine's ``switchml-bench allreduce`` JSON
-    (Mininet runs with ``--bw``), as fractions of the line rate, on the same plot.
+    (Mininet runs with ``--bw``), as fractions of the line rate, on the same plot. A run with
+    ``--topo tree`` is the measured point of the tree: the model is evaluated at its own
+    configuration (link rates, racks, k, window, MTU) and its error against the measured
+    time is reported, for SwitchML's two levels and for the ring.
 """
 
 from __future__ import annotations
@@ -261,7 +264,37 @@ def load_measured(paths: list[str]) -> list[dict[str, Any]]:
                 row["ring_model_line_fraction"] = size / wire.tcp_wire_bytes(wire.ring_bytes(size, n), mtu, l2)
             if "switchml_time_s" in row and "gloo_time_s" in row:
                 row["speedup"] = row["gloo_time_s"] / row["switchml_time_s"]
+            if cfg.get("topo") == "tree" and bw:
+                row.update(tree_model_errors(cfg, point))
             out.append(row)
+    return out
+
+
+def tree_model_errors(cfg: dict[str, Any], point: dict[str, Any]) -> dict[str, Any]:
+    """The model at a measured ``--topo tree`` point's own configuration, and its error.
+
+    The tree's racks are ``per_rack`` workers (``rack_size``), the uplink factor is the core
+    links' rate over the worker links', the pool is the run's window and the Ethernet bytes
+    are tc's (what Mininet's shaping charges). Error: model time over measured time, minus 1
+    (negative: the model is optimistic).
+    """
+    n, size, bw = point["workers"], point["size_bytes"], cfg["bw_mbit"]
+    core = cfg.get("core_bw_mbit") or bw
+    backends = point["backends"]
+    out: dict[str, Any] = {"topo": "tree", "racks": cfg.get("racks"), "per_rack": cfg.get("per_rack"),
+                           "core_bw_mbit": core}
+    params = ModelParams(size_bytes=size, mtu=cfg.get("mtu", 1500),
+                         l2_bytes=cfg.get("l2_bytes_in_bound", wire.ETHERNET_TC_BYTES),
+                         rack_size=cfg.get("per_rack", n), uplink_factor=core / bw)
+    if "switchml" in backends:
+        r = backends["switchml"]
+        model = switchml_point(n, bw / 1e3, replace(params, k=r["k"], pool=r["window"]))
+        out["switchml_tree_model_time_s"] = model["time_s"]
+        out["switchml_tree_model_error"] = model["time_s"] / r["time_s"]["median"] - 1
+    if "gloo" in backends:
+        model = ring_point(n, bw / 1e3, params)
+        out["ring_tree_model_time_s"] = model["time_s"]
+        out["ring_tree_model_error"] = model["time_s"] / backends["gloo"]["time_s"]["median"] - 1
     return out
 
 
@@ -348,11 +381,21 @@ def format_report(doc: dict[str, Any]) -> str:
             for r in doc["loss_large_n"]]
     out += ["", "large n under loss (closed form, rough):", table(["n", "loss", "SwitchML ms", "ring ms", "speedup"], rows)]
     if doc["measured"]:
-        rows = [[m["net"], m["workers"], format_size(m["size_bytes"]), m.get("bw_mbit"),
+        rows = [[m["net"] + (f" (tree {m['racks']}x{m['per_rack']})" if m.get("topo") == "tree" else ""),
+                 m["workers"], format_size(m["size_bytes"]), m.get("bw_mbit"),
                  m.get("switchml_line_fraction"), m.get("switchml_model_line_fraction"), m.get("gloo_line_fraction"),
                  m.get("ring_model_line_fraction"), m.get("speedup")] for m in doc["measured"]]
         out += ["", "measured (fractions of line rate, tensor bytes per second over link rate):",
                 table(["net", "n", "size", "Mbit/s", "SwitchML", "model", "Gloo", "ring model", "speedup"], rows)]
+    trees = [m for m in doc["measured"] if m.get("topo") == "tree"]
+    if trees:
+        rows = [[f"{m['racks']}x{m['per_rack']}", format_size(m["size_bytes"]), f"{m['bw_mbit']:g}/{m['core_bw_mbit']:g}",
+                 m.get("switchml_time_s"), m.get("switchml_tree_model_time_s"), m.get("switchml_tree_model_error"),
+                 m.get("flat_time_s"), m.get("gloo_time_s"), m.get("ring_tree_model_time_s"),
+                 m.get("ring_tree_model_error")] for m in trees]
+        out += ["", "measured trees against the model at their configuration (error: model / measured - 1):",
+                table(["racks", "size", "Mbit/s edge/core", "SwitchML tree s", "model s", "error", "flat s",
+                       "Gloo s", "ring model s", "error"], rows)]
     return "\n".join(out)
 
 
@@ -400,16 +443,19 @@ def plot(doc: dict[str, Any], path: str | Path) -> None:
     measured = [m for m in doc["measured"] if m.get("bw_mbit")]
     for key, marker, color, label in (("switchml", "o", "tab:red", "measured SwitchML"),
                                       ("gloo", "s", "tab:purple", "measured Gloo")):
-        pts = [(m["workers"], m[f"{key}_line_fraction"]) for m in measured if f"{key}_line_fraction" in m]
+        pts = [(m["workers"], m[f"{key}_line_fraction"]) for m in measured
+               if f"{key}_line_fraction" in m and m.get("topo") != "tree"]
         if pts:
             bw = sorted({m["bw_mbit"] for m in measured})
             ax.plot(*zip(*pts, strict=True), marker, color=color, ms=8, ls="none", mfc="none",
                     label=f"{label} (Mininet, {'/'.join(f'{b:g}' for b in bw)} Mbit/s)")
     for key, color in (("switchml", "tab:red"), ("ring", "tab:purple")):
-        pts = [(m["workers"], m[f"{key}_model_line_fraction"]) for m in measured if f"{key}_model_line_fraction" in m]
+        pts = [(m["workers"], m[f"{key}_model_line_fraction"]) for m in measured
+               if f"{key}_model_line_fraction" in m and m.get("topo") != "tree"]
         if pts:
             ax.plot(*zip(*pts, strict=True), "x", color=color, ms=7, ls="none",
                     label=f"wire bound of the measured {'SwitchML' if key == 'switchml' else 'ring'} config")
+    _plot_measured_trees(ax, [m for m in measured if m.get("topo") == "tree"])
     ax.set_xscale("log", base=2)
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("workers")
@@ -457,6 +503,24 @@ def plot(doc: dict[str, Any], path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_measured_trees(ax: Any, trees: list[dict[str, Any]]) -> None:
+    """Measured ``--topo tree`` points (triangles) and the model at their configuration (+)."""
+    for key, model_key, color, label in (("switchml", "switchml_tree_model_time_s", "tab:red", "SwitchML tree"),
+                                         ("flat", None, "tab:brown", "SwitchML flat, through the core"),
+                                         ("gloo", "ring_tree_model_time_s", "tab:purple", "Gloo ring")):
+        pts = [(m["workers"], m["size_bytes"] * 8 / m[f"{key}_time_s"] / (m["bw_mbit"] * 1e6))
+               for m in trees if f"{key}_time_s" in m]
+        if not pts:
+            continue
+        ax.plot(*zip(*pts, strict=True), "^", color=color, ms=9, ls="none", mfc="none",
+                label=f"measured tree: {label} (Mininet)")
+        model = [(m["workers"], m["size_bytes"] * 8 / m[model_key] / (m["bw_mbit"] * 1e6))
+                 for m in trees if model_key and model_key in m]
+        if model:
+            ax.plot(*zip(*model, strict=True), "+", color=color, ms=10, ls="none",
+                    label=f"model at the measured tree: {label}")
 
 
 def main(args: argparse.Namespace, command: str) -> int:

@@ -23,9 +23,12 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+from benchmarks.common import host_cpu_share, host_cpu_times
 
 log = logging.getLogger(__name__)
 
@@ -89,21 +92,14 @@ def _digest(a: np.ndarray) -> str:
 def run_switchml(args: argparse.Namespace, x: np.ndarray) -> tuple[list[float], np.ndarray, dict[str, Any]]:
     from switchml import Worker
 
-    times: list[float] = []
     kwargs = {"retransmit_timeout": args.rto} if args.rto else {}
     with Worker(args.controller, args.job, args.rank, args.world_size, k=args.k, timeout=args.timeout,
                 control_timeout=args.timeout, **kwargs) as w:
-        for i in range(args.warmup + args.repeats):
-            w.barrier(timeout=args.timeout)
-            start = time.perf_counter()
-            y = w.allreduce(x)
-            elapsed = time.perf_counter() - start
-            if i >= args.warmup:
-                times.append(elapsed)
+        times, y, extra = time_calls(args, lambda: w.barrier(timeout=args.timeout), lambda: w.allreduce(x))
         w.barrier(timeout=args.timeout)  # nobody leaves (and frees the job's slots) while a peer still sums
-        extra = {"k": w.info.k, "window": w.info.window, "packets_sent": w.stats.packets_sent,
-                 "retransmissions": w.stats.retransmissions, "stale_results": w.stats.stale_results,
-                 "duplicate_results": w.stats.duplicate_results}
+        extra.update({"k": w.info.k, "window": w.info.window, "packets_sent": w.stats.packets_sent,
+                      "retransmissions": w.stats.retransmissions, "stale_results": w.stats.stale_results,
+                      "duplicate_results": w.stats.duplicate_results})
     return times, y, extra
 
 
@@ -116,21 +112,49 @@ def run_gloo(args: argparse.Namespace, x: np.ndarray) -> tuple[list[float], np.n
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://{args.master}", rank=args.rank, world_size=args.world_size,
                             timeout=datetime.timedelta(seconds=args.timeout))
-    times: list[float] = []
+    source = torch.from_numpy(x)
+    tensor = source.clone()
+
+    def barrier() -> None:
+        nonlocal tensor
+        tensor = source.clone()  # all_reduce works in place: every call sums the original input
+        dist.barrier()
+
+    def call() -> np.ndarray:
+        dist.all_reduce(tensor)
+        return tensor.numpy()
+
     try:
-        source = torch.from_numpy(x)
-        for i in range(args.warmup + args.repeats):
-            t = source.clone()  # all_reduce works in place: every call sums the original input
-            dist.barrier()
-            start = time.perf_counter()
-            dist.all_reduce(t)
-            elapsed = time.perf_counter() - start
-            if i >= args.warmup:
-                times.append(elapsed)
+        times, y, extra = time_calls(args, barrier, call)
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    return times, t.numpy(), {}
+    return times, y, extra
+
+
+def time_calls(args: argparse.Namespace, barrier: Callable[[], object],
+               call: Callable[[], np.ndarray]) -> tuple[list[float], np.ndarray, dict[str, Any]]:
+    """``args.warmup`` untimed then ``args.repeats`` timed calls, each after ``barrier()``.
+
+    Returns the timed calls' seconds, the last result and, per timed call, this process's CPU
+    seconds (every thread) and where the machine's CPU time went meanwhile
+    (``benchmarks.common.host_cpu_share``: all namespaces share the kernel, so in Mininet this
+    is every rank's, the switch's and the kernel's packet processing)."""
+    times: list[float] = []
+    cpu: list[float] = []
+    host: list[dict[str, float] | None] = []
+    y = None
+    for i in range(args.warmup + args.repeats):
+        barrier()
+        cpu0, host0 = time.process_time(), host_cpu_times()
+        start = time.perf_counter()
+        y = call()
+        elapsed = time.perf_counter() - start
+        if i >= args.warmup:
+            times.append(elapsed)
+            cpu.append(time.process_time() - cpu0)
+            host.append(host_cpu_share(host0, host_cpu_times()))
+    return times, y, {"cpu_per_call_s": cpu, "host_cpu_per_call": host}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""A Mininet star: N worker hosts, each on its own bandwidth-limited link to one switch host.
+"""Mininet networks: a star (N worker hosts, each on its own bandwidth-limited link to one
+switch host) and a two-level tree (racks of workers under leaf hosts, the leaves under a spine).
 
 Needs root and Mininet (the Debian package ``mininet``; ``scripts/setup.sh`` links its
 Python package into the virtual environment). No Open vSwitch and no controller: the
@@ -34,8 +35,19 @@ reachable from every namespace) and sends its RESET packets through BMv2 like an
     ...                                                 ctl (10.0.250.1/24): deploy + controller
     ctl ----------------- sw-ctl  = BMv2 port n+1
 
-Never call ``mn -c`` (it kills processes by name machine-wide); :meth:`StarNetwork.stop`
-kills the processes this object started, by PID, then calls ``net.stop()``.
+``TreeNetwork`` (issue 19, docs/hierarchy.md) puts R racks of W workers under leaf hosts
+(worker links at ``bw``), and the leaves under one spine host (core links at ``core_bw``). Leaves
+and the spine route IP, so Gloo's ring crosses the core where it goes from rack to rack; the
+spine holds ``SWITCH_IP``, and each leaf runs a software switch with the leaf role on its core
+address (:meth:`TreeNetwork.spawn_tree`)::
+
+    h0 (10.0.0.1/24) --bw-- l0-eth0 (10.0.0.254/24)
+    ...                     l0: 10.1.0.1/24 on l0-up --core_bw-- sp-eth0 (10.1.0.254/24)    sp: lo 10.255.255.254/32
+    h4 (10.0.4.1/24) --bw-- l1-eth0 (10.0.4.254/24)
+    ...                     l1: 10.1.1.1/24 on l1-up --core_bw-- sp-eth1 (10.1.1.254/24)
+
+Never call ``mn -c`` (it kills processes by name machine-wide); ``stop()`` kills the
+processes this object started, by PID, then calls ``net.stop()``.
 """
 
 from __future__ import annotations
@@ -51,7 +63,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from emulation.spawn import child_env, spawn_switch, stop_process, wait_command
+from emulation.spawn import child_env, emulate_command, spawn_switch, stop_process, wait_command
 from switchml import defaults
 from switchml.errors import SwitchMLError
 
@@ -112,6 +124,11 @@ def worker_ip(i: int) -> str:
     return f"10.0.{i}.1"
 
 
+def worker_subnet(i: int) -> str:
+    """The /24 of worker i's link (``worker_ip(i)`` and ``gateway_ip(i)``)."""
+    return f"10.0.{i}.0/24"
+
+
 def gateway_ip(i: int) -> str:
     """The switch host's address on worker i's link (BMv2 star: only its ARP entry exists)."""
     return f"10.0.{i}.254"
@@ -125,40 +142,28 @@ def bmv2_port(i: int) -> int:
     return i + 1
 
 
-class StarNetwork:
-    """N workers, one switch host, one shaped link each.
+class _Network:
+    """What the star and the tree share: Mininet's lifecycle, processes started in a node's
+    namespace (killed by PID on :meth:`stop`), the controller's readiness check, loss.
 
-    Args:
-        workers: number of worker hosts (1..250).
-        bw_mbit: rate of every worker link in Mbit/s, both directions (None: unshaped veth).
-        mtu: MTU of every interface (1500 or 9000; veth takes up to 65535).
-        switch: what the switch host runs: "software" (it routes IP; start the software
-            switch on it with :meth:`popen`) or "bmv2" (BMv2 on its interfaces, a controller
-            host beside the workers; start both with :meth:`deploy_bmv2`).
-
-    Use as a context manager, or call :meth:`start` and :meth:`stop`.
+    ``switch`` is the node that serves ``SWITCH_IP`` (the star's switch host, the tree's spine)
+    and ``hosts`` the worker hosts, in rank order. Use as a context manager, or call
+    :meth:`start` and :meth:`stop`.
     """
 
-    def __init__(self, workers: int, bw_mbit: float | None = 100.0, mtu: int = 1500, switch: str = "software") -> None:
-        if not 1 <= workers < CONTROLLER_LINK:
-            raise ValueError(f"workers={workers}; expected 1..{CONTROLLER_LINK - 1}")
-        if switch not in SWITCH_KINDS:
-            raise ValueError(f"switch={switch!r}; expected one of {', '.join(SWITCH_KINDS)}")
-        self.n, self.bw_mbit, self.mtu, self.switch_kind = workers, bw_mbit, mtu, switch
+    def __init__(self, bw_mbit: float | None, mtu: int) -> None:
+        self.bw_mbit, self.mtu = bw_mbit, mtu
         self.net: Any = None
         self.switch: Any = None
         self.hosts: list[Any] = []
-        self.controller_host: Any = None  #: BMv2 star only
-        self.bmv2_process: subprocess.Popen | None = None  #: BMv2 star, once deployed
-        self._deployer: subprocess.Popen | None = None
         self._procs: list[subprocess.Popen] = []
 
     # ------------------------------------------------------------ lifecycle
-    def start(self) -> StarNetwork:
-        problem = bmv2_problem() if self.switch_kind == "bmv2" else mininet_problem()
+    def start(self):
+        """Build the network, configure addresses, routes and shaping, check them; return self."""
+        problem = self._problem()
         if problem:
             raise MininetUnavailable(problem)
-        from mininet.link import TCLink
         from mininet.log import setLogLevel
         from mininet.net import Mininet
 
@@ -168,71 +173,37 @@ class StarNetwork:
         self.net = Mininet(topo=None, build=False, controller=None, autoSetMacs=False, autoStaticArp=False,
                            waitConnected=False)
         try:
-            self.switch = self.net.addHost("sw", ip=None)
-            self.hosts = [self.net.addHost(f"h{i}", ip=None) for i in range(self.n)]
-            params = {"bw": self.bw_mbit} if self.bw_mbit else {}
-            for i, host in enumerate(self.hosts):
-                link_cls = TCLink if self.bw_mbit else None
-                kwargs = {"cls": link_cls, **params} if link_cls else {}
-                self.net.addLink(host, self.switch, intfName1=f"h{i}-eth0", intfName2=f"sw-eth{i}", **kwargs)
-            if self.switch_kind == "bmv2":
-                self.controller_host = self.net.addHost("ctl", ip=None)
-                self.net.addLink(self.controller_host, self.switch, intfName1="ctl-eth0", intfName2="sw-ctl")
+            self._add_nodes()
             self.net.build()
             self._configure()
         except BaseException:
             self.stop()
             raise
-        log.info("mininet star up: %d workers, %s, MTU %d", self.n,
-                 f"{self.bw_mbit:g} Mbit/s links" if self.bw_mbit else "unshaped links", self.mtu)
+        log.info("mininet %s up", self._describe())
         return self
 
-    def _links(self) -> list[tuple[int, Any, str, str]]:
-        """(link number, host, host interface, switch interface) of every link."""
-        links = [(i, host, f"h{i}-eth0", f"sw-eth{i}") for i, host in enumerate(self.hosts)]
-        if self.controller_host is not None:
-            links.append((CONTROLLER_LINK, self.controller_host, "ctl-eth0", "sw-ctl"))
-        return links
+    def _problem(self) -> str | None:
+        return mininet_problem()
+
+    def _add_nodes(self) -> None:
+        raise NotImplementedError
 
     def _configure(self) -> None:
-        sw = self.switch
-        bmv2 = self.switch_kind == "bmv2"
-        if bmv2:
-            # BMv2 owns the switch's interfaces: the host's kernel must neither route nor answer
-            # on them (it sees every frame too), so they get no address and no IPv6.
-            _check(sw, "sysctl -qw net.ipv4.ip_forward=0")
-        else:
-            _check(sw, f"ip addr add {SWITCH_IP}/32 dev lo")
-            _check(sw, "sysctl -qw net.ipv4.ip_forward=1")
-            # the switch host answers on every interface for SWITCH_IP; no reverse-path surprises
-            _check(sw, "sysctl -qw net.ipv4.conf.all.rp_filter=0")
-        for i, host, h_if, s_if in self._links():
-            _check(host, f"ip addr flush dev {h_if}")
-            _check(host, f"ip link set dev {h_if} mtu {self.mtu}")
-            _check(host, f"ip addr add {worker_ip(i)}/24 dev {h_if}")
-            _check(host, f"ip route replace default via {gateway_ip(i)} dev {h_if}")
-            _check(sw, f"ip addr flush dev {s_if}")
-            _check(sw, f"ip link set dev {s_if} mtu {self.mtu}")
-            if bmv2:
-                _check(host, f"ip neigh replace {gateway_ip(i)} lladdr {SWITCH_MAC} dev {h_if} nud permanent")
-                _check(sw, f"sysctl -qw net.ipv6.conf.{s_if}.disable_ipv6=1")
-                # BMv2 reads and writes whole frames: a veth's segmentation offloads would hand it
-                # 64 KB TCP super-frames, and checksum offload frames whose checksum is unfilled.
-                for node, intf in ((host, h_if), (sw, s_if)):
-                    _check(node, f"ethtool -K {intf} rx off tx off sg off tso off gso off gro off >/dev/null")
-            else:
-                _check(sw, f"ip addr add {gateway_ip(i)}/24 dev {s_if}")
-            if self.bw_mbit and i != CONTROLLER_LINK:
-                for node, intf in ((host, h_if), (sw, s_if)):
-                    qdisc = node.cmd(f"tc qdisc show dev {intf}")
-                    classes = node.cmd(f"tc class show dev {intf}")
-                    if not any(q in qdisc for q in ("htb", "tbf", "hfsc")) or "rate" not in classes + qdisc:
-                        raise MininetUnavailable(f"link shaping failed on {node.name}:{intf} (tc shows {qdisc.strip()!r}); "
-                                                 "this kernel may lack sch_htb")
-        for i, host, _, _ in self._links():
-            out = host.cmd(f"ip route get {SWITCH_IP}")
-            if gateway_ip(i) not in out:
-                raise MininetUnavailable(f"{host.name} has no route to the switch: {out.strip()!r}")
+        raise NotImplementedError
+
+    def _describe(self) -> str:
+        raise NotImplementedError
+
+    def _add_link(self, a: Any, b: Any, intf_a: str, intf_b: str, bw_mbit: float | None) -> None:
+        """A veth pair between ``a`` and ``b``, shaped to ``bw_mbit`` on both ends (None: unshaped)."""
+        from mininet.link import TCLink
+
+        kwargs = {"cls": TCLink, "bw": bw_mbit} if bw_mbit else {}
+        self.net.addLink(a, b, intfName1=intf_a, intfName2=intf_b, **kwargs)
+
+    def _nodes(self) -> list[Any]:
+        """Every node that forwards or receives packets (the loss rules go to each)."""
+        return [*self.hosts, self.switch]
 
     def stop(self) -> None:
         """Kill the processes started here (by PID), remove loss rules, then ``net.stop()``."""
@@ -245,7 +216,7 @@ class StarNetwork:
             finally:
                 self.net = None
 
-    def __enter__(self) -> StarNetwork:
+    def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -268,6 +239,147 @@ class StarNetwork:
     def worker_ifname(self, i: int) -> str:
         """Interface of worker i (for GLOO_SOCKET_IFNAME)."""
         return f"h{i}-eth0"
+
+    def spawn_switch(self, log_path: str | os.PathLike, env: dict[str, str] | None = None,
+                     **options: Any) -> subprocess.Popen:
+        """``emulation.spawn.spawn_switch`` on the switch host (listening on ``SWITCH_IP`` unless
+        ``host`` says otherwise), ready once worker 0 gets its controller's ``hello``; output to
+        ``log_path``; stopped by :meth:`stop` if still running. ``env``: added to the switch's
+        and the readiness check's environment (``SWITCHML_SECRET``, say); ``options``: spawn_switch's."""
+        options.setdefault("host", SWITCH_IP)
+        return spawn_switch(start=lambda cmd: self.popen(self.switch, cmd, env=child_env(env), log_path=str(log_path)),
+                            wait=lambda endpoint, proc, timeout: self.wait_for_controller(endpoint, proc, timeout, env),
+                            **options)
+
+    def wait_for_controller(self, endpoint: str, proc: subprocess.Popen, timeout: float = 30.0,
+                            env: dict[str, str] | None = None) -> None:
+        """Return once the controller at ``endpoint`` answers ``hello`` from worker 0's namespace
+        (``switchml-switch wait``: the readiness check of ``emulation.spawn``, run where the
+        workers are); raise ``SwitchMLError`` if ``proc`` (the switch or deploy process) exits
+        first or ``timeout`` passes. ``emulation.spawn.spawn_switch`` takes it as ``wait``."""
+        waiter = self.hosts[0].popen(wait_command(endpoint, timeout), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env(env))
+        deadline = time.monotonic() + timeout + 10  # the waiter keeps its own deadline; this one is a backstop
+        try:
+            while waiter.poll() is None:
+                if proc.poll() is not None:
+                    raise SwitchMLError(f"the process serving {endpoint} exited with {proc.returncode} before "
+                                        "its controller answered")
+                if time.monotonic() > deadline:
+                    raise SwitchMLError(f"the controller at {endpoint} did not answer within {timeout:g} s")
+                time.sleep(0.1)
+        finally:
+            stop_process(waiter, grace=2.0)
+        with waiter.stdout:
+            output = waiter.stdout.read().decode(errors="replace").strip()
+        if waiter.returncode != 0:
+            raise SwitchMLError(output or f"switchml-switch wait exited with {waiter.returncode}")
+
+    def set_loss(self, probability: float) -> None:
+        """Drop ``probability`` of the IP packets that cross each link, in each direction (nftables).
+
+        Every node (workers and switch host) drops that share of the packets it receives, in
+        its prerouting hook: a packet is dropped on arrival, never by its sender's own
+        output hook (a sender would get EPERM from ``sendto`` instead of a silent loss).
+        A worker-to-worker packet (Gloo) crosses two links, so it meets two chances of loss.
+        """
+        if shutil.which("nft") is None:
+            raise MininetUnavailable("'nft' is not on PATH: apt-get install -y --no-install-recommends nftables")
+        scale = 1_000_000
+        threshold = round(probability * scale)
+        for node in [*self.hosts, self.switch]:
+            node.cmd(f"nft delete table inet {NFT_TABLE} 2>/dev/null")
+            if threshold <= 0:
+                continue
+            rules = (f"table inet {NFT_TABLE} {{\n"
+                     f" chain arrive {{ type filter hook prerouting priority 0; policy accept;"
+                     f" meta l4proto {{ tcp, udp }} numgen random mod {scale} < {threshold} drop; }}\n}}\n")
+            out, err, code = _nft(node, rules)
+            if code != 0:
+                raise MininetUnavailable(f"nftables rules failed on {node.name}: {err.strip() or out.strip()}")
+        log.info("loss %.4g per link and direction (nftables)", probability)
+
+
+class StarNetwork(_Network):
+    """N workers, one switch host, one shaped link each.
+
+    Args:
+        workers: number of worker hosts (1..250).
+        bw_mbit: rate of every worker link in Mbit/s, both directions (None: unshaped veth).
+        mtu: MTU of every interface (1500 or 9000; veth takes up to 65535).
+        switch: what the switch host runs: "software" (it routes IP; start the software
+            switch on it with :meth:`spawn_switch`) or "bmv2" (BMv2 on its interfaces, a controller
+            host beside the workers; start both with :meth:`deploy_bmv2`).
+
+    Use as a context manager, or call :meth:`start` and :meth:`stop`.
+    """
+
+    def __init__(self, workers: int, bw_mbit: float | None = 100.0, mtu: int = 1500, switch: str = "software") -> None:
+        if not 1 <= workers < CONTROLLER_LINK:
+            raise ValueError(f"workers={workers}; expected 1..{CONTROLLER_LINK - 1}")
+        if switch not in SWITCH_KINDS:
+            raise ValueError(f"switch={switch!r}; expected one of {', '.join(SWITCH_KINDS)}")
+        super().__init__(bw_mbit, mtu)
+        self.n, self.switch_kind = workers, switch
+        self.controller_host: Any = None  #: BMv2 star only
+        self.bmv2_process: subprocess.Popen | None = None  #: BMv2 star, once deployed
+        self._deployer: subprocess.Popen | None = None
+
+    # ------------------------------------------------------------ lifecycle
+    def _problem(self) -> str | None:
+        return bmv2_problem() if self.switch_kind == "bmv2" else mininet_problem()
+
+    def _add_nodes(self) -> None:
+        self.switch = self.net.addHost("sw", ip=None)
+        self.hosts = [self.net.addHost(f"h{i}", ip=None) for i in range(self.n)]
+        for i, host in enumerate(self.hosts):
+            self._add_link(host, self.switch, f"h{i}-eth0", f"sw-eth{i}", self.bw_mbit)
+        if self.switch_kind == "bmv2":
+            self.controller_host = self.net.addHost("ctl", ip=None)
+            self._add_link(self.controller_host, self.switch, "ctl-eth0", "sw-ctl", None)
+
+    def _describe(self) -> str:
+        return (f"star: {self.n} workers, {f'{self.bw_mbit:g} Mbit/s links' if self.bw_mbit else 'unshaped links'}, "
+                f"MTU {self.mtu}")
+
+    def _links(self) -> list[tuple[int, Any, str, str]]:
+        """(link number, host, host interface, switch interface) of every link."""
+        links = [(i, host, f"h{i}-eth0", f"sw-eth{i}") for i, host in enumerate(self.hosts)]
+        if self.controller_host is not None:
+            links.append((CONTROLLER_LINK, self.controller_host, "ctl-eth0", "sw-ctl"))
+        return links
+
+    def _configure(self) -> None:
+        sw = self.switch
+        bmv2 = self.switch_kind == "bmv2"
+        if bmv2:
+            # BMv2 owns the switch's interfaces: the host's kernel must neither route nor answer
+            # on them (it sees every frame too), so they get no address and no IPv6.
+            _check(sw, "sysctl -qw net.ipv4.ip_forward=0")
+        else:
+            _check(sw, f"ip addr add {SWITCH_IP}/32 dev lo")
+            _check(sw, "sysctl -qw net.ipv4.ip_forward=1")
+            # the switch host answers on every interface for SWITCH_IP; no reverse-path surprises
+            _check(sw, "sysctl -qw net.ipv4.conf.all.rp_filter=0")
+        for i, host, h_if, s_if in self._links():
+            _address(host, h_if, worker_ip(i), self.mtu)
+            _check(host, f"ip route replace default via {gateway_ip(i)} dev {h_if}")
+            if bmv2:
+                _check(sw, f"ip addr flush dev {s_if}")
+                _check(sw, f"ip link set dev {s_if} mtu {self.mtu}")
+                _check(host, f"ip neigh replace {gateway_ip(i)} lladdr {SWITCH_MAC} dev {h_if} nud permanent")
+                _check(sw, f"sysctl -qw net.ipv6.conf.{s_if}.disable_ipv6=1")
+                # BMv2 reads and writes whole frames: a veth's segmentation offloads would hand it
+                # 64 KB TCP super-frames, and checksum offload frames whose checksum is unfilled.
+                for node, intf in ((host, h_if), (sw, s_if)):
+                    _check(node, f"ethtool -K {intf} rx off tx off sg off tso off gso off gro off >/dev/null")
+            else:
+                _address(sw, s_if, gateway_ip(i), self.mtu)
+            if self.bw_mbit and i != CONTROLLER_LINK:
+                _check_shaped((host, h_if), (sw, s_if))
+        for i, host, _, _ in self._links():
+            _check_route(host, SWITCH_IP, gateway_ip(i))
+
 
     # ------------------------------------------------------------------ BMv2
     def port_map(self) -> dict[str, dict[str, Any]]:
@@ -322,40 +434,6 @@ class StarNetwork:
         self.bmv2_process, self._deployer = bmv2, deployer
         return endpoint
 
-    def spawn_switch(self, log_path: str | os.PathLike, env: dict[str, str] | None = None,
-                     **options: Any) -> subprocess.Popen:
-        """``emulation.spawn.spawn_switch`` on the switch host (listening on ``SWITCH_IP`` unless
-        ``host`` says otherwise), ready once worker 0 gets its controller's ``hello``; output to
-        ``log_path``; stopped by :meth:`stop` if still running. ``env``: added to the switch's
-        and the readiness check's environment (``SWITCHML_SECRET``, say); ``options``: spawn_switch's."""
-        options.setdefault("host", SWITCH_IP)
-        return spawn_switch(start=lambda cmd: self.popen(self.switch, cmd, env=child_env(env), log_path=str(log_path)),
-                            wait=lambda endpoint, proc, timeout: self.wait_for_controller(endpoint, proc, timeout, env),
-                            **options)
-
-    def wait_for_controller(self, endpoint: str, proc: subprocess.Popen, timeout: float = 30.0,
-                            env: dict[str, str] | None = None) -> None:
-        """Return once the controller at ``endpoint`` answers ``hello`` from worker 0's namespace
-        (``switchml-switch wait``: the readiness check of ``emulation.spawn``, run where the
-        workers are); raise ``SwitchMLError`` if ``proc`` (the switch or deploy process) exits
-        first or ``timeout`` passes. ``emulation.spawn.spawn_switch`` takes it as ``wait``."""
-        waiter = self.hosts[0].popen(wait_command(endpoint, timeout), stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env(env))
-        deadline = time.monotonic() + timeout + 10  # the waiter keeps its own deadline; this one is a backstop
-        try:
-            while waiter.poll() is None:
-                if proc.poll() is not None:
-                    raise SwitchMLError(f"the process serving {endpoint} exited with {proc.returncode} before "
-                                        "its controller answered")
-                if time.monotonic() > deadline:
-                    raise SwitchMLError(f"the controller at {endpoint} did not answer within {timeout:g} s")
-                time.sleep(0.1)
-        finally:
-            stop_process(waiter, grace=2.0)
-        with waiter.stdout:
-            output = waiter.stdout.read().decode(errors="replace").strip()
-        if waiter.returncode != 0:
-            raise SwitchMLError(output or f"switchml-switch wait exited with {waiter.returncode}")
 
     def stop_bmv2(self) -> None:
         """Stop the controller and BMv2 of :meth:`deploy_bmv2` (by PID), if running."""
@@ -364,29 +442,183 @@ class StarNetwork:
                 stop_process(proc, grace=5.0)
         self._deployer = self.bmv2_process = None
 
-    def set_loss(self, probability: float) -> None:
-        """Drop ``probability`` of the IP packets that cross each link, in each direction (nftables).
 
-        Every node (workers and switch host) drops that share of the packets it receives, in
-        its prerouting hook: a packet is dropped on arrival, never by its sender's own
-        output hook (a sender would get EPERM from ``sendto`` instead of a silent loss).
-        A worker-to-worker packet (Gloo) crosses two links, so it meets two chances of loss.
+def leaf_core_ip(rack: int) -> str:
+    """Tree: leaf ``rack``'s address on its core link (its software switch listens here)."""
+    return f"10.1.{rack}.1"
+
+
+def spine_core_ip(rack: int) -> str:
+    """Tree: the spine's address on leaf ``rack``'s core link (the leaf's default route)."""
+    return f"10.1.{rack}.254"
+
+
+#: Tree: UDP port of every leaf's software switch and TCP port of its P4Runtime server.
+LEAF_PORT, LEAF_P4RUNTIME_PORT = 48870, 9570
+
+
+class TreeNetwork(_Network):
+    """Racks of worker hosts under leaf hosts, the leaves under one spine host.
+
+    Worker i sits in rack ``i // per_rack``, on a link of ``bw_mbit`` to its leaf; each leaf
+    is on a link of ``core_bw_mbit`` to the spine (the core). Leaves and the spine route IP
+    between their interfaces; the spine holds ``SWITCH_IP``. :meth:`spawn_switch` starts one
+    software switch on the spine (every worker's stream crosses the core), :meth:`spawn_tree`
+    a leaf switch on every leaf and the spine of the tree above them; :meth:`core_bytes` counts
+    what crossed the core links.
+
+    Args:
+        racks: number of racks (leaf hosts), 1..250.
+        per_rack: workers per rack; racks * per_rack <= 250.
+        bw_mbit: rate of every worker link in Mbit/s (None: unshaped veth).
+        core_bw_mbit: rate of every leaf-spine link in Mbit/s (default: ``bw_mbit``).
+        mtu: MTU of every interface.
+    """
+
+    def __init__(self, racks: int, per_rack: int, bw_mbit: float | None = 100.0, core_bw_mbit: float | None = None,
+                 mtu: int = 1500) -> None:
+        if not 1 <= racks < CONTROLLER_LINK:
+            raise ValueError(f"racks={racks}; expected 1..{CONTROLLER_LINK - 1}")
+        if per_rack < 1 or racks * per_rack >= CONTROLLER_LINK:
+            raise ValueError(f"per_rack={per_rack}: {racks} racks of it must hold 1..{CONTROLLER_LINK - 1} workers")
+        super().__init__(bw_mbit, mtu)
+        self.racks, self.per_rack = racks, per_rack
+        self.n = racks * per_rack
+        self.core_bw_mbit = core_bw_mbit if core_bw_mbit is not None else bw_mbit
+        self.leaves: list[Any] = []
+
+    def rack_of(self, i: int) -> int:
+        """The rack (leaf index) of worker i."""
+        return i // self.per_rack
+
+    def rack_hosts(self, rack: int) -> list[int]:
+        """The worker indices in ``rack``."""
+        return list(range(rack * self.per_rack, (rack + 1) * self.per_rack))
+
+    def _add_nodes(self) -> None:
+        self.switch = self.net.addHost("sp", ip=None)
+        self.leaves = [self.net.addHost(f"l{r}", ip=None) for r in range(self.racks)]
+        self.hosts = [self.net.addHost(f"h{i}", ip=None) for i in range(self.n)]
+        for i, host in enumerate(self.hosts):
+            self._add_link(host, self.leaves[self.rack_of(i)], f"h{i}-eth0", self._leaf_intf(i), self.bw_mbit)
+        for r, leaf in enumerate(self.leaves):
+            self._add_link(leaf, self.switch, f"l{r}-up", f"sp-eth{r}", self.core_bw_mbit)
+
+    def _leaf_intf(self, i: int) -> str:
+        return f"l{self.rack_of(i)}-eth{i % self.per_rack}"
+
+    def _nodes(self) -> list[Any]:
+        return [*self.hosts, *self.leaves, self.switch]
+
+    def _describe(self) -> str:
+        def rate(mbit: float | None) -> str:
+            return f"{mbit:g} Mbit/s" if mbit else "unshaped"
+        return (f"tree: {self.racks} racks of {self.per_rack} workers, worker links {rate(self.bw_mbit)}, "
+                f"core links {rate(self.core_bw_mbit)}, MTU {self.mtu}")
+
+    def _configure(self) -> None:
+        sp = self.switch
+        _check(sp, f"ip addr add {SWITCH_IP}/32 dev lo")
+        for node in (sp, *self.leaves):
+            _check(node, "sysctl -qw net.ipv4.ip_forward=1")
+            _check(node, "sysctl -qw net.ipv4.conf.all.rp_filter=0")
+        for r, leaf in enumerate(self.leaves):
+            _address(leaf, f"l{r}-up", leaf_core_ip(r), self.mtu)
+            _address(sp, f"sp-eth{r}", spine_core_ip(r), self.mtu)
+            _check(leaf, f"ip route replace default via {spine_core_ip(r)} dev l{r}-up")
+            if self.core_bw_mbit:
+                _check_shaped((leaf, f"l{r}-up"), (sp, f"sp-eth{r}"))
+        for i, host in enumerate(self.hosts):
+            r = self.rack_of(i)
+            _address(host, f"h{i}-eth0", worker_ip(i), self.mtu)
+            _address(self.leaves[r], self._leaf_intf(i), gateway_ip(i), self.mtu)
+            _check(host, f"ip route replace default via {gateway_ip(i)} dev h{i}-eth0")
+            _check(sp, f"ip route replace {worker_subnet(i)} via {leaf_core_ip(r)} dev sp-eth{r}")
+            if self.bw_mbit:
+                _check_shaped((host, f"h{i}-eth0"), (self.leaves[r], self._leaf_intf(i)))
+        for i, host in enumerate(self.hosts):
+            _check_route(host, SWITCH_IP, gateway_ip(i))
+            # the other racks are reached through this rack's leaf, then the spine
+            _check_route(host, worker_ip((i + self.per_rack) % self.n), gateway_ip(i))
+
+    def spawn_tree(self, log_dir: str | os.PathLike, env: dict[str, str] | None = None, *,
+                   leaf_port: int = LEAF_PORT, leaf_p4runtime_port: int = LEAF_P4RUNTIME_PORT,
+                   pool_size: int | None = None, **options: Any) -> list[subprocess.Popen]:
+        """A leaf software switch on every leaf host (``emulate --no-controller --leaf-role``, on
+        its core address) and the spine's switch and controller (``emulate --leaf ...``, each
+        leaf's rack by its hosts' IPs), ready once worker 0 gets the controller's ``hello``.
+
+        Returns [spine, leaf 0, leaf 1, ...]; all are stopped by :meth:`stop` if still running.
+        Logs: ``log_dir``/spine.log and leaf{r}.log. ``options``: the spine's ``spawn_switch``
+        options (port, control_port, window, k, extra, ...).
         """
-        if shutil.which("nft") is None:
-            raise MininetUnavailable("'nft' is not on PATH: apt-get install -y --no-install-recommends nftables")
-        scale = 1_000_000
-        threshold = round(probability * scale)
-        for node in [*self.hosts, self.switch]:
-            node.cmd(f"nft delete table inet {NFT_TABLE} 2>/dev/null")
-            if threshold <= 0:
-                continue
-            rules = (f"table inet {NFT_TABLE} {{\n"
-                     f" chain arrive {{ type filter hook prerouting priority 0; policy accept;"
-                     f" meta l4proto {{ tcp, udp }} numgen random mod {scale} < {threshold} drop; }}\n}}\n")
-            out, err, code = _nft(node, rules)
-            if code != 0:
-                raise MininetUnavailable(f"nftables rules failed on {node.name}: {err.strip() or out.strip()}")
-        log.info("loss %.4g per link and direction (nftables)", probability)
+        log_dir = Path(log_dir)
+        leaves = []
+        for r, leaf in enumerate(self.leaves):
+            cmd = emulate_command(leaf_core_ip(r), leaf_port, pool_size=pool_size,
+                                  extra=["--no-controller", "--p4runtime-port", str(leaf_p4runtime_port),
+                                         "--leaf-role"])
+            leaves.append(self.popen(leaf, cmd, env=child_env(env), log_path=str(log_dir / f"leaf{r}.log")))
+        specs = []
+        for r in range(self.racks):
+            hosts = "+".join(worker_ip(i) for i in self.rack_hosts(r))
+            specs += ["--leaf", f"p4runtime={leaf_core_ip(r)}:{leaf_p4runtime_port},"
+                                f"data={leaf_core_ip(r)}:{leaf_port},hosts={hosts}"]
+        options["extra"] = [*options.get("extra", ()), *specs]
+        try:
+            spine = self.spawn_switch(log_dir / "spine.log", env=env, pool_size=pool_size, **options)
+        except SwitchMLError as exc:
+            dead = [f"leaf {r} exited with {proc.returncode}: "
+                    f"{(log_dir / f'leaf{r}.log').read_text(errors='replace')[-1500:]}"
+                    for r, proc in enumerate(leaves) if proc.poll() is not None]
+            raise SwitchMLError("; ".join([str(exc), *dead])) from None
+        return [spine, *leaves]
+
+    def core_bytes(self) -> dict[str, int]:
+        """Bytes the core links have carried so far, per direction, read from the spine's interfaces
+        (Ethernet headers included): ``up{r}`` leaf r to the spine, ``down{r}`` the spine to leaf r."""
+        counters = _interface_bytes(self.switch)
+        out = {}
+        for r in range(self.racks):
+            rx, tx = counters[f"sp-eth{r}"]
+            out[f"up{r}"], out[f"down{r}"] = rx, tx
+        return out
+
+
+def _address(node: Any, intf: str, ip: str, mtu: int) -> None:
+    """``intf`` of ``node`` gets ``ip``/24 (and nothing else) and ``mtu``."""
+    _check(node, f"ip addr flush dev {intf}")
+    _check(node, f"ip link set dev {intf} mtu {mtu}")
+    _check(node, f"ip addr add {ip}/24 dev {intf}")
+
+
+def _check_shaped(*ends: tuple[Any, str]) -> None:
+    """Raise unless tc shapes each (node, interface) with a rate (htb, tbf or hfsc)."""
+    for node, intf in ends:
+        qdisc = node.cmd(f"tc qdisc show dev {intf}")
+        classes = node.cmd(f"tc class show dev {intf}")
+        if not any(q in qdisc for q in ("htb", "tbf", "hfsc")) or "rate" not in classes + qdisc:
+            raise MininetUnavailable(f"link shaping failed on {node.name}:{intf} (tc shows {qdisc.strip()!r}); "
+                                     "this kernel may lack sch_htb")
+
+
+def _check_route(node: Any, destination: str, via: str) -> None:
+    """Raise unless ``node`` routes ``destination`` through ``via``."""
+    out = node.cmd(f"ip route get {destination}")
+    if via not in out:
+        raise MininetUnavailable(f"{node.name} has no route to {destination} via {via}: {out.strip()!r}")
+
+
+def _interface_bytes(node: Any) -> dict[str, tuple[int, int]]:
+    """(received, sent) bytes of every interface of ``node``'s namespace (``/proc/net/dev``)."""
+    out = {}
+    for line in node.cmd("cat /proc/net/dev").splitlines()[2:]:
+        name, sep, fields = line.partition(":")
+        if sep:
+            values = fields.split()
+            out[name.strip()] = (int(values[0]), int(values[8]))
+    return out
+
 
 
 def _wait_for(ready: Any, proc: subprocess.Popen, log_path: Path, timeout: float, what: str) -> None:

@@ -85,6 +85,9 @@ def test_allreduce_loopback_smoke(tmp_path):
         assert res["goodput_MBps"]["median"] > 0
         assert res["ranks_identical"] and res["check"]["within_bound"]
         assert res["bound_s"] > 0 and res["time_over_bound"] > 0
+        # CPU of the timed calls: each rank's, and the machine's share busy
+        assert len(res["worker_cpu_per_call_s"]) == 2 and all(c > 0 for c in res["worker_cpu_per_call_s"])
+        assert 0 < res["host_cpu_timed"]["busy"] <= 1
     assert sw["check"]["max_error_over_bound"] <= 1.0
     assert sw["k"] == 256 and sw["switch"]["cpu_s"] is not None and sw["switch"]["counters"]
     # spurious resends (the switch's retransmission_incomplete drops + the workers' duplicate results)
@@ -253,3 +256,103 @@ def test_allreduce_across_the_mininet_star(tmp_path):
     for res in point["backends"].values():
         assert res["ranks_identical"] and res["check"]["within_bound"]
     assert point["backends"]["switchml"]["k"] == 256  # the largest packet that fits MTU 1500
+
+
+# ---------------------------------------------------------------- the Mininet tree (issue 19)
+@pytest.mark.parametrize("argv, message", [
+    (["--topo", "tree"], "--topo tree needs --net mininet"),
+    (["--net", "mininet", "--topo", "tree", "--workers", "4"], "--workers 4: --topo tree has racks x per-rack = 8"),
+    (["--net", "mininet", "--topo", "tree", "--racks", "5", "--per-rack", "8"], "= 40 workers; at most 32"),
+    (["--net", "mininet", "--topo", "tree", "--switch", "bmv2"], "--topo tree --switch bmv2"),
+    (["--net", "mininet", "--topo", "tree", "--core-bw", "0"], "--core-bw 0: expected a positive rate"),
+    (["--net", "mininet", "--topo", "tree", "--loss", "0.01"], "--loss-at hosts"),
+    (["--net", "mininet", "--backends", "switchml,flat"], "--backends flat: one switch reached through the core"),
+])
+def test_tree_options_are_checked_before_anything_starts(argv, message, capsys):
+    assert cli.main(["allreduce", *argv]) == 1
+    assert message in capsys.readouterr().err
+
+
+def _point(backends: dict[str, dict]) -> dict:
+    return {"workers": 8, "size_bytes": 64_000_000, "backends": {
+        name: {"time_s": {"median": t}, "k": 2048, "window": 7, **extra} for name, (t, extra) in backends.items()}}
+
+
+def test_tree_bounds_count_the_streams_on_each_core_link():
+    cfg = AllreduceConfig(net="mininet", topo="tree", racks=2, per_rack=4, bw_mbit=100, core_bw_mbit=50, mtu=9000)
+    point = _point({"switchml": (11.0, {}), "flat": (44.0, {}), "gloo": (20.0, {})})
+    allreduce._add_bounds(point, cfg)
+    b = point["backends"]
+    stream = b["switchml"]["wire_bytes_per_worker"]
+    # at 50 Mbit/s the core is the bottleneck of each: one stream per rack (tree), 4 (flat), one ring edge (Gloo)
+    assert b["switchml"]["bound_s"] == pytest.approx(stream * 8 / 50e6)
+    assert b["flat"]["bound_s"] == pytest.approx(4 * stream * 8 / 50e6)
+    assert b["gloo"]["bound_s"] == pytest.approx(b["gloo"]["wire_bytes_per_worker"] * 8 / 50e6)
+    # both directions of both core links: 2 racks x (up + down) x streams
+    assert b["switchml"]["core_bytes_model"] == 4 * stream and b["flat"]["core_bytes_model"] == 16 * stream
+    assert b["gloo"]["core_bytes_model"] == 4 * b["gloo"]["wire_bytes_per_worker"]
+    assert point["ratio_switchml_over_flat"] == 0.25 and point["ratio_switchml_over_gloo"] == 0.55
+    # a core as fast as the edge: the tree's bound is the star's, the ring's too
+    fast = replace(cfg, core_bw_mbit=None)
+    point = _point({"switchml": (11.0, {}), "gloo": (20.0, {})})
+    allreduce._add_bounds(point, fast)
+    assert point["backends"]["switchml"]["bound_s"] == pytest.approx(stream * 8 / 100e6)
+    assert point["bound_ratio_switchml_over_gloo"] == pytest.approx(wire.switchml_bound_s(
+        64_000_000, 2048, 7, 100e6, 9000, 14) / wire.ring_bound_s(64_000_000, 8, 100e6, 9000, 14))
+    # one rack: the ring never crosses the core
+    one = replace(cfg, racks=1, per_rack=8)
+    point = _point({"gloo": (20.0, {})})
+    allreduce._add_bounds(point, one)
+    assert point["backends"]["gloo"]["core_bytes_model"] == 0
+
+
+def test_scale_reports_the_model_error_at_a_measured_tree(tmp_path):
+    cfg = {"net": "mininet", "bw_mbit": 100.0, "core_bw_mbit": 100.0, "mtu": 9000, "l2_bytes_in_bound": 14,
+           "topo": "tree", "racks": 2, "per_rack": 4}
+    point = _point({"switchml": (5.6, {}), "flat": (21.0, {}), "gloo": (9.8, {})})
+    measured = tmp_path / "tree.json"
+    measured.write_text(json.dumps({"config": cfg, "results": [point]}))
+    (row,) = scale.load_measured([str(measured)])
+    assert (row["topo"], row["racks"], row["per_rack"], row["flat_time_s"]) == ("tree", 2, 4, 21.0)
+    # lossless at 100 Mbit/s the model is the wire bound plus a round trip: a little above 64 MB's 5.12 s
+    assert 5.12 < row["switchml_tree_model_time_s"] < 5.6
+    assert row["switchml_tree_model_error"] == pytest.approx(row["switchml_tree_model_time_s"] / 5.6 - 1)
+    assert row["ring_tree_model_error"] == pytest.approx(row["ring_tree_model_time_s"] / 9.8 - 1)
+    doc = {"measured": [row]}
+    png = tmp_path / "v.png"
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    scale._plot_measured_trees(ax, doc["measured"])
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert labels == ["measured tree: SwitchML tree (Mininet)", "model at the measured tree: SwitchML tree",
+                      "measured tree: SwitchML flat, through the core (Mininet)", "measured tree: Gloo ring (Mininet)",
+                      "model at the measured tree: Gloo ring"]
+    fig.savefig(png)
+    plt.close(fig)
+
+
+@pytest.mark.mininet
+@pytest.mark.slow
+@pytest.mark.skipif(mininet_problem() is not None, reason=f"Mininet tree unavailable: {mininet_problem()}")
+def test_allreduce_across_a_mininet_tree(tmp_path):
+    out = tmp_path / "tree.json"
+    code = cli.main(["allreduce", "--net", "mininet", "--topo", "tree", "--racks", "2", "--per-rack", "2",
+                     "--bw", "100", "--core-bw", "50", "--mtu", "1500", "--size", "400KB", "--repeats", "1",
+                     "--warmup", "0", "--quiet", "--timeout", "60", "--json", str(out)])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    (point,) = doc["results"]
+    assert point["workers"] == 4 and set(point["backends"]) == {"switchml", "flat", "gloo"}
+    b = point["backends"]
+    for res in b.values():
+        assert res["ranks_identical"] and res["check"]["within_bound"]
+        # what crossed the core is what the backend must put there, plus set-up and control traffic
+        assert 0.95 < res["core"]["bytes_per_allreduce"] / res["core_bytes_model"] < 1.5, res["core"]
+    # the tree sends one stream per rack over the core, the flat switch one per worker
+    assert b["flat"]["core"]["bytes_per_allreduce"] > 1.8 * b["switchml"]["core"]["bytes_per_allreduce"]
+    assert len(b["switchml"]["leaves"]["cpu_s"]) == 2 and "leaves" not in b["flat"]
+    assert "ratio_switchml_over_flat" in point
