@@ -95,7 +95,9 @@ def run_switchml(args: argparse.Namespace, x: np.ndarray) -> tuple[list[float], 
     kwargs = {"retransmit_timeout": args.rto} if args.rto else {}
     with Worker(args.controller, args.job, args.rank, args.world_size, k=args.k, timeout=args.timeout,
                 control_timeout=args.timeout, **kwargs) as w:
-        times, y, extra = time_calls(args, lambda: w.barrier(timeout=args.timeout), lambda: w.allreduce(x))
+        # the sum goes to one preallocated array, as Gloo's all_reduce works in place on its tensor
+        out = np.empty_like(x)
+        times, y, extra = time_calls(args, lambda: w.barrier(timeout=args.timeout), lambda: w.allreduce(x, out=out))
         w.barrier(timeout=args.timeout)  # nobody leaves (and frees the job's slots) while a peer still sums
         extra.update({"k": w.info.k, "window": w.info.window, "packets_sent": w.stats.packets_sent,
                       "retransmissions": w.stats.retransmissions, "stale_results": w.stats.stale_results,

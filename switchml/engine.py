@@ -253,8 +253,11 @@ class Engine(abc.ABC):
         """Set the socket up for this engine, once, before the first call."""
 
     @abc.abstractmethod
-    def allreduce(self, flat: np.ndarray, state: CallState) -> Outcome:
-        """Run one call on ``state`` (updated in place when the call completes or was drained)."""
+    def allreduce(self, flat: np.ndarray, state: CallState, out: np.ndarray | None = None) -> Outcome:
+        """Run one call on ``state`` (updated in place when the call completes or was drained).
+
+        ``out``: a 1-D array of ``flat``'s size and dtype to write the sum into (the result is
+        then ``out``); None: a fresh array."""
 
 
 class PythonEngine(Engine):
@@ -262,7 +265,8 @@ class PythonEngine(Engine):
 
     name = native.PYTHON
 
-    def allreduce(self, flat: np.ndarray, state: CallState) -> Outcome:
+    def allreduce(self, flat: np.ndarray, state: CallState, out: np.ndarray | None = None) -> Outcome:
+        target = out  # the blocks' results are gathered in a (blocks, k) array first
         info, stats = state.info, state.stats
         n_el, k, n = flat.size, info.k, info.num_workers
         n_blocks = -(-n_el // k)
@@ -412,6 +416,9 @@ class PythonEngine(Engine):
         for rel in range(w):
             state.slot_uses[rel] += len(range(rel, n_packets, w))
         state.next_tsi = (tsi0 + n_packets) % _TSI_MOD
+        if target is not None:
+            np.copyto(target, out.reshape(-1)[:n_el])
+            return Outcome(result=target)
         return Outcome(result=out.reshape(-1)[:n_el])
 
 
@@ -463,13 +470,14 @@ class NativeEngine(Engine):
     def prepare(self, sock: socket.socket) -> None:
         sock.setblocking(True)  # the native loop polls before it receives; sends wait for buffer space
 
-    def allreduce(self, flat: np.ndarray, state: CallState) -> Outcome:
+    def allreduce(self, flat: np.ndarray, state: CallState, out: np.ndarray | None = None) -> Outcome:
         info, stats = state.info, state.stats
         n_el, k, n = flat.size, info.k, info.num_workers
         is_float = flat.dtype == np.float32
         w = first_window(info.window, n_el, k)
         flat = np.ascontiguousarray(flat)
-        out = np.empty(n_el, dtype=flat.dtype)
+        if out is None:
+            out = np.empty(n_el, dtype=flat.dtype)
         parity = bytes(u & 1 for u in state.slot_uses)
         counts = np.zeros(_NATIVE_STATS, dtype=np.int64)  # sent, retransmissions, results, stale, duplicates
         outstanding = np.full(info.window, -1, dtype=np.int64)

@@ -221,3 +221,27 @@ def test_worker_options_configure_a_worker_and_keyword_arguments_override_them(m
         assert w.info.k == 64  # asked for through the options
         assert w.options.timeout == 9.0 and w.options.control_timeout == 20.0 and options.timeout == 7.0
         assert w.allreduce(np.arange(300, dtype=np.int32)).tolist() == list(range(300))
+
+
+def test_out_receives_the_sum_in_place(make_switch):
+    """On each data path (the fixture's): the Python engine fills ``out`` from its blocks, the
+    native one writes the sum into it directly."""
+    torch = pytest.importorskip("torch")
+    env = make_switch(k=64, window=4)
+    with Worker(env.endpoint, "out", 0, 1) as w:
+        x = np.arange(1000, dtype=np.float32) / 8
+        out = np.full_like(x, np.nan)
+        assert w.allreduce(x, out=out) is out and np.array_equal(out, x)
+        ints = np.arange(300, dtype=np.int32).reshape(3, 100)
+        assert w.allreduce(ints, out=ints) is ints and np.array_equal(ints, np.arange(300).reshape(3, 100))
+        t = torch.arange(12, dtype=torch.float32).reshape(3, 4) / 4
+        before = t.clone()
+        assert w.allreduce(t, out=t) is t and torch.equal(t, before)  # in place, as dist.all_reduce
+        for bad, message in ((np.empty(999, np.float32), "out: 999 elements of float32; expected 1000"),
+                             (np.empty(1000, np.int32), "out: 1000 elements of int32; expected 1000 of float32"),
+                             (np.empty(2000, np.float32)[::2], "C-contiguous"),
+                             ([0.0] * 1000, "out: expected a numpy array or torch tensor, got list")):
+            with pytest.raises((TypeError, ValueError), match=message):
+                w.allreduce(x, out=bad)
+        # a refused out loses nothing: the next call works
+        assert np.array_equal(w.allreduce(x), x)
