@@ -455,17 +455,15 @@ def _summarize_backend(reports: list[dict[str, Any]], size_bytes: int) -> dict[s
 
 def _timed_cpu(reports: list[dict[str, Any]]) -> dict[str, Any]:
     """CPU during the timed calls only (``benchmarks.worker.time_calls``): each rank's CPU seconds
-    per call (median over calls) and, as rank 0 saw it, the median share of the machine's cores
-    busy (and in softirq: the kernel's packet processing) per call."""
+    per call (median over calls) and, as rank 0 saw it, the share of the machine's cores busy
+    (and in softirq: the kernel's packet processing) over its timed calls (None: too short to
+    measure)."""
     if not all(r.get("cpu_per_call_s") for r in reports):
         return {}
     import numpy as np
 
-    out: dict[str, Any] = {"worker_cpu_per_call_s": [float(np.median(r["cpu_per_call_s"])) for r in reports]}
-    shares = [h for h in reports[0].get("host_cpu_per_call", []) if h]
-    if shares:
-        out["host_cpu_timed"] = {key: float(np.median([h[key] for h in shares])) for key in shares[0]}
-    return out
+    return {"worker_cpu_per_call_s": [float(np.median(r["cpu_per_call_s"])) for r in reports],
+            "host_cpu_timed": reports[0].get("host_cpu_timed")}
 
 
 # ---------------------------------------------------------------- the grid
@@ -686,7 +684,7 @@ def format_report(doc: dict[str, Any]) -> str:
     lines.append("x gloo: median time over Gloo's (below 1: faster than Gloo). "
                  "switch CPU: the switch process's CPU seconds per second of allreduce (1.0: its thread is saturated"
                  "; the tree: the spine's). host CPU: the share of all this machine's cores busy during the timed "
-                 "calls (median; in Mininet every host and the kernel's packet processing share them).")
+                 "calls (in Mininet every host and the kernel's packet processing share them).")
     if tree:
         lines.append("switchml: a leaf switch per rack and the spine (two-level aggregation); flat: one switch on "
                      "the spine, every worker's stream through the core; core MB: bytes on the leaf-spine links "

@@ -138,13 +138,14 @@ def time_calls(args: argparse.Namespace, barrier: Callable[[], object],
                call: Callable[[], np.ndarray]) -> tuple[list[float], np.ndarray, dict[str, Any]]:
     """``args.warmup`` untimed then ``args.repeats`` timed calls, each after ``barrier()``.
 
-    Returns the timed calls' seconds, the last result and, per timed call, this process's CPU
-    seconds (every thread) and where the machine's CPU time went meanwhile
-    (``benchmarks.common.host_cpu_share``: all namespaces share the kernel, so in Mininet this
-    is every rank's, the switch's and the kernel's packet processing)."""
+    Returns the timed calls' seconds, the last result, this process's CPU seconds (every
+    thread) per timed call and where the machine's CPU time went during the timed calls, all
+    together (``benchmarks.common.host_cpu_share``; the kernel counts in ticks of 10 ms or so,
+    too coarse for one short call: None if the calls spanned no tick). All namespaces share the
+    kernel, so in Mininet this is every rank's, the switch's and the kernel's packet processing."""
     times: list[float] = []
     cpu: list[float] = []
-    host: list[dict[str, float] | None] = []
+    ticks: dict[str, int] | None = None  # the machine's CPU ticks by state, summed over the timed calls
     y = None
     for i in range(args.warmup + args.repeats):
         barrier()
@@ -155,8 +156,11 @@ def time_calls(args: argparse.Namespace, barrier: Callable[[], object],
         if i >= args.warmup:
             times.append(elapsed)
             cpu.append(time.process_time() - cpu0)
-            host.append(host_cpu_share(host0, host_cpu_times()))
-    return times, y, {"cpu_per_call_s": cpu, "host_cpu_per_call": host}
+            host1 = host_cpu_times()
+            if host0 is not None and host1 is not None:
+                ticks = {key: (ticks or {}).get(key, 0) + host1[key] - host0[key] for key in host0}
+    host = host_cpu_share(dict.fromkeys(ticks, 0), ticks) if ticks else None
+    return times, y, {"cpu_per_call_s": cpu, "host_cpu_timed": host}
 
 
 def build_parser() -> argparse.ArgumentParser:

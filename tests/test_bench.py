@@ -87,7 +87,8 @@ def test_allreduce_loopback_smoke(tmp_path):
         assert res["bound_s"] > 0 and res["time_over_bound"] > 0
         # CPU of the timed calls: each rank's, and the machine's share busy
         assert len(res["worker_cpu_per_call_s"]) == 2 and all(c > 0 for c in res["worker_cpu_per_call_s"])
-        assert 0 < res["host_cpu_timed"]["busy"] <= 1
+        # (two 40 KB calls may span no tick of the kernel's CPU accounting: then None)
+        assert res["host_cpu_timed"] is None or 0 < res["host_cpu_timed"]["busy"] <= 1
     assert sw["check"]["max_error_over_bound"] <= 1.0
     assert sw["k"] == 256 and sw["switch"]["cpu_s"] is not None and sw["switch"]["counters"]
     # spurious resends (the switch's retransmission_incomplete drops + the workers' duplicate results)
