@@ -43,8 +43,6 @@ from benchmarks.common import (
     REPO_ROOT,
     format_size,
     free_port,
-    host_cpu_share,
-    host_cpu_times,
     machine_info,
     process_cpu_seconds,
     summarize,
@@ -59,8 +57,6 @@ from switchml.protocol import MAX_WORKERS, SIZE_TO_K
 log = logging.getLogger(__name__)
 
 BACKENDS = ("switchml", "flat", "gloo")
-#: What each backend is, for tables and plots.
-BACKEND_LABELS = {"switchml": "SwitchML", "flat": "SwitchML, one switch at the spine", "gloo": "Gloo ring"}
 TOPOLOGIES = ("star", "tree")
 #: Bytes of packets all workers may have in flight towards the switch: half of the 4 MB
 #: receive buffer the switch gets (DESIGN.md, "Pitfalls": n * W * packet must fit).
@@ -171,6 +167,10 @@ class _Loopback:
 
     def gloo_master(self) -> str:
         return f"127.0.0.1:{free_port()}"
+
+    def core_bytes(self) -> None:
+        """No core links on loopback."""
+        return None
 
     def gloo_ifname(self, rank: int) -> str:
         return "lo"
@@ -570,8 +570,7 @@ def _run_point(place: Any, n: int, size: int, loss: float, cfg: AllreduceConfig,
         place.set_loss(loss if cfg.loss_at == "hosts" else 0.0)
     for backend in cfg.backends:
         bar.set_postfix_str(f"{backend} n={n} {format_size(size)} loss={loss:g}")
-        core_before = place.core_bytes() if hasattr(place, "core_bytes") else None
-        cpu_before = host_cpu_times()
+        core_before = place.core_bytes()
         with tempfile.TemporaryDirectory(prefix=f"switchml-bench-{backend}-") as tmpdir:
             tmp = Path(tmpdir)
             if backend == "gloo":
@@ -579,7 +578,6 @@ def _run_point(place: Any, n: int, size: int, loss: float, cfg: AllreduceConfig,
                 res["loss"] = loss if cfg.loss_at == "hosts" else 0.0
             else:
                 res = run_switchml(place, n, elements, loss, cfg, tmp, tree=backend == "switchml" and cfg.topo == "tree")
-        res["host_cpu"] = host_cpu_share(cpu_before, host_cpu_times())  # the whole run, start-up included
         if core_before is not None:
             res["core"] = _core_traffic(core_before, place.core_bytes(), cfg.repeats + cfg.warmup)
         point["backends"][backend] = res
@@ -610,7 +608,7 @@ def _add_bounds(point: dict[str, Any], cfg: AllreduceConfig) -> None:
     bw = cfg.bw_mbit * 1e6
     mtu, l2 = cfg.mtu, cfg.l2_bytes()
     # --topo tree: how many streams of each backend share a core link (one direction), at its rate
-    core_bw = (cfg.core_rate_mbit() or cfg.bw_mbit) * 1e6
+    core_bw = cfg.core_rate_mbit() * 1e6
     # (the ring, in rank order, crosses each core link once per direction, and not at all in one rack)
     streams = {"switchml": 1, "flat": cfg.per_rack, "gloo": 1 if cfg.racks > 1 else 0}
     for name in ("switchml", "flat"):
@@ -649,7 +647,7 @@ def format_report(doc: dict[str, Any]) -> str:
                 t["median"] * 1e3, f"{t['min'] * 1e3:.4g}..{t['max'] * 1e3:.4g}", r["goodput_MBps"]["median"],
                 p.get(f"ratio_{name}_over_gloo"),
                 r.get("time_over_bound"), r.get("slowdown_vs_lossless") if p["loss"] else None,
-                switch.get("busy_fraction"), (r.get("host_cpu_timed") or r.get("host_cpu") or {}).get("busy"),
+                switch.get("busy_fraction"), (r.get("host_cpu_timed") or {}).get("busy"),
                 _verdict(r),
             ]
             if tree:

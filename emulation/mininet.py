@@ -278,7 +278,7 @@ class _Network:
     def set_loss(self, probability: float) -> None:
         """Drop ``probability`` of the IP packets that cross each link, in each direction (nftables).
 
-        Every node (workers and switch host) drops that share of the packets it receives, in
+        Every node (workers, switch host, leaves and spine) drops that share of the packets it receives, in
         its prerouting hook: a packet is dropped on arrival, never by its sender's own
         output hook (a sender would get EPERM from ``sendto`` instead of a silent loss).
         A worker-to-worker packet (Gloo) crosses two links, so it meets two chances of loss.
@@ -287,7 +287,7 @@ class _Network:
             raise MininetUnavailable("'nft' is not on PATH: apt-get install -y --no-install-recommends nftables")
         scale = 1_000_000
         threshold = round(probability * scale)
-        for node in [*self.hosts, self.switch]:
+        for node in self._nodes():
             node.cmd(f"nft delete table inet {NFT_TABLE} 2>/dev/null")
             if threshold <= 0:
                 continue
@@ -358,9 +358,7 @@ class StarNetwork(_Network):
             _check(sw, "sysctl -qw net.ipv4.ip_forward=0")
         else:
             _check(sw, f"ip addr add {SWITCH_IP}/32 dev lo")
-            _check(sw, "sysctl -qw net.ipv4.ip_forward=1")
-            # the switch host answers on every interface for SWITCH_IP; no reverse-path surprises
-            _check(sw, "sysctl -qw net.ipv4.conf.all.rp_filter=0")
+            _route_ip(sw)
         for i, host, h_if, s_if in self._links():
             _address(host, h_if, worker_ip(i), self.mtu)
             _check(host, f"ip route replace default via {gateway_ip(i)} dev {h_if}")
@@ -520,8 +518,7 @@ class TreeNetwork(_Network):
         sp = self.switch
         _check(sp, f"ip addr add {SWITCH_IP}/32 dev lo")
         for node in (sp, *self.leaves):
-            _check(node, "sysctl -qw net.ipv4.ip_forward=1")
-            _check(node, "sysctl -qw net.ipv4.conf.all.rp_filter=0")
+            _route_ip(node)
         for r, leaf in enumerate(self.leaves):
             _address(leaf, f"l{r}-up", leaf_core_ip(r), self.mtu)
             _address(sp, f"sp-eth{r}", spine_core_ip(r), self.mtu)
@@ -583,6 +580,13 @@ class TreeNetwork(_Network):
             rx, tx = counters[f"sp-eth{r}"]
             out[f"up{r}"], out[f"down{r}"] = rx, tx
         return out
+
+
+def _route_ip(node: Any) -> None:
+    """``node`` forwards IP between its interfaces, and answers on any of them for any of its
+    addresses (``SWITCH_IP``, a leaf's core address): no reverse-path surprises."""
+    _check(node, "sysctl -qw net.ipv4.ip_forward=1")
+    _check(node, "sysctl -qw net.ipv4.conf.all.rp_filter=0")
 
 
 def _address(node: Any, intf: str, ip: str, mtu: int) -> None:

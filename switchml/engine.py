@@ -266,13 +266,12 @@ class PythonEngine(Engine):
     name = native.PYTHON
 
     def allreduce(self, flat: np.ndarray, state: CallState, out: np.ndarray | None = None) -> Outcome:
-        target = out  # the blocks' results are gathered in a (blocks, k) array first
         info, stats = state.info, state.stats
         n_el, k, n = flat.size, info.k, info.num_workers
         n_blocks = -(-n_el // k)
         blocks = np.zeros((n_blocks, k), dtype=flat.dtype)
         blocks.reshape(-1)[:n_el] = flat
-        out = np.empty((n_blocks, k), dtype=flat.dtype)
+        sums = np.empty((n_blocks, k), dtype=flat.dtype)  # gathered per block, then flattened into out
         is_float = flat.dtype == np.float32
         w = first_window(info.window, n_el, k)
         n_packets = n_blocks + w
@@ -376,7 +375,7 @@ class PythonEngine(Engine):
                     e0 = PREAMBLE.unpack_from(buf)[4]
                     if i >= w:
                         total = np.frombuffer(buf, dtype=">i4", count=k, offset=PREAMBLE_BYTES)
-                        out[i - w] = quantize.dequantize(total, int(global_exp[i - w]), n) if is_float else total
+                        sums[i - w] = quantize.dequantize(total, int(global_exp[i - w]), n) if is_float else total
                     if is_float and i < n_blocks:
                         global_exp[i] = e0
                     nxt = i + w
@@ -416,10 +415,10 @@ class PythonEngine(Engine):
         for rel in range(w):
             state.slot_uses[rel] += len(range(rel, n_packets, w))
         state.next_tsi = (tsi0 + n_packets) % _TSI_MOD
-        if target is not None:
-            np.copyto(target, out.reshape(-1)[:n_el])
-            return Outcome(result=target)
-        return Outcome(result=out.reshape(-1)[:n_el])
+        if out is None:
+            return Outcome(result=sums.reshape(-1)[:n_el])
+        np.copyto(out, sums.reshape(-1)[:n_el])
+        return Outcome(result=out)
 
 
 def _resend(state: CallState, rel: int, packets: list[bytes], sent_at: list[float], resent: list[bool], rto: list[float],
