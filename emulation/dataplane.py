@@ -140,6 +140,7 @@ class SlotState(NamedTuple):
     exp: int  #: max exponent
     values: np.ndarray  #: int32 sums, the data plane's largest k of them
     k: int  #: elements per packet of the slot's contributions (0: none since its reset)
+    has_result: bool = False  #: leaf role: ``values``/``exp`` hold the spine's RESULT, not the rack's sum
 
 
 class StopSignal:
@@ -264,7 +265,8 @@ class PythonDataPlane(DataPlane):
     def slot_state(self, set_bit: int, slot: int) -> SlotState:
         with self._lock:
             return SlotState(self._seen[set_bit][slot], self._count[set_bit][slot], self._exp[set_bit][slot],
-                             self._value[set_bit, slot].copy(), self._slot_k[set_bit][slot])
+                             self._value[set_bit, slot].copy(), self._slot_k[set_bit][slot],
+                             bool(self._has_result[set_bit][slot]))
 
     # ------------------------------------------------------------ packets
     def serve(self, sock: socket.socket, stop: StopSignal, batch: int, offload: bool) -> None:

@@ -156,7 +156,7 @@ class NativeDataPlane(DataPlane):
         with self._locked():
             return SlotState(int(self._seen[set_bit, slot]), int(self._count[set_bit, slot]),
                              int(self._exp[set_bit, slot]), self._value[set_bit, slot].copy(),
-                             int(self._slot_k[set_bit, slot]))
+                             int(self._slot_k[set_bit, slot]), bool(self._has_result[set_bit, slot]))
 
     def rng_bits15(self, count: int) -> list[int]:
         """The loss generator's next ``count`` draws (they are used up)."""

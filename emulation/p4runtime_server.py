@@ -27,8 +27,9 @@ programs it exactly as it programs BMv2 or Tofino:
   (see below).
 
 Registers: BMv2 answers UNIMPLEMENTED to every register read and write. This server answers
-register *reads* from the slot state (``seen``, ``contributions``, ``max_exponent`` and the
-first 64 elements as ``value_00`` .. ``value_63``, index = set * POOL_SIZE + slot), because
+register *reads* from the slot state (``seen``, ``contributions``, ``max_exponent``, the leaf
+role's ``has_result`` and the first 64 elements as ``value_00`` .. ``value_63``, index = set *
+POOL_SIZE + slot), because
 they are what one wants to see when debugging a slot; register *writes* are UNIMPLEMENTED
 as on BMv2, so the controller keeps clearing slots with RESET packets in the data plane and
 a controller that works here works on BMv2.
@@ -477,8 +478,10 @@ class _Device:
                                              / pipeline.DROP_PROBABILITY_SCALE)
         elif table == pipeline.UPSTREAM_TABLE:
             try:
-                self.switch.add_upstream(UpstreamEntry(key[0], int_to_ip(params["ip"]), **{
-                    name: params[name] for name in pipeline.SET_UPSTREAM_PARAMS if name != "ip"}))
+                converted = {"ip": int_to_ip(params["ip"]), "src_ip": int_to_ip(params["src_ip"]),
+                             "mac": int_to_mac(params["mac"])}
+                self.switch.add_upstream(UpstreamEntry(key[0], **{
+                    name: converted.get(name, params[name]) for name in pipeline.SET_UPSTREAM_PARAMS}))
             except (ValueError, TypeError) as exc:  # LeafRoleUnsupported is a ValueError
                 raise _invalid(f"{table} job {key[0]}: {exc}") from None
         # FORWARD_TABLE: held for reads only (the software switch forwards no other traffic)
@@ -640,6 +643,8 @@ class _Device:
             return lambda v, s: self.switch.slot_state(v, s)[1]
         if leaf == "max_exponent":
             return lambda v, s: self.switch.slot_state(v, s)[2] & 0xFF  # int8 as bits, as in P4
+        if leaf == "has_result":  # the leaf role's
+            return lambda v, s: int(self.switch.slot_state(v, s).has_result)
         match = _REGISTER_VALUE.search(leaf)
         if match:
             element = int(match.group(1))

@@ -13,6 +13,16 @@
  *   received -> emulated loss -> too short (MALFORMED) -> size (BAD_SIZE) -> length
  *   (MALFORMED) -> RESET: controller?, slot in pool? | UPDATE: admitted?, job?, slot in
  *   the job's range? -> aggregation.
+ *
+ * Built with -DSWITCHML_LEAF_ROLE it is also a leaf of a two-level tree (docs/hierarchy.md,
+ * "The leaf's algorithm"): the upstream table, the has_result register and the leaf counter
+ * are added, a slot its rack completes goes to the spine as one UPDATE, and the spine's
+ * RESULT is stored and multicast to the rack. Its P4Info is switchml_v1model_leaf.p4info.txtpb
+ * (every object of the flat program keeps its id); without the define the program is the flat
+ * switch, unchanged.
+ *
+ *   p4c-bm2-ss -DSWITCHML_LEAF_ROLE --p4runtime-files switchml_v1model_leaf.p4info.txtpb \
+ *       -o switchml_v1model_leaf.json p4/switchml_v1model.p4
  */
 #include <core.p4>
 // Pin the v1model version whose register<T, I> and counter<I> this program is written to.
@@ -22,12 +32,17 @@
 #include "include/constants.p4"
 #include "include/headers.p4"
 
-// What Bookkeeping decided for an UPDATE.
-const bit<3> VERDICT_NONE = 0;
-const bit<3> VERDICT_ABSORBED = 1;    // a new contribution, the slot is not complete yet
-const bit<3> VERDICT_COMPLETE = 2;    // a new contribution that completes the slot
-const bit<3> VERDICT_ANSWER = 3;      // a retransmission to a complete slot
-const bit<3> VERDICT_INCOMPLETE = 4;  // a retransmission to a slot still waiting for others
+// What Bookkeeping decided for an UPDATE (or, on a leaf, for the spine's RESULT).
+const bit<4> VERDICT_NONE = 0;
+const bit<4> VERDICT_ABSORBED = 1;    // a new contribution, the slot is not complete yet
+const bit<4> VERDICT_COMPLETE = 2;    // a new contribution that completes the slot
+const bit<4> VERDICT_ANSWER = 3;      // a retransmission to a complete slot
+const bit<4> VERDICT_INCOMPLETE = 4;  // a retransmission to a slot still waiting for others
+// Leaf role only (docs/hierarchy.md, the leaf's steps 2, 5 and 6):
+const bit<4> VERDICT_UPSTREAM = 5;    // a new contribution that completes the rack: its sum to the spine
+const bit<4> VERDICT_RESEND = 6;      // a retransmission before the spine's RESULT came: the sum again
+const bit<4> VERDICT_STORE = 7;       // the spine's RESULT for a rack sum waiting: keep it, multicast it
+const bit<4> VERDICT_IGNORED = 8;     // the spine's RESULT for a set with no rack sum waiting
 
 struct metadata_t {
     bool    reset_length_ok;  // parser: a RESET whose length matches its (unread) size
@@ -40,10 +55,21 @@ struct metadata_t {
     bit<16> pool_base;
     bit<16> pool_size;
     bit<32> index;            // set * POOL_SIZE + slot: the register index of the packet's set
-    bit<3>  verdict;
+    bit<4>  verdict;
     bool    first;            // the contribution is the first of its slot and set
     bool    dropped;
     bit<32> drop_reason;
+    // Leaf role: the upstream entry of the packet's job (up_hit false on a flat switch).
+    bool    up_hit;
+    bit<32> up_ip;            // the spine's data address
+    bit<16> up_udp_port;
+    bit<9>  up_port;          // the port towards the spine
+    bit<16> up_mgid;          // the rack's multicast group
+    bit<16> up_pool_base;
+    bit<16> up_pool_size;
+    bit<48> up_mac;           // the next hop's MAC towards the spine
+    bit<32> up_src_ip;        // the leaf's address as the spine admits it
+    bit<16> up_src_udp_port;
 }
 
 /*************************************************************************
@@ -132,11 +158,15 @@ control SwitchVerifyChecksum(inout headers_t hdr, inout metadata_t meta) {
 
 // Per slot and set: which workers contributed, how many (mod n), and the largest exponent.
 // RESET clears the bitmaps and counts of both sets; values and exponents need no clearing
-// because a slot's first contribution overwrites them.
+// because a slot's first contribution overwrites them. A leaf also keeps has_result: whether
+// the set's value and exponent hold the spine's RESULT (1) or the rack's partial sum (0).
 control Bookkeeping(inout headers_t hdr, inout metadata_t meta) {
     register<bit<32>, bit<32>>(REGISTER_SIZE) seen;           // worker bitmap
     register<bit<8>, bit<32>>(REGISTER_SIZE) contributions;   // count mod num_workers
     register<bit<8>, bit<32>>(REGISTER_SIZE) max_exponent;    // int8 as bits
+#ifdef SWITCHML_LEAF_ROLE
+    register<bit<1>, bit<32>>(REGISTER_SIZE) has_result;
+#endif
 
     apply {
         bit<32> set0 = (bit<32>)hdr.switchml.slot;
@@ -147,6 +177,27 @@ control Bookkeeping(inout headers_t hdr, inout metadata_t meta) {
             seen.write(set1, 0);
             contributions.write(set0, 0);
             contributions.write(set1, 0);
+#ifdef SWITCHML_LEAF_ROLE
+            has_result.write(set0, 0);
+            has_result.write(set1, 0);
+        } else if (hdr.switchml.msg_type == MSG_TYPE_RESULT) {
+            // Ingress lets through only a RESULT from the job's spine, inside the job's range.
+            bit<32> seen_here;
+            bit<8> count;
+            bit<1> stored;
+            seen.read(seen_here, meta.index);
+            contributions.read(count, meta.index);
+            has_result.read(stored, meta.index);
+            if (count != 0 || seen_here == 0 || stored == 1) {
+                // No rack sum waits for it: a duplicate answer to a second resend, or stale.
+                meta.verdict = VERDICT_IGNORED;
+            } else {
+                // The spine's sum replaces the rack's; its exponent is the global maximum.
+                has_result.write(meta.index, 1);
+                max_exponent.write(meta.index, hdr.exponents.e0);
+                meta.verdict = VERDICT_STORE;
+            }
+#endif
         } else {
             bit<32> other = (hdr.switchml.set_bit == 0) ? set1 : set0;
             bit<32> worker = (bit<32>)1 << meta.worker_id;
@@ -166,6 +217,11 @@ control Bookkeeping(inout headers_t hdr, inout metadata_t meta) {
                 seen.write(meta.index, seen_here | worker);
 
                 meta.first = count == 0;
+#ifdef SWITCHML_LEAF_ROLE
+                if (meta.first) {
+                    has_result.write(meta.index, 0);  // the set holds the rack's sum from now on
+                }
+#endif
                 count = count + 1;
                 if (count == (bit<8>)meta.num_workers) {
                     count = 0;
@@ -177,10 +233,24 @@ control Bookkeeping(inout headers_t hdr, inout metadata_t meta) {
                     exponent = hdr.exponents.e0;
                 }
                 max_exponent.write(meta.index, exponent);
-                meta.verdict = (count == 0) ? VERDICT_COMPLETE : VERDICT_ABSORBED;
+                if (count != 0) {
+                    meta.verdict = VERDICT_ABSORBED;
+                } else if (meta.up_hit) {
+                    meta.verdict = VERDICT_UPSTREAM;
+                } else {
+                    meta.verdict = VERDICT_COMPLETE;
+                }
             } else if (count == 0) {
                 // Everyone contributed, yet this worker sends again: its result was lost.
                 meta.verdict = VERDICT_ANSWER;
+#ifdef SWITCHML_LEAF_ROLE
+                bit<1> stored;
+                has_result.read(stored, meta.index);
+                if (meta.up_hit && stored == 0) {
+                    // The spine's RESULT has not come: the worker's resend is the leaf's timer.
+                    meta.verdict = VERDICT_RESEND;
+                }
+#endif
             } else {
                 meta.verdict = VERDICT_INCOMPLETE;
             }
@@ -205,6 +275,9 @@ control SwitchIngress(inout headers_t hdr,
     counter<bit<32>>(POOL_SIZE, CounterType.packets) retransmissions_answered;  // by slot
     counter<bit<32>>(NUM_DROP_REASONS, CounterType.packets) drops;              // by DROP_*
     counter<bit<32>>(NUM_PACKET_COUNTERS, CounterType.packets) packets;         // by PACKETS_*
+#ifdef SWITCHML_LEAF_ROLE
+    counter<bit<32>>(NUM_LEAF_COUNTERS, CounterType.packets) leaf;              // by LEAF_*
+#endif
 
     Bookkeeping() bookkeeping;
     Values() values;
@@ -251,6 +324,32 @@ control SwitchIngress(inout headers_t hdr,
         size = ADMISSION_TABLE_SIZE;
     }
 
+#ifdef SWITCHML_LEAF_ROLE
+    /* ---- upstream: the leaf role's entry of a job: where its rack sums go, whose RESULTs it takes ---- */
+
+    action set_upstream(bit<32> ip, bit<16> udp_port, bit<9> port, bit<16> mgid,
+                        bit<16> pool_base, bit<16> pool_size,
+                        bit<48> mac, bit<32> src_ip, bit<16> src_udp_port) {
+        meta.up_hit = true;
+        meta.up_ip = ip;
+        meta.up_udp_port = udp_port;
+        meta.up_port = port;
+        meta.up_mgid = mgid;
+        meta.up_pool_base = pool_base;
+        meta.up_pool_size = pool_size;
+        meta.up_mac = mac;
+        meta.up_src_ip = src_ip;
+        meta.up_src_udp_port = src_udp_port;
+    }
+
+    table upstream {
+        key = { hdr.switchml.job_number : exact; }
+        actions = { set_upstream; @defaultonly NoAction; }
+        const default_action = NoAction();
+        size = UPSTREAM_TABLE_SIZE;
+    }
+
+#endif
     /* ---- forward: plain IPv4 forwarding of traffic that is not switchml's ---- */
 
     action set_egress(bit<9> port, bit<48> mac) {
@@ -287,6 +386,7 @@ control SwitchIngress(inout headers_t hdr,
             meta.verdict = VERDICT_NONE;
             meta.first = false;
             meta.drop_threshold = 0;
+            meta.up_hit = false;
             // Meaningful only once the checks below have found the header valid.
             bit<32> slot = (bit<32>)hdr.switchml.slot;
             meta.index = slot;
@@ -318,6 +418,9 @@ control SwitchIngress(inout headers_t hdr,
                 meta.drop_reason = DROP_MALFORMED;
             } else {
                 admission.apply();
+#ifdef SWITCHML_LEAF_ROLE
+                upstream.apply();
+#endif
 
                 if (hdr.switchml.msg_type == MSG_TYPE_RESET) {
                     if (meta.role != ROLE_CONTROLLER) {
@@ -327,6 +430,20 @@ control SwitchIngress(inout headers_t hdr,
                         meta.dropped = true;
                         meta.drop_reason = DROP_SLOT_OUT_OF_RANGE;
                     }
+#ifdef SWITCHML_LEAF_ROLE
+                } else if (hdr.switchml.msg_type == MSG_TYPE_RESULT) {
+                    // A leaf takes a RESULT only from its job's spine, by the source address.
+                    if (!meta.up_hit || hdr.ipv4.src_addr != meta.up_ip ||
+                            hdr.udp.src_port != meta.up_udp_port) {
+                        meta.dropped = true;
+                        meta.drop_reason = DROP_BAD_MSG_TYPE;
+                    } else if (slot < (bit<32>)meta.up_pool_base ||
+                               slot >= (bit<32>)meta.up_pool_base + (bit<32>)meta.up_pool_size ||
+                               slot >= POOL_SIZE) {
+                        meta.dropped = true;
+                        meta.drop_reason = DROP_SLOT_OUT_OF_RANGE;
+                    }
+#endif
                 } else if (hdr.switchml.msg_type != MSG_TYPE_UPDATE) {
                     meta.dropped = true;
                     meta.drop_reason = DROP_BAD_MSG_TYPE;
@@ -367,6 +484,45 @@ control SwitchIngress(inout headers_t hdr,
             } else if (meta.verdict == VERDICT_INCOMPLETE) {
                 drops.count(DROP_RETRANSMISSION_INCOMPLETE);
                 mark_to_drop(standard_metadata);
+#ifdef SWITCHML_LEAF_ROLE
+            } else if (meta.verdict == VERDICT_IGNORED) {
+                leaf.count(LEAF_IGNORED_FROM_UPSTREAM);
+                mark_to_drop(standard_metadata);
+            } else if (meta.verdict == VERDICT_STORE) {
+                // The spine's RESULT overwrites the set (keep nothing, add the payload) and goes
+                // on unchanged to the rack, from the leaf's address.
+                leaf.count(LEAF_RESULTS_FROM_UPSTREAM);
+                results_multicast.count(slot);
+                values.apply(hdr.payload, meta.index, 0, 0xFFFFFFFF);
+                hdr.ethernet.src_addr = hdr.ethernet.dst_addr;
+                hdr.ipv4.src_addr = hdr.ipv4.dst_addr;
+                hdr.udp.src_port = hdr.udp.dst_port;
+                standard_metadata.mcast_grp = meta.up_mgid;
+            } else if (meta.verdict == VERDICT_UPSTREAM || meta.verdict == VERDICT_RESEND) {
+                // The rack's sum, as one UPDATE of the leaf to the spine: a new contribution is
+                // added in first (as for COMPLETE); a resend only reads the sum out.
+                bit<32> keep_mask = 0xFFFFFFFF;
+                bit<32> add_mask = 0xFFFFFFFF;
+                if (meta.verdict == VERDICT_RESEND) {
+                    leaf.count(LEAF_RESENT_UPSTREAM);
+                    add_mask = 0;
+                } else {
+                    leaf.count(LEAF_SENT_UPSTREAM);
+                    packets.count(PACKETS_AGGREGATED);
+                    if (meta.first) {
+                        keep_mask = 0;
+                    }
+                }
+                values.apply(hdr.payload, meta.index, keep_mask, add_mask);
+                hdr.exponents.e1 = 0;
+                hdr.ethernet.src_addr = hdr.ethernet.dst_addr;
+                hdr.ethernet.dst_addr = meta.up_mac;
+                hdr.ipv4.src_addr = meta.up_src_ip;
+                hdr.ipv4.dst_addr = meta.up_ip;
+                hdr.udp.src_port = meta.up_src_udp_port;
+                hdr.udp.dst_port = meta.up_udp_port;
+                standard_metadata.egress_spec = meta.up_port;
+#endif
             } else {
                 // Add the payload in (first: overwrite) or, for an answer, only read the sum.
                 bit<32> keep_mask = 0xFFFFFFFF;

@@ -35,7 +35,7 @@ from pathlib import Path
 from switchml import defaults
 from switchml.errors import SwitchMLError
 from switchml.p4info import P4Info, default_p4info_path, mac_to_int, p4_dir
-from switchml.pipeline import P4_K, P4_SUPPORTED_K, SOFTWARE_SWITCH_K
+from switchml.pipeline import LEAF_ROLE_DEFINE, P4_K, P4_SUPPORTED_K, SOFTWARE_SWITCH_K
 from switchml.security import TLSFiles, is_local_endpoint
 
 __all__ = ["P4_K", "TARGETS", "DeployError", "DeployPlan", "Deployment", "HostPort", "compile_bmv2", "deploy",
@@ -126,8 +126,12 @@ def port_lookup(hosts: dict[str, HostPort], source: str) -> tuple[Callable, Call
     return (lambda a: find(a).port), (lambda a: find(a).mac)
 
 
-def compile_bmv2(build_dir: Path, source: Path | None = None) -> tuple[Path, Path]:
-    """Compile the v1model program with p4c-bm2-ss; returns (P4Info, BMv2 JSON)."""
+def compile_bmv2(build_dir: Path, source: Path | None = None, leaf_role: bool = False) -> tuple[Path, Path]:
+    """Compile the v1model program with p4c-bm2-ss; returns (P4Info, BMv2 JSON).
+
+    With ``leaf_role`` it is built with ``-DSWITCHML_LEAF_ROLE``: a leaf of a two-level tree
+    (docs/hierarchy.md), whose P4Info is ``switchml.p4info.with_leaf_role()``'s.
+    """
     compiler = shutil.which("p4c-bm2-ss")
     if compiler is None:
         raise DeployError("--compile needs p4c-bm2-ss on PATH (p4c is not installable from this project's package "
@@ -135,8 +139,10 @@ def compile_bmv2(build_dir: Path, source: Path | None = None) -> tuple[Path, Pat
                           "with a BMv2 JSON built elsewhere")
     source = source or p4_dir() / "switchml_v1model.p4"
     build_dir.mkdir(parents=True, exist_ok=True)
-    p4info, config = build_dir / "switchml_v1model.p4info.txtpb", build_dir / "switchml_v1model.json"
-    cmd = [compiler, "--p4runtime-files", str(p4info), "-o", str(config), str(source)]
+    stem = "switchml_v1model_leaf" if leaf_role else "switchml_v1model"
+    p4info, config = build_dir / f"{stem}.p4info.txtpb", build_dir / f"{stem}.json"
+    defines = [f"-D{LEAF_ROLE_DEFINE}"] if leaf_role else []
+    cmd = [compiler, *defines, "--p4runtime-files", str(p4info), "-o", str(config), str(source)]
     log.info("compiling: %s", " ".join(cmd))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:

@@ -24,6 +24,7 @@ with needs("p4", "P4Runtime (switchml.p4info)"):
     from p4.config.v1 import p4info_pb2
 
 P4INFO_FILENAME = "switchml_v1model.p4info.txtpb"
+LEAF_P4INFO_FILENAME = "switchml_v1model_leaf.p4info.txtpb"  #: the same program built with -DSWITCHML_LEAF_ROLE
 P4_DIR_ENV = "SWITCHML_P4_DIR"
 
 # p4.config.v1.MatchField.MatchType values, by name (for messages)
@@ -266,43 +267,16 @@ class P4Info:
 
 
 # ---------------------------------------------------------------- the leaf role
-#: Bit widths of the upstream table's key and of ``set_upstream``'s parameters (v1model's: a
-#: 9-bit port; the rest as in ``set_worker`` and ``set_destination``).
-UPSTREAM_KEY_BITS = 8
-UPSTREAM_PARAM_BITS = {"ip": 32, "udp_port": 16, "port": 9, "mgid": 16, "pool_base": 16, "pool_size": 16}
-UPSTREAM_TABLE_SIZE = 256  #: one entry per job number
+def with_leaf_role() -> P4Info:
+    """The leaf role's contract: ``p4/switchml_v1model_leaf.p4info.txtpb``.
 
-
-def with_leaf_role(base: P4Info | None = None) -> P4Info:
-    """``base`` (default: the v1model contract) plus the leaf role's upstream table and action.
-
-    The P4 programs have no leaf role (docs/hierarchy.md); a software switch that serves
-    P4Runtime as a leaf serves this P4Info, and a ``P4RuntimeTarget`` given it can program the
-    upstream table. Ids are the next free ones of P4Runtime's action and table prefixes, so the
-    base's ids are unchanged: a controller holding the base P4Info still programs the rest.
+    It is what p4c writes for ``p4/switchml_v1model.p4`` built with ``-DSWITCHML_LEAF_ROLE``:
+    the flat contract with every id kept, plus the upstream table, its ``set_upstream`` action,
+    the ``leaf`` counter and the ``has_result`` register (docs/hierarchy.md). A BMv2 leaf runs
+    that program; a software switch serving P4Runtime as a leaf serves the same P4Info, so one
+    ``P4RuntimeTarget`` given it programs either.
     """
-    base = base if base is not None else P4Info.default()
-    message = p4info_pb2.P4Info()
-    message.CopyFrom(base.message)
-    no_action = base.action("NoAction").id
-    action = message.actions.add()
-    action.preamble.id = max(base.actions) + 1
-    action.preamble.name = pipeline.SET_UPSTREAM_ACTION
-    action.preamble.alias = pipeline.SET_UPSTREAM_ACTION.rsplit(".", 1)[-1]
-    for i, name in enumerate(pipeline.SET_UPSTREAM_PARAMS, start=1):
-        action.params.add(id=i, name=name, bitwidth=UPSTREAM_PARAM_BITS[name])
-    table = message.tables.add()
-    table.preamble.id = max(base.tables) + 1
-    table.preamble.name = pipeline.UPSTREAM_TABLE
-    table.preamble.alias = pipeline.UPSTREAM_TABLE.rsplit(".", 1)[-1]
-    for i, name in enumerate(pipeline.UPSTREAM_KEYS, start=1):
-        table.match_fields.add(id=i, name=name, bitwidth=UPSTREAM_KEY_BITS, match_type=EXACT)
-    table.action_refs.add(id=action.preamble.id)
-    table.action_refs.add(id=no_action, annotations=["@defaultonly"], scope=p4info_pb2.ActionRef.DEFAULT_ONLY)
-    table.const_default_action_id = no_action
-    table.initial_default_action.action_id = no_action
-    table.size = UPSTREAM_TABLE_SIZE
-    return P4Info(message, f"{base.source} with the leaf role's {pipeline.UPSTREAM_TABLE}")
+    return P4Info.load(p4_dir() / LEAF_P4INFO_FILENAME)
 
 
 def has_leaf_role(p4info: P4Info) -> bool:

@@ -387,7 +387,7 @@ class P4RuntimeTarget(SwitchTarget):
         self._loss = self._resolve(pipeline.LOSS_TABLE, pipeline.SET_DROP_PROBABILITY_ACTION,
                                    pipeline.SET_DROP_PROBABILITY_PARAMS)
         self._forward = self._resolve(pipeline.FORWARD_TABLE, pipeline.SET_EGRESS_ACTION, pipeline.SET_EGRESS_PARAMS)
-        # the leaf role's table: only in a software switch's P4Info (``switchml.p4info.with_leaf_role``)
+        # the leaf role's table: only in the leaf role's P4Info (``switchml.p4info.with_leaf_role``)
         self._upstream = (self._resolve(pipeline.UPSTREAM_TABLE, pipeline.SET_UPSTREAM_ACTION,
                                         pipeline.SET_UPSTREAM_PARAMS) if has_leaf_role(self.p4info) else None)
         for name in (pipeline.RESULTS_COUNTER, pipeline.RETRANSMISSIONS_COUNTER, pipeline.DROPS_COUNTER,
@@ -405,19 +405,19 @@ class P4RuntimeTarget(SwitchTarget):
         return f"P4RuntimeTarget({self.connection.address}, device {self.connection.device_id})"
 
     def why_no_leaf_role(self) -> str | None:
-        # The leaf role is the software switch's Python data plane's (docs/hierarchy.md); the P4
-        # programs have no upstream table, and their P4Info is the contract this target speaks.
+        # The leaf role is in the pipeline or not (docs/hierarchy.md): the P4Info this target speaks says.
         if self._upstream is not None:
             return None
         return (f"{self!r}: the pipeline's P4Info ({self.p4info.source}) has no table {pipeline.UPSTREAM_TABLE}, so "
-                "this switch cannot be a leaf of a tree; the leaf role is the software switch's, served over "
-                "P4Runtime with switchml.p4info.with_leaf_role() (docs/hierarchy.md)")
+                "this switch cannot be a leaf of a tree; a leaf runs p4/switchml_v1model.p4 built with "
+                "-DSWITCHML_LEAF_ROLE (BMv2) or is a software switch started with --leaf-role, and is programmed "
+                "with switchml.p4info.with_leaf_role() (docs/hierarchy.md)")
 
     def add_upstream(self, entry: UpstreamEntry) -> None:
         if self._upstream is None:
             super().add_upstream(entry)  # raises, saying why
-        params = {"ip": ip_to_int(entry.ip), **{name: getattr(entry, name) for name in pipeline.SET_UPSTREAM_PARAMS
-                                                 if name != "ip"}}
+        converted = {"ip": ip_to_int(entry.ip), "src_ip": ip_to_int(entry.src_ip), "mac": mac_to_int(entry.mac)}
+        params = {name: converted.get(name, getattr(entry, name)) for name in pipeline.SET_UPSTREAM_PARAMS}
         te = self._table_entry(self._upstream, (entry.job,), params)
         self._upsert([self._entity(te)], [f"{pipeline.UPSTREAM_TABLE} job {entry.job} -> set_upstream("
                                           f"{entry.ip}:{entry.udp_port})"])

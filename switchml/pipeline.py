@@ -75,17 +75,21 @@ def drop_threshold(probability: float) -> int:
     """A drop probability (0..1) as the loss table's threshold out of ``DROP_PROBABILITY_SCALE``."""
     return round(check_drop_probability(probability) * DROP_PROBABILITY_SCALE)
 
-# Leaf role (docs/hierarchy.md; the software switch's Python data plane only, not in the P4
-# programs' P4Info: a software switch serving P4Runtime as a leaf serves that P4Info with this
-# table added, switchml.p4info.with_leaf_role): job -> set_upstream(...). A leaf sends each slot its rack completed to the
-# spine at (ip, udp_port) as one UPDATE, from its own data address (the one its workers send
-# to, which the spine admits as a worker of the job), and multicasts the spine's RESULT, which
-# it takes only from that address, to the rack's group ``mgid``. A target whose pipeline lacks
-# this table has no leaf role: the controller refuses a tree with it (``switchml.tree``).
+# Leaf role (docs/hierarchy.md): in p4/switchml_v1model.p4 built with -DSWITCHML_LEAF_ROLE, whose
+# P4Info (p4/switchml_v1model_leaf.p4info.txtpb, switchml.p4info.with_leaf_role) a software switch
+# serving P4Runtime as a leaf serves too: job -> set_upstream(...). A leaf sends each slot its rack
+# completed to the spine at (ip, udp_port) as one UPDATE, from its address as the spine admits it
+# (src_ip, src_udp_port; the software switch sends from its one socket), out of ``port`` to the next
+# hop's ``mac``, and multicasts the spine's RESULT, which it takes only from that address, to the
+# rack's group ``mgid``. A target whose pipeline lacks this table has no leaf role: the controller
+# refuses a tree with it (``switchml.tree``).
 UPSTREAM_TABLE = "SwitchIngress.upstream"
 UPSTREAM_KEYS = ("hdr.switchml.job_number",)
 SET_UPSTREAM_ACTION = "SwitchIngress.set_upstream"
-SET_UPSTREAM_PARAMS = ("ip", "udp_port", "port", "mgid", "pool_base", "pool_size")
+SET_UPSTREAM_PARAMS = ("ip", "udp_port", "port", "mgid", "pool_base", "pool_size", "mac", "src_ip", "src_udp_port")
+HAS_RESULT_REGISTER = "SwitchIngress.bookkeeping.has_result"  #: the leaf role's bit per set and slot
+#: The preprocessor macro that builds p4/switchml_v1model.p4 with the leaf role (p4c -D...).
+LEAF_ROLE_DEFINE = "SWITCHML_LEAF_ROLE"
 
 # Plain forwarding of traffic that is not switchml's.
 FORWARD_TABLE = "SwitchIngress.forward"
@@ -123,7 +127,7 @@ class PacketCounter(IntEnum):
     RESETS = 2  #: RESET packets applied
 
 
-#: A leaf's own counter (software switch only: it is in no P4Info, so P4Runtime cannot read it).
+#: A leaf's own counter (in the leaf role's P4Info only).
 LEAF_COUNTER = "SwitchIngress.leaf"
 
 
@@ -184,6 +188,9 @@ class UpstreamEntry:
     The spine at (``ip``, ``udp_port``) is reached through the leaf's port ``port`` (its loss
     entry applies); the spine's RESULTs, accepted only from that address and only for slots
     ``pool_base``..``pool_base + pool_size - 1``, go to the rack's multicast group ``mgid``.
+    A P4 leaf also needs the next hop's ``mac`` and its own address as the spine admits it
+    (``src_ip``, ``src_udp_port``), which it writes into each upstream packet; the software
+    switch sends from its one socket and ignores the three.
     """
 
     job: int  #: job number, 0..255 (the same at the leaf and at the spine)
@@ -193,9 +200,13 @@ class UpstreamEntry:
     mgid: int  #: the rack's multicast group
     pool_base: int  #: first slot of the job's range (the same at the leaf and at the spine)
     pool_size: int
+    mac: str = "00:00:00:00:00:00"  #: the next hop's MAC towards the spine (P4 leaves)
+    src_ip: str = "0.0.0.0"  #: the leaf's address as the spine admits it (P4 leaves)
+    src_udp_port: int = 0
 
     def __post_init__(self) -> None:
         checks = (("job", self.job, 0, MAX_JOBS - 1), ("udp_port", self.udp_port, 1, 65535),
+                  ("src_udp_port", self.src_udp_port, 0, 65535),
                   ("pool_base", self.pool_base, 0, MAX_SLOTS - 1), ("pool_size", self.pool_size, 1, MAX_SLOTS - self.pool_base))
         for name, value, low, high in checks:
             if not low <= value <= high:

@@ -14,7 +14,9 @@ docstring; docs/hierarchy.md has the design. For a job whose ranks have all regi
    plain worker packet to the spine.
 3. Each leaf with ranks: its rack's ranks in rank order are its workers 0..r-1 (n = r at the
    leaf); its multicast group holds them; its upstream entry names the spine's data address,
-   the leaf's port towards it (for the loss table), the group and the range. A rack of one
+   the leaf's port towards it (for the loss table) and the MAC there (``mac_of``), the leaf's own
+   address as the spine admits it (``Leaf.spine_side``: a P4 leaf writes it into its upstream
+   packets), the group and the range. A rack of one
    worker completes a slot at its first contribution and goes straight upstream.
 4. The spine: each leaf with ranks is one worker of the job, numbered 0..R-1 in leaf order
    (n = R at the spine), admitted by the address it sends from (``Leaf.uplink``, by default its
@@ -51,7 +53,8 @@ class Leaf:
 
     Args:
         target: how the controller programs it; it must have the leaf role
-            (``SwitchTarget.why_no_leaf_role()`` None: the software switch, in-process or over P4Runtime).
+            (``SwitchTarget.why_no_leaf_role()`` None: the software switch, in-process or over P4Runtime,
+            or BMv2 running the v1model program built with ``-DSWITCHML_LEAF_ROLE``).
         address: its data address: where its rack's workers send.
         hosts: worker IPs in its rack, for the default ``Tree.rack_of``.
         uplink: its address as the spine sees it: the source of its upstream packets, which the
@@ -196,8 +199,9 @@ def tree_plan(tree: Tree, spine: SwitchTarget, spine_address: Address, slots: Jo
     for i in used:
         leaf = tree.leaves[i]
         program = flat_program(leaf.target, leaf.address, slots, racks[i], port_of, mac_of, role=f"leaf {i}")
+        source = leaf.spine_side
         upstream = UpstreamEntry(slots.number, spine_address[0], spine_address[1], port_of(spine_address), slots.mgid,
-                                 slots.pool_base, slots.pool_size)
+                                 slots.pool_base, slots.pool_size, mac_of(spine_address), source[0], source[1])
         plan.programs.append(replace(program, upstream=upstream))
         plan.switch_of.update(dict.fromkeys(racks[i], tuple(leaf.address)))
     return plan

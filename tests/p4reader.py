@@ -14,9 +14,13 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
+from switchml.pipeline import LEAF_ROLE_DEFINE
+
 ROOT = Path(__file__).resolve().parents[1]
 P4_DIR = ROOT / "p4"
 PROGRAMS = {"v1model": P4_DIR / "switchml_v1model.p4", "tna": P4_DIR / "switchml_tna.p4"}
+#: Other builds of a program, with -D macros: name -> (program, macros).
+BUILDS = {"v1model_leaf": ("v1model", {LEAF_ROLE_DEFINE: "1"})}
 
 # Types the architecture files declare; the reader does not read core.p4, v1model.p4 or tna.p4.
 SCALAR_WIDTHS = {"bool": 1, "PortId_t": 9, "MulticastGroupId_t": 16}
@@ -586,8 +590,11 @@ def _expand(program: Program, control: ControlDecl, prefix: str) -> None:
 
 @cache
 def read_program(target: str) -> Program:
+    """A program of ``PROGRAMS`` or a build of ``BUILDS``, read."""
     program = Program()
-    text = preprocess(PROGRAMS[target], program.macros)
+    source, defines = BUILDS.get(target, (target, {}))
+    program.macros.update(defines)
+    text = preprocess(PROGRAMS[source], program.macros)
     tokens = tokenize(expand_macros(text, program.macros))
     Reader(tokens, program).program_()
     expand(program)

@@ -30,6 +30,11 @@ from p4reader import P4_DIR, PROGRAMS, Program, read_program
 from switchml import defaults, pipeline, protocol
 
 P4INFO = P4_DIR / "switchml_v1model.p4info.txtpb"
+LEAF_P4INFO = P4_DIR / "switchml_v1model_leaf.p4info.txtpb"
+#: Each v1model build and its committed P4Info: the flat switch, and the leaf role (-DSWITCHML_LEAF_ROLE).
+V1MODEL_BUILDS = {"v1model": P4INFO, "v1model_leaf": LEAF_P4INFO}
+#: p4c's command-line defines of each build.
+BUILD_DEFINES = {"v1model": [], "v1model_leaf": [f"-D{pipeline.LEAF_ROLE_DEFINE}"]}
 WIRE_VECTORS = Path(__file__).resolve().parent / "data" / "wire_v1.json"
 K = pipeline.P4_K  # the P4 targets' compiled-in elements per packet: Python's one constant, checked below
 
@@ -38,11 +43,21 @@ K = pipeline.P4_K  # the P4 targets' compiled-in elements per packet: Python's o
 # P4Info
 # ---------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def p4info():
+def load_p4info(path: Path):
     p4info_pb2 = pytest.importorskip("p4.config.v1.p4info_pb2")
     text_format = pytest.importorskip("google.protobuf.text_format")
-    return text_format.Parse(P4INFO.read_text(), p4info_pb2.P4Info())
+    return text_format.Parse(path.read_text(), p4info_pb2.P4Info())
+
+
+@pytest.fixture(scope="module")
+def p4info():
+    return load_p4info(P4INFO)
+
+
+@pytest.fixture(scope="module", params=sorted(V1MODEL_BUILDS))
+def build(request):
+    """(a v1model build's name, its committed P4Info)."""
+    return request.param, load_p4info(V1MODEL_BUILDS[request.param])
 
 
 def jenkins_one_at_a_time(name: str) -> int:
@@ -136,7 +151,8 @@ def test_generated_registers_cover_every_element():
 # v1model program <-> P4Info
 # ---------------------------------------------------------------------------------------
 
-def test_p4info_ids_and_aliases_are_those_p4c_assigns(p4info):
+def test_p4info_ids_and_aliases_are_those_p4c_assigns(build):
+    _, p4info = build
     prefixes = {"tables": 0x02, "actions": 0x01, "counters": 0x12, "registers": 0x16}
     groups = {prefixes[kind]: [e.preamble.name for e in getattr(p4info, kind)] for kind in prefixes}
     expected = p4c_ids(groups)
@@ -149,10 +165,11 @@ def test_p4info_ids_and_aliases_are_those_p4c_assigns(p4info):
     assert p4info.pkg_info.arch == "v1model"
 
 
-def test_p4info_tables_are_the_programs(p4info):
+def test_p4info_tables_are_the_programs(build):
     from p4.config.v1 import p4info_pb2
 
-    program = read_program("v1model")
+    name, p4info = build
+    program = read_program(name)
     ids = {a.preamble.id: a.preamble.name for a in p4info.actions}
     assert sorted(t.preamble.name for t in p4info.tables) == sorted(program.tables)
     for t in p4info.tables:
@@ -168,22 +185,48 @@ def test_p4info_tables_are_the_programs(p4info):
         assert t.size == table.size, t.preamble.name
 
 
-def test_p4info_actions_are_the_programs(p4info):
-    program = read_program("v1model")
+def test_p4info_actions_are_the_programs(build):
+    name, p4info = build
+    program = read_program(name)
     in_p4info = {a.preamble.name: [(p.name, p.bitwidth) for p in a.params] for a in p4info.actions}
     assert in_p4info == program.actions
     for a in p4info.actions:
         assert [p.id for p in a.params] == list(range(1, len(a.params) + 1)), a.preamble.name
 
 
-def test_p4info_counters_and_registers_are_the_programs(p4info):
+def test_p4info_counters_and_registers_are_the_programs(build):
     from p4.config.v1 import p4info_pb2
 
-    program = read_program("v1model")
+    name, p4info = build
+    program = read_program(name)
     counters = {c.preamble.name: (c.size, p4info_pb2.CounterSpec.Unit.Name(c.spec.unit)) for c in p4info.counters}
     assert counters == program.counters
     registers = {r.preamble.name: (r.type_spec.bitstring.bit.bitwidth, r.size) for r in p4info.registers}
     assert registers == program.registers
+
+
+def test_the_leaf_build_adds_the_leaf_role_and_keeps_every_object_of_the_flat_program(p4info):
+    """The leaf P4Info is the flat one, every id kept, plus the leaf role's table, action, counter and
+    register, named and sized as switchml.pipeline says; so a controller holding either programs the rest."""
+    flat, leaf = summarize(p4info), summarize(load_p4info(LEAF_P4INFO))
+    added = {kind: sorted(set(leaf[kind]) - set(flat[kind])) for kind in flat}
+    assert added == {"tables": [pipeline.UPSTREAM_TABLE], "actions": [pipeline.SET_UPSTREAM_ACTION],
+                     "counters": [pipeline.LEAF_COUNTER], "registers": [pipeline.HAS_RESULT_REGISTER]}
+    for kind in flat:
+        assert {n: leaf[kind][n] for n in flat[kind]} == flat[kind], kind  # the same ids, keys, params, sizes
+    program = read_program("v1model_leaf")
+    assert tuple(k[0] for k in program.tables[pipeline.UPSTREAM_TABLE].keys) == pipeline.UPSTREAM_KEYS
+    assert tuple(p for p, _ in program.actions[pipeline.SET_UPSTREAM_ACTION]) == pipeline.SET_UPSTREAM_PARAMS
+    assert program.counters[pipeline.LEAF_COUNTER] == (pipeline.NUM_LEAF_COUNTERS, "PACKETS")
+    assert program.registers[pipeline.HAS_RESULT_REGISTER] == (1, 2 * defaults.POOL_SIZE)
+    assert {n[len("LEAF_"):]: v for n, v in program.consts.items() if n.startswith("LEAF_")} == {
+        c.name: c.value for c in pipeline.LeafCounter}
+    upstream = dict(program.actions[pipeline.SET_UPSTREAM_ACTION])
+    worker = dict(program.actions[pipeline.SET_WORKER_ACTION])
+    assert {n: upstream[n] for n in ("mgid", "pool_base", "pool_size")} == {
+        n: worker[n] for n in ("mgid", "pool_base", "pool_size")}
+    assert (upstream["ip"], upstream["src_ip"], upstream["mac"]) == (32, 32, 48)
+    assert upstream["udp_port"] == upstream["src_udp_port"] == 16
 
 
 # ---------------------------------------------------------------------------------------
@@ -439,17 +482,14 @@ def test_parser_takes_the_sixteen_switchml_ports(target):
 # ---------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(shutil.which("p4c-bm2-ss") is None, reason="p4c-bm2-ss is not on PATH")
-def test_v1model_compiles_and_p4c_writes_the_committed_p4info(p4info, tmp_path):
-    p4info_pb2 = pytest.importorskip("p4.config.v1.p4info_pb2")
-    from google.protobuf import text_format
-
+def test_v1model_compiles_and_p4c_writes_the_committed_p4info(build, tmp_path):
+    name, p4info = build
     out = tmp_path / "p4info.txtpb"  # p4c deprecates the .txt suffix
     result = subprocess.run(
-        ["p4c-bm2-ss", "--p4runtime-files", str(out), "-o", str(tmp_path / "switchml.json"), str(PROGRAMS["v1model"])],
-        capture_output=True, text=True, timeout=240)
+        ["p4c-bm2-ss", *BUILD_DEFINES[name], "--p4runtime-files", str(out), "-o", str(tmp_path / "switchml.json"),
+         str(PROGRAMS["v1model"])], capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr
-    compiled = text_format.Parse(out.read_text(), p4info_pb2.P4Info())
-    assert summarize(compiled) == summarize(p4info)
+    assert summarize(load_p4info(out)) == summarize(p4info)
 
 
 @pytest.mark.skipif(shutil.which("bf-p4c") is None, reason="bf-p4c (the Tofino back end of p4lang/p4c, built from source: docs/deploy.md) is not on PATH")

@@ -308,6 +308,7 @@ def test_the_native_leaf_gives_the_references_replies_and_counters(seed, drop):
         for slot in range(STREAM_POOL):
             a, b = ref.slot_state(v, slot), nat.slot_state(v, slot)
             assert a[:3] == b[:3] and np.array_equal(a.values[:a.k], b.values[:a.k]), (v, slot)
+            assert a.has_result == b.has_result, (v, slot)
     leaf_counts = ref.read_counter(LEAF_COUNTER)
     assert all(c > 0 for c in leaf_counts), leaf_counts  # the stream reached every leaf step
 
@@ -329,8 +330,8 @@ def test_the_plan_numbers_workers_per_level_and_sends_each_rank_to_its_leaf():
         (*LEAF[0], 0, 2), (*LEAF[1], 1, 2)]
     assert [(e.udp_port, e.worker_id, e.num_workers) for e in leaf0.workers] == [(7000, 0, 1)]
     assert [(e.udp_port, e.worker_id, e.num_workers) for e in leaf1.workers] == [(7001, 0, 2), (7002, 1, 2)]
-    for p in (leaf0, leaf1):
-        assert p.upstream == UpstreamEntry(JOB, *SPINE, ports[SPINE], MGID, BASE, POOL)
+    for p, leaf in zip((leaf0, leaf1), LEAF, strict=True):  # a P4 leaf sends from the address the spine admits
+        assert p.upstream == UpstreamEntry(JOB, *SPINE, ports[SPINE], MGID, BASE, POOL, MAC, *leaf)
     assert plan.switch_of == {0: LEAF[0], 1: LEAF[1], 2: LEAF[1]}
 
 
@@ -347,6 +348,9 @@ def test_the_plan_places_ranks_by_host_and_admits_each_leaf_at_the_spine_by_its_
     assert [(e.ip, e.udp_port, e.worker_id) for e in plan.programs[1].workers] == [("10.0.1.3", 5000, 0),
                                                                                   ("10.0.1.2", 5001, 1)]
     assert plan.switch_of == {0: ("10.0.2.1", 48864), 1: ("10.0.1.1", 48864), 2: ("10.0.1.1", 48864)}
+    # each leaf's upstream packets leave from the address the spine admits it by (a P4 leaf writes it in)
+    assert [(p.upstream.src_ip, p.upstream.src_udp_port) for p in plan.programs[1:]] == [("10.9.0.1", 48864),
+                                                                                         ("10.0.2.1", 48864)]
     with pytest.raises(ValueError, match=r"rank 3 at 10\.0\.3\.2:5000 is in no leaf's hosts"):
         tree_plan(tree, targets[0], ("10.9.0.100", 48864), JobSlots(JOB, MGID, BASE, POOL),
                   {**addresses, 3: ("10.0.3.2", 5000)}, lambda a: 1, lambda a: MAC)

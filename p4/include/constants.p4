@@ -79,11 +79,20 @@ const bit<32> PACKETS_AGGREGATED = 1;
 const bit<32> PACKETS_RESETS = 2;
 #define NUM_PACKET_COUNTERS 3
 
+// Index into SwitchIngress.leaf, the leaf role's counter (pipeline.LeafCounter; only in a
+// program built with -DSWITCHML_LEAF_ROLE, docs/hierarchy.md).
+const bit<32> LEAF_SENT_UPSTREAM = 0;
+const bit<32> LEAF_RESENT_UPSTREAM = 1;
+const bit<32> LEAF_RESULTS_FROM_UPSTREAM = 2;
+const bit<32> LEAF_IGNORED_FROM_UPSTREAM = 3;
+#define NUM_LEAF_COUNTERS 4
+
 /* ----------------------------------------------------------- table sizes */
 
 #define LOSS_TABLE_SIZE 512
 #define ADMISSION_TABLE_SIZE 4096
 #define FORWARD_TABLE_SIZE 1024
 #define EGRESS_REWRITE_TABLE_SIZE 4096
+#define UPSTREAM_TABLE_SIZE 256  // one entry per job number
 
 #endif  /* _SWITCHML_CONSTANTS_P4_ */

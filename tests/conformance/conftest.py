@@ -21,17 +21,20 @@ from switch_harness import (
 )
 
 #: software: the software switch on loopback UDP; software-veth: the same switch behind the veth
-#: pairs and raw-socket hosts of the BMv2 harness (checks that I/O); bmv2: simple_switch_grpc.
-TARGETS = ["software", "software-veth", "bmv2"]
+#: pairs and raw-socket hosts of the BMv2 harness (checks that I/O); bmv2: simple_switch_grpc;
+#: bmv2-leaf: simple_switch_grpc running the leaf role's build, which must keep every flat behaviour
+#: (its leaf behaviour: test_leaf_conformance.py).
+TARGETS = ["software", "software-veth", "bmv2", "bmv2-leaf"]
 
 
 @pytest.fixture(scope="module", params=TARGETS)
 def switch(request, tmp_path_factory) -> Iterator[Harness]:
-    if request.param == "bmv2":
+    if request.param in ("bmv2", "bmv2-leaf"):
         reason = bmv2_unavailable()
         if reason:
             pytest.skip(f"BMv2: {reason}")
-        harness: Harness = Bmv2Harness(tmp_path_factory.mktemp("bmv2"))
+        leaf_role = request.param == "bmv2-leaf"
+        harness: Harness = Bmv2Harness(tmp_path_factory.mktemp(request.param), leaf_role=leaf_role)
     elif request.param == "software-veth":
         reason = netns_unavailable()
         if reason:

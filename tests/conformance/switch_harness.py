@@ -14,6 +14,10 @@ packets to it and receive its replies:
 - ``VethSoftwareHarness``: the software switch behind the same namespace, veth pairs and
   raw-socket hosts as BMv2 (through a small L2 shim), so that the BMv2 harness's packet
   I/O is exercised wherever root is available, BMv2 or not.
+
+``SoftwareHarness(leaf_role=True)`` and ``Bmv2Harness(..., leaf_role=True)`` run the leaf role
+(docs/hierarchy.md): the software switch serving the leaf P4Info, BMv2 running the program
+built with ``-DSWITCHML_LEAF_ROLE``; ``tests/conformance/test_leaf_conformance.py`` uses them.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ from emulation.p4runtime_server import P4RuntimeServer
 from emulation.server import SwitchServer
 from emulation.switch import SoftwareSwitch
 from switchml import pipeline, protocol
-from switchml.p4info import P4Info, p4_dir
+from switchml.deploy import compile_bmv2
+from switchml.p4info import P4Info, with_leaf_role
 from switchml.p4runtime_target import P4RuntimeError, P4RuntimeTarget
 
 log = logging.getLogger(__name__)
@@ -68,6 +73,10 @@ class Host(ABC):
         """The next switchml packet addressed to this host, or None after ``timeout``."""
 
     @abstractmethod
+    def recv_from(self, timeout: float) -> tuple[SwitchML, tuple[str, int]] | None:
+        """``recv``, with the (ip, udp port) the packet came from."""
+
+    @abstractmethod
     def close(self) -> None: ...
 
     def __repr__(self) -> str:
@@ -85,6 +94,8 @@ class Harness(ABC):
     update_sizes: frozenset[int]
     forwards_plain_ipv4: bool  #: the target forwards traffic that is not switchml's
     max_payload: int  #: largest UDP payload a host can send to it (the links' MTU)
+    address: tuple[str, int]  #: the switch's (ip, udp port) as its hosts address it
+    leaf_role: bool = False  #: whether it runs the leaf role's pipeline
 
     @abstractmethod
     def reset(self) -> None:
@@ -121,12 +132,16 @@ class UdpHost(Host):
         self.sock.sendto(bytes(packet), self.switch_address)
 
     def recv(self, timeout: float) -> SwitchML | None:
+        received = self.recv_from(timeout)
+        return None if received is None else received[0]
+
+    def recv_from(self, timeout: float) -> tuple[SwitchML, tuple[str, int]] | None:
         self.sock.settimeout(timeout)
         try:
-            data, _ = self.sock.recvfrom(65536)
+            data, source = self.sock.recvfrom(65536)
         except TimeoutError:
             return None
-        return SwitchML(data)
+        return SwitchML(data), source
 
     def close(self) -> None:
         self.sock.close()
@@ -143,12 +158,16 @@ class SoftwareHarness(Harness):
     max_payload = 65000
     max_hosts = 8
 
-    def __init__(self) -> None:
+    def __init__(self, leaf_role: bool = False) -> None:
+        self.leaf_role = leaf_role
+        self.name = "software-leaf" if leaf_role else "software"
+        p4info = with_leaf_role() if leaf_role else None
         self.switch = SoftwareSwitch(pool_size=POOL_SIZE)
         self.server = SwitchServer(self.switch, "127.0.0.1", 0).start()
-        self.p4runtime = P4RuntimeServer(self.switch, "127.0.0.1", 0).start()
+        self.address = self.server.address
+        self.p4runtime = P4RuntimeServer(self.switch, "127.0.0.1", 0, p4info=p4info).start()
         try:
-            self.p4rt = P4RuntimeTarget(self.p4runtime.grpc_address,
+            self.p4rt = P4RuntimeTarget(self.p4runtime.grpc_address, p4info=p4info,
                                         supported_k=tuple(protocol.SIZE_TO_K.values()))
         except Exception:
             self.p4runtime.stop()
@@ -253,12 +272,16 @@ class RawHost(Host):
         return None
 
     def recv(self, timeout: float) -> SwitchML | None:
+        received = self.recv_from(timeout)
+        return None if received is None else received[0]
+
+    def recv_from(self, timeout: float) -> tuple[SwitchML, tuple[str, int]] | None:
         def mine(frame: Ether) -> bool:
             return (IP in frame and UDP in frame and frame[IP].dst == self.ip
                     and frame[UDP].dport == self.udp_port and frame[UDP].sport == protocol.UDP_PORT)
 
         frame = self.recv_frame(timeout, mine)
-        return None if frame is None else SwitchML(bytes(frame[UDP].payload))
+        return None if frame is None else (SwitchML(bytes(frame[UDP].payload)), (frame[IP].src, frame[UDP].sport))
 
     def close(self) -> None:
         self.sock.close()
@@ -275,6 +298,7 @@ class NetnsHarness(Harness):
     quiet_time = 0.5
     max_payload = 1500 - 20 - 8  # veth MTU less IPv4 and UDP headers
     max_hosts = 6
+    address = (SWITCH_IP, protocol.UDP_PORT)
 
     def __init__(self) -> None:
         self.netns = f"swml{type(self).__name__[:4].lower()}{os.getpid()}"
@@ -324,22 +348,19 @@ def _ip(*args: str) -> None:
 
 
 class Bmv2Harness(NetnsHarness):
-    """simple_switch_grpc running the compiled p4/switchml_v1model.p4 on the veth pairs."""
+    """simple_switch_grpc running the compiled p4/switchml_v1model.p4 on the veth pairs (with
+    ``leaf_role``, the program built with -DSWITCHML_LEAF_ROLE)."""
 
     name = "bmv2"
     update_sizes = frozenset({1})  # k = 64 is compiled in
     forwards_plain_ipv4 = True
     device_id = 0
 
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
+    def __init__(self, workdir: Path, leaf_role: bool = False) -> None:
+        self.workdir, self.leaf_role = workdir, leaf_role
+        self.name = "bmv2-leaf" if leaf_role else "bmv2"
         self.process: subprocess.Popen | None = None
-        self.p4info_path, self.json_path = workdir / "switchml.p4info.txtpb", workdir / "switchml.json"
-        compiled = subprocess.run(["p4c-bm2-ss", "--p4runtime-files", str(self.p4info_path), "-o",
-                                   str(self.json_path), str(p4_dir() / "switchml_v1model.p4")],
-                                  capture_output=True, text=True, timeout=600)
-        if compiled.returncode != 0:
-            raise RuntimeError(f"p4c-bm2-ss failed on p4/switchml_v1model.p4:\n{compiled.stderr[-3000:]}")
+        self.p4info_path, self.json_path = compile_bmv2(workdir, leaf_role=leaf_role)
         self.device_config = self.json_path.read_bytes()
         super().__init__()
 
