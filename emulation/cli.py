@@ -137,11 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
                      "--p4runtime-port (docs/hierarchy.md)")
     emu.add_argument("--leaf", dest="leaves", action="append", type=_leaf_spec, default=None, metavar="SPEC",
                      help="make this switch the spine of a tree: its controller programs the leaf switch SPEC "
-                     "(started with --no-controller --p4runtime-port P --leaf-role) over P4Runtime, and every job "
-                     "spans the racks of its ranks (docs/hierarchy.md); repeat per leaf. SPEC is "
-                     "p4runtime=HOST:PORT,data=IP:PORT[,uplink=IP:PORT][,hosts=IP+IP+...]: the leaf's P4Runtime "
-                     "and data addresses, its address as this spine sees it (default: data) and its rack's worker "
-                     "IPs, which place ranks unless --rack-sizes does")
+                     "(started with --no-controller --p4runtime-port P --leaf-role, or BMv2 set up by deploy "
+                     "--target bmv2 --leaf-role) over P4Runtime, and every job spans the racks of its ranks "
+                     "(docs/hierarchy.md); repeat per leaf. SPEC is "
+                     "p4runtime=HOST:PORT|unix:PATH,data=IP:PORT[,uplink=IP:PORT][,hosts=IP+IP+...]"
+                     "[,kind=software|bmv2][,ports=FILE]: the leaf's P4Runtime and data addresses, its address as "
+                     "this spine sees it (default: data), its rack's worker IPs, which place ranks unless "
+                     "--rack-sizes does, what it is (bmv2: k = 64 only, run with -k 64) and, for a P4 leaf, its "
+                     "port map: its port and MAC of each rack worker's IP and of this spine's IP (deploy --ports's "
+                     "format)")
     emu.add_argument("--rack-sizes", type=_rack_sizes, default=None, metavar="N,N,...",
                      help="with --leaf: ranks 0..N1-1 under the first leaf, the next N2 under the second, ... "
                      "(instead of each --leaf's hosts=)")
@@ -183,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--drop-probability", type=parse_drop_probability, default=0.0,
                      help="emulated loss: program the switch's loss table to drop this fraction of the packets "
                      "arriving on every port of --ports (P4 programs drop on ingress)")
+    dep.add_argument("--leaf-role", action="store_true",
+                     help="bmv2: set the switch up as a leaf of a two-level tree: push the leaf build "
+                     "(-DSWITCHML_LEAF_ROLE; with --compile it is compiled so), program forwarding from --ports (its "
+                     "rack's hosts and the spine's IP) and the loss table, then exit: the spine's controller "
+                     "(emulate --leaf ...,kind=bmv2) programs its jobs (docs/hierarchy.md)")
     dep.add_argument("--timeout", type=float, default=10.0, help="deadline of each P4Runtime call, in seconds")
     _add_tls_client_flags(dep, "the controller speaks")
     _add_secret_flags(dep, server=True)
@@ -297,14 +306,23 @@ def deploy_plan(args: argparse.Namespace):
                      no_push=args.no_push, ports=args.ports, switch_address=args.switch_address,
                      control_host=args.control_host, control_port=args.control_port, pool_size=args.pool_size,
                      window=args.window, k=args.k, drop_probability=args.drop_probability, timeout=args.timeout,
-                     tls=_tls_client(args), secret=read_secret(args.secret_file), insecure=args.insecure)
+                     tls=_tls_client(args), secret=read_secret(args.secret_file), insecure=args.insecure,
+                     leaf_role=args.leaf_role)
 
 
 def deploy(args: argparse.Namespace, ready: threading.Event | None = None, stop: threading.Event | None = None) -> None:
-    """Deploy to a P4Runtime switch and run its controller until SIGINT/SIGTERM (or ``stop`` is set)."""
+    """Deploy to a P4Runtime switch and run its controller until SIGINT/SIGTERM (or ``stop`` is set);
+    with --leaf-role, set the leaf up and return (the spine's controller programs it from then on)."""
     from switchml.deploy import deploy as start
+    from switchml.deploy import program_switch
 
-    with start(deploy_plan(args)):
+    plan = deploy_plan(args)
+    if plan.leaf_role:
+        program_switch(plan).close()
+        log.info("leaf set up on %s: the leaf build, forwarding for %d hosts; its spine's controller (emulate "
+                 "--leaf p4runtime=%s,...,kind=bmv2) programs its jobs", plan.grpc, len(plan.hosts), plan.grpc)
+        return
+    with start(plan):
         run_until_signalled(stop, ready)
 
 

@@ -46,6 +46,15 @@ address (:meth:`TreeNetwork.spawn_tree`)::
     h4 (10.0.4.1/24) --bw-- l1-eth0 (10.0.4.254/24)
     ...                     l1: 10.1.1.1/24 on l1-up --core_bw-- sp-eth1 (10.1.1.254/24)
 
+With ``leaf_switch="bmv2"`` each leaf host runs BMv2 with the leaf build instead (docs/hierarchy.md)
+and does no IP: ``10.1.r.1`` is then the leaf's virtual address, its rack's workers reach it and
+the spine through it by static ARP entries (``leaf_mac(r)``), and the leaf forwards the control
+traffic between its rack and the spine's controller from its port map (:meth:`TreeNetwork.spawn_tree`)::
+
+    h0 ---- l0-eth0 = BMv2 port 1          l0: simple_switch_grpc (leaf build), no IP; 10.1.0.1 virtual
+    h1 ---- l0-eth1 = BMv2 port 2
+            l0-up   = BMv2 port 3 ------ sp-eth0 (10.1.0.254/24)
+
 Never call ``mn -c`` (it kills processes by name machine-wide); ``stop()`` kills the
 processes this object started, by PID, then calls ``net.stop()``.
 """
@@ -66,6 +75,7 @@ from typing import Any
 from emulation.spawn import child_env, emulate_command, spawn_switch, stop_process, wait_command
 from switchml import defaults
 from switchml.errors import SwitchMLError
+from switchml.pipeline import P4_K
 
 log = logging.getLogger(__name__)
 
@@ -352,25 +362,15 @@ class StarNetwork(_Network):
     def _configure(self) -> None:
         sw = self.switch
         bmv2 = self.switch_kind == "bmv2"
-        if bmv2:
-            # BMv2 owns the switch's interfaces: the host's kernel must neither route nor answer
-            # on them (it sees every frame too), so they get no address and no IPv6.
-            _check(sw, "sysctl -qw net.ipv4.ip_forward=0")
-        else:
+        if not bmv2:  # (BMv2: _bmv2_owns below)
             _check(sw, f"ip addr add {SWITCH_IP}/32 dev lo")
             _route_ip(sw)
         for i, host, h_if, s_if in self._links():
             _address(host, h_if, worker_ip(i), self.mtu)
             _check(host, f"ip route replace default via {gateway_ip(i)} dev {h_if}")
             if bmv2:
-                _check(sw, f"ip addr flush dev {s_if}")
-                _check(sw, f"ip link set dev {s_if} mtu {self.mtu}")
+                _bmv2_owns(sw, s_if, self.mtu, peer=(host, h_if))
                 _check(host, f"ip neigh replace {gateway_ip(i)} lladdr {SWITCH_MAC} dev {h_if} nud permanent")
-                _check(sw, f"sysctl -qw net.ipv6.conf.{s_if}.disable_ipv6=1")
-                # BMv2 reads and writes whole frames: a veth's segmentation offloads would hand it
-                # 64 KB TCP super-frames, and checksum offload frames whose checksum is unfilled.
-                for node, intf in ((host, h_if), (sw, s_if)):
-                    _check(node, f"ethtool -K {intf} rx off tx off sg off tso off gso off gro off >/dev/null")
             else:
                 _address(sw, s_if, gateway_ip(i), self.mtu)
             if self.bw_mbit and i != CONTROLLER_LINK:
@@ -455,6 +455,11 @@ def spine_core_ip(rack: int) -> str:
 LEAF_PORT, LEAF_P4RUNTIME_PORT = 48870, 9570
 
 
+def leaf_mac(rack: int) -> str:
+    """Tree of BMv2 leaves: the MAC every neighbour's static ARP entry gives leaf ``rack`` (BMv2 answers no ARP)."""
+    return f"02:00:00:00:{rack:02x}:fe"
+
+
 class TreeNetwork(_Network):
     """Racks of worker hosts under leaf hosts, the leaves under one spine host.
 
@@ -471,10 +476,15 @@ class TreeNetwork(_Network):
         bw_mbit: rate of every worker link in Mbit/s (None: unshaped veth).
         core_bw_mbit: rate of every leaf-spine link in Mbit/s (default: ``bw_mbit``).
         mtu: MTU of every interface.
+        leaf_switch: what the leaves run: "software" (they route IP; :meth:`spawn_tree` starts a
+            software leaf on each) or "bmv2" (BMv2 with the leaf build on their interfaces, set up by
+            :meth:`spawn_tree` with ``deploy --target bmv2 --leaf-role``; k = 64).
     """
 
     def __init__(self, racks: int, per_rack: int, bw_mbit: float | None = 100.0, core_bw_mbit: float | None = None,
-                 mtu: int = 1500) -> None:
+                 mtu: int = 1500, leaf_switch: str = "software") -> None:
+        if leaf_switch not in SWITCH_KINDS:
+            raise ValueError(f"leaf_switch={leaf_switch!r}; expected one of {', '.join(SWITCH_KINDS)}")
         if not 1 <= racks < CONTROLLER_LINK:
             raise ValueError(f"racks={racks}; expected 1..{CONTROLLER_LINK - 1}")
         if per_rack < 1 or racks * per_rack >= CONTROLLER_LINK:
@@ -483,7 +493,11 @@ class TreeNetwork(_Network):
         self.racks, self.per_rack = racks, per_rack
         self.n = racks * per_rack
         self.core_bw_mbit = core_bw_mbit if core_bw_mbit is not None else bw_mbit
+        self.leaf_switch = leaf_switch
         self.leaves: list[Any] = []
+
+    def _problem(self) -> str | None:
+        return bmv2_problem() if self.leaf_switch == "bmv2" else mininet_problem()
 
     def rack_of(self, i: int) -> int:
         """The rack (leaf index) of worker i."""
@@ -511,24 +525,34 @@ class TreeNetwork(_Network):
     def _describe(self) -> str:
         def rate(mbit: float | None) -> str:
             return f"{mbit:g} Mbit/s" if mbit else "unshaped"
-        return (f"tree: {self.racks} racks of {self.per_rack} workers, worker links {rate(self.bw_mbit)}, "
-                f"core links {rate(self.core_bw_mbit)}, MTU {self.mtu}")
+        return (f"tree: {self.racks} racks of {self.per_rack} workers ({self.leaf_switch} leaves), worker links "
+                f"{rate(self.bw_mbit)}, core links {rate(self.core_bw_mbit)}, MTU {self.mtu}")
 
     def _configure(self) -> None:
         sp = self.switch
+        bmv2 = self.leaf_switch == "bmv2"
         _check(sp, f"ip addr add {SWITCH_IP}/32 dev lo")
-        for node in (sp, *self.leaves):
-            _route_ip(node)
+        _route_ip(sp)
         for r, leaf in enumerate(self.leaves):
-            _address(leaf, f"l{r}-up", leaf_core_ip(r), self.mtu)
+            if bmv2:
+                _bmv2_owns(leaf, f"l{r}-up", self.mtu, peer=(sp, f"sp-eth{r}"))
+            else:
+                _route_ip(leaf)
+                _address(leaf, f"l{r}-up", leaf_core_ip(r), self.mtu)
+                _check(leaf, f"ip route replace default via {spine_core_ip(r)} dev l{r}-up")
             _address(sp, f"sp-eth{r}", spine_core_ip(r), self.mtu)
-            _check(leaf, f"ip route replace default via {spine_core_ip(r)} dev l{r}-up")
+            if bmv2:
+                _check(sp, f"ip neigh replace {leaf_core_ip(r)} lladdr {leaf_mac(r)} dev sp-eth{r} nud permanent")
             if self.core_bw_mbit:
                 _check_shaped((leaf, f"l{r}-up"), (sp, f"sp-eth{r}"))
         for i, host in enumerate(self.hosts):
             r = self.rack_of(i)
             _address(host, f"h{i}-eth0", worker_ip(i), self.mtu)
-            _address(self.leaves[r], self._leaf_intf(i), gateway_ip(i), self.mtu)
+            if bmv2:
+                _bmv2_owns(self.leaves[r], self._leaf_intf(i), self.mtu, peer=(host, f"h{i}-eth0"))
+                _check(host, f"ip neigh replace {gateway_ip(i)} lladdr {leaf_mac(r)} dev h{i}-eth0 nud permanent")
+            else:
+                _address(self.leaves[r], self._leaf_intf(i), gateway_ip(i), self.mtu)
             _check(host, f"ip route replace default via {gateway_ip(i)} dev h{i}-eth0")
             _check(sp, f"ip route replace {worker_subnet(i)} via {leaf_core_ip(r)} dev sp-eth{r}")
             if self.bw_mbit:
@@ -540,28 +564,37 @@ class TreeNetwork(_Network):
 
     def spawn_tree(self, log_dir: str | os.PathLike, env: dict[str, str] | None = None, *,
                    leaf_port: int = LEAF_PORT, leaf_p4runtime_port: int = LEAF_P4RUNTIME_PORT,
-                   pool_size: int | None = None, **options: Any) -> list[subprocess.Popen]:
-        """A leaf software switch on every leaf host (``emulate --no-controller --leaf-role``, on
-        its core address) and the spine's switch and controller (``emulate --leaf ...``, each
-        leaf's rack by its hosts' IPs), ready once worker 0 gets the controller's ``hello``.
+                   pool_size: int | None = None, leaf_drop_probability: float = 0.0,
+                   leaf_config: tuple[str, str] | None = None, **options: Any) -> list[subprocess.Popen]:
+        """A leaf switch on every leaf host and the spine's switch and controller (``emulate --leaf
+        ...``, each leaf's rack by its hosts' IPs), ready once worker 0 gets the controller's ``hello``.
 
-        Returns [spine, leaf 0, leaf 1, ...]; all are stopped by :meth:`stop` if still running.
-        Logs: ``log_dir``/spine.log and leaf{r}.log. ``options``: the spine's ``spawn_switch``
-        options (port, control_port, window, k, extra, ...).
+        Software leaves: ``emulate --no-controller --leaf-role`` on each leaf's core address. BMv2
+        leaves: ``simple_switch_grpc`` on each leaf's interfaces (rack worker j on port j+1, the
+        uplink on port per_rack+1, P4Runtime on ``log_dir``/leaf{r}.sock), set up by ``deploy
+        --target bmv2 --leaf-role`` with the leaf's port map (``log_dir``/leaf{r}-ports.json) and
+        ``leaf_drop_probability`` on each of its ports; ``leaf_config``: (P4Info, BMv2 JSON) of the
+        leaf build compiled earlier (None: compiled here, once). Returns [spine, leaf 0, leaf 1,
+        ...]; all are stopped by :meth:`stop` if still running. Logs: ``log_dir``/spine.log and
+        leaf{r}.log. ``options``: the spine's ``spawn_switch`` options (port, control_port,
+        window, k, extra, ...).
         """
         log_dir = Path(log_dir)
-        leaves = []
-        for r, leaf in enumerate(self.leaves):
-            cmd = emulate_command(leaf_core_ip(r), leaf_port, pool_size=pool_size,
-                                  extra=["--no-controller", "--p4runtime-port", str(leaf_p4runtime_port),
-                                         "--leaf-role"])
-            leaves.append(self.popen(leaf, cmd, env=child_env(env), log_path=str(log_dir / f"leaf{r}.log")))
-        specs = []
+        if self.leaf_switch == "bmv2":
+            leaves, specs = self._spawn_bmv2_leaves(log_dir, leaf_port, leaf_drop_probability, leaf_config)
+            options.setdefault("k", P4_K)  # the BMv2 leaves take k = 64 only
+        else:
+            leaves, specs = [], []
+            for r, leaf in enumerate(self.leaves):
+                cmd = emulate_command(leaf_core_ip(r), leaf_port, pool_size=pool_size,
+                                      extra=["--no-controller", "--p4runtime-port", str(leaf_p4runtime_port),
+                                             "--leaf-role"])
+                leaves.append(self.popen(leaf, cmd, env=child_env(env), log_path=str(log_dir / f"leaf{r}.log")))
+                specs.append(f"p4runtime={leaf_core_ip(r)}:{leaf_p4runtime_port}")
         for r in range(self.racks):
             hosts = "+".join(worker_ip(i) for i in self.rack_hosts(r))
-            specs += ["--leaf", f"p4runtime={leaf_core_ip(r)}:{leaf_p4runtime_port},"
-                                f"data={leaf_core_ip(r)}:{leaf_port},hosts={hosts}"]
-        options["extra"] = [*options.get("extra", ()), *specs]
+            specs[r] += f",data={leaf_core_ip(r)}:{leaf_port},hosts={hosts}"
+        options["extra"] = [*options.get("extra", ()), *(arg for spec in specs for arg in ("--leaf", spec))]
         try:
             spine = self.spawn_switch(log_dir / "spine.log", env=env, pool_size=pool_size, **options)
         except SwitchMLError as exc:
@@ -570,6 +603,47 @@ class TreeNetwork(_Network):
                     for r, proc in enumerate(leaves) if proc.poll() is not None]
             raise SwitchMLError("; ".join([str(exc), *dead])) from None
         return [spine, *leaves]
+
+    def _spawn_bmv2_leaves(self, log_dir: Path, leaf_port: int, drop_probability: float,
+                           config: tuple[str, str] | None) -> tuple[list[subprocess.Popen], list[str]]:
+        """BMv2 with the leaf build on every leaf, set up; (their processes, the start of each ``--leaf`` spec)."""
+        if config is None:
+            from switchml.deploy import compile_bmv2
+
+            config = tuple(map(str, compile_bmv2(log_dir / "p4", leaf_role=True)))
+        processes, specs = [], []
+        for r, leaf in enumerate(self.leaves):
+            uplink_port = self.per_rack + 1
+            ports = {worker_ip(i): {"port": j + 1, "mac": self.hosts[i].intf(f"h{i}-eth0").MAC()}
+                     for j, i in enumerate(self.rack_hosts(r))}
+            ports[SWITCH_IP] = {"port": uplink_port, "mac": self.switch.intf(f"sp-eth{r}").MAC()}
+            ports_path = log_dir / f"leaf{r}-ports.json"
+            ports_path.write_text(json.dumps(ports, indent=1))
+            interfaces = [arg for j in range(self.per_rack) for arg in ("-i", f"{j + 1}@l{r}-eth{j}")]
+            interfaces += ["-i", f"{uplink_port}@l{r}-up"]
+            socket_path = (log_dir / f"leaf{r}.sock").resolve()
+            socket_path.unlink(missing_ok=True)
+            bmv2_log = log_dir / f"leaf{r}.log"
+            bmv2 = self.popen(leaf, ["simple_switch_grpc", "--device-id", str(BMV2_DEVICE_ID), "--no-p4", *interfaces,
+                                     "--", "--grpc-server-addr", f"unix:{socket_path}"], log_path=str(bmv2_log))
+            processes.append(bmv2)
+            _wait_for(lambda path=socket_path: path.exists(), bmv2, bmv2_log, 30,
+                      f"simple_switch_grpc on leaf {r} did not open {socket_path}")
+            setup_log = log_dir / f"leaf{r}-deploy.log"
+            setup = self.popen(leaf, [sys.executable, "-m", "emulation.cli", "deploy", "--target", "bmv2", "--leaf-role",
+                                      "--grpc", f"unix:{socket_path}", "--device-id", str(BMV2_DEVICE_ID),
+                                      "--p4info", config[0], "--config", config[1], "--ports", str(ports_path),
+                                      "--drop-probability", repr(drop_probability), "--timeout", "30"],
+                               env=child_env(), log_path=str(setup_log))
+            try:
+                code = setup.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                code = None
+            if code != 0:
+                tail = setup_log.read_text(errors="replace")[-3000:] if setup_log.exists() else "(no log)"
+                raise MininetUnavailable(f"deploy --leaf-role on leaf {r} failed ({code}); {setup_log}:\n{tail}")
+            specs.append(f"p4runtime=unix:{socket_path},kind=bmv2,ports={ports_path.resolve()}")
+        return processes, specs
 
     def core_bytes(self) -> dict[str, int]:
         """Bytes the core links have carried so far, per direction, read from the spine's interfaces
@@ -587,6 +661,19 @@ def _route_ip(node: Any) -> None:
     addresses (``SWITCH_IP``, a leaf's core address): no reverse-path surprises."""
     _check(node, "sysctl -qw net.ipv4.ip_forward=1")
     _check(node, "sysctl -qw net.ipv4.conf.all.rp_filter=0")
+
+
+def _bmv2_owns(node: Any, intf: str, mtu: int, peer: tuple[Any, str]) -> None:
+    """BMv2 runs on ``node``'s ``intf``: the host's kernel must neither route nor answer there (it
+    sees every frame too), so it gets no address and no IPv6; BMv2 reads and writes whole frames,
+    so ``intf`` and its ``peer`` (node, interface) lose their segmentation and checksum offloads
+    (64 KB TCP super-frames, frames whose checksum is unfilled)."""
+    _check(node, "sysctl -qw net.ipv4.ip_forward=0")
+    _check(node, f"ip addr flush dev {intf}")
+    _check(node, f"ip link set dev {intf} mtu {mtu}")
+    _check(node, f"sysctl -qw net.ipv6.conf.{intf}.disable_ipv6=1")
+    for n, i in ((node, intf), peer):
+        _check(n, f"ethtool -K {i} rx off tx off sg off tso off gso off gro off >/dev/null")
 
 
 def _address(node: Any, intf: str, ip: str, mtu: int) -> None:

@@ -6,7 +6,9 @@ them as a ``switchml.tree.Tree``: in-process (``InProcessTarget``), or over P4Ru
 (``P4RuntimeTarget``; each switch serves P4Runtime, the leaves with the leaf role's table), the
 code path of switches in other processes or hosts. ``LeafSpec`` and ``connect_leaves`` serve
 ``switchml-switch emulate --leaf SPEC``: a spine whose controller programs leaves that run as
-``switchml-switch emulate --no-controller --p4runtime-port P --leaf-role`` elsewhere.
+``switchml-switch emulate --no-controller --p4runtime-port P --leaf-role`` elsewhere, or BMv2
+leaves running the leaf build (``switchml-switch deploy --target bmv2 --leaf-role``; ``kind=bmv2``
+and the leaf's ``ports=`` map in the spec).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from emulation.target import InProcessTarget
 from switchml import defaults
 from switchml.controller import Controller, ControllerOptions
 from switchml.net import Address
-from switchml.pipeline import SOFTWARE_SWITCH_K, check_drop_probability
+from switchml.pipeline import P4_SUPPORTED_K, SOFTWARE_SWITCH_K, check_drop_probability
 from switchml.security import TLSFiles
 from switchml.targets import SwitchTarget
 from switchml.tree import Leaf, Tree
@@ -34,13 +36,17 @@ log = logging.getLogger(__name__)
 class LeafSpec:
     """A leaf switch reached over P4Runtime, as ``--leaf`` names it (``parse_leaf_spec``)."""
 
-    p4runtime: str  #: its P4Runtime gRPC address, HOST:PORT
+    p4runtime: str  #: its P4Runtime gRPC address, HOST:PORT or unix:PATH
     data: Address  #: its data address, where its rack sends
     uplink: Address | None = None  #: its address as the spine sees it (default: ``data``)
     hosts: tuple[str, ...] = ()  #: worker IPs of its rack
+    kind: str = "software"  #: "software" (any k the software switch takes) or "bmv2" (k = 64 compiled in)
+    ports: str | None = None  #: its port map (deploy --ports's format): its rack's and the spine's IPs
 
     #: what --leaf takes, for help texts and errors
-    SYNTAX = "p4runtime=HOST:PORT,data=IP:PORT[,uplink=IP:PORT][,hosts=IP+IP+...]"
+    SYNTAX = ("p4runtime=HOST:PORT|unix:PATH,data=IP:PORT[,uplink=IP:PORT][,hosts=IP+IP+...]"
+              "[,kind=software|bmv2][,ports=FILE]")
+    KINDS = ("software", "bmv2")
 
 
 def _address(field: str, text: str) -> Address:
@@ -51,28 +57,38 @@ def _address(field: str, text: str) -> Address:
 
 
 def parse_leaf_spec(text: str) -> LeafSpec:
-    """``p4runtime=HOST:PORT,data=IP:PORT[,uplink=IP:PORT][,hosts=IP+IP]`` as a ``LeafSpec``;
-    ``ValueError`` naming the field, its value and what was expected."""
+    """``LeafSpec.SYNTAX`` as a ``LeafSpec``; ``ValueError`` naming the field, its value and what
+    was expected. A ``kind=bmv2`` leaf needs ``ports=``: its port and MAC of each address."""
     fields: dict[str, str] = {}
     for part in text.split(","):
         key, sep, value = part.partition("=")
-        if not sep or key not in ("p4runtime", "data", "uplink", "hosts") or key in fields:
+        if not sep or key not in ("p4runtime", "data", "uplink", "hosts", "kind", "ports") or key in fields:
             raise ValueError(f"--leaf {text!r}: field {part!r}; expected {LeafSpec.SYNTAX}, each field once")
         fields[key] = value.strip()
     for required in ("p4runtime", "data"):
         if required not in fields:
             raise ValueError(f"--leaf {text!r}: no {required}=...; expected {LeafSpec.SYNTAX}")
-    _address("p4runtime", fields["p4runtime"])
+    if not fields["p4runtime"].startswith("unix:"):
+        _address("p4runtime", fields["p4runtime"])
+    kind = fields.get("kind", "software")
+    if kind not in LeafSpec.KINDS:
+        raise ValueError(f"--leaf kind={kind!r}: expected one of {', '.join(LeafSpec.KINDS)}")
+    if kind == "bmv2" and "ports" not in fields:
+        raise ValueError(f"--leaf {text!r}: kind=bmv2 needs ports=FILE, the leaf's port and MAC of its rack's "
+                         "workers and of the spine (deploy --ports's format)")
     hosts = tuple(h for h in fields.get("hosts", "").split("+") if h)
     return LeafSpec(fields["p4runtime"], _address("data", fields["data"]),
-                    _address("uplink", fields["uplink"]) if "uplink" in fields else None, hosts)
+                    _address("uplink", fields["uplink"]) if "uplink" in fields else None, hosts, kind,
+                    fields.get("ports"))
 
 
 def connect_leaves(specs: Sequence[LeafSpec], tls: TLSFiles | None = None,
                    timeout: float = defaults.CONTROL_TIMEOUT_S) -> list[Leaf]:
-    """A ``Leaf`` of each spec, its target a ``P4RuntimeTarget`` with the leaf role's P4Info; each
-    leaf's server is retried until ``timeout`` (they may still be starting). The caller closes the
-    targets; on failure the ones already connected are closed and the error names the leaf."""
+    """A ``Leaf`` of each spec, its target a ``P4RuntimeTarget`` with the leaf role's P4Info (and,
+    with ``ports``, the leaf's own port and MAC lookups); each leaf's server is retried until
+    ``timeout`` (they may still be starting). The caller closes the targets; on failure the ones
+    already connected are closed and the error names the leaf."""
+    from switchml.deploy import load_ports, port_lookup
     from switchml.p4info import with_leaf_role
     from switchml.p4runtime_target import P4RuntimeError, P4RuntimeTarget
 
@@ -81,9 +97,11 @@ def connect_leaves(specs: Sequence[LeafSpec], tls: TLSFiles | None = None,
     deadline = time.monotonic() + timeout
     try:
         for i, spec in enumerate(specs):
+            port_of, mac_of = port_lookup(load_ports(spec.ports), spec.ports) if spec.ports else (None, None)
+            supported_k = P4_SUPPORTED_K if spec.kind == "bmv2" else SOFTWARE_SWITCH_K
             while True:
                 try:
-                    target = P4RuntimeTarget(spec.p4runtime, p4info=p4info, supported_k=SOFTWARE_SWITCH_K, tls=tls,
+                    target = P4RuntimeTarget(spec.p4runtime, p4info=p4info, supported_k=supported_k, tls=tls,
                                              timeout=min(10.0, max(1.0, deadline - time.monotonic())))
                     break
                 except P4RuntimeError as exc:
@@ -91,7 +109,7 @@ def connect_leaves(specs: Sequence[LeafSpec], tls: TLSFiles | None = None,
                         raise P4RuntimeError(f"leaf {i} ({spec.p4runtime}): not reachable within {timeout:g} s: "
                                              f"{exc}", exc.code) from exc
                     time.sleep(0.5)
-            leaves.append(Leaf(target, spec.data, spec.hosts, spec.uplink))
+            leaves.append(Leaf(target, spec.data, spec.hosts, spec.uplink, port_of, mac_of))
     except BaseException:
         for leaf in leaves:
             leaf.target.close()

@@ -13,6 +13,11 @@ One way for BMv2, Tofino and the software switch (docs/deploy.md):
 4. it starts the controller (``switchml.controller``) against the switch and returns the
    running ``Deployment``; close it to stop.
 
+A leaf of a two-level tree (``leaf_role=True``, ``deploy --leaf-role``; BMv2 only,
+docs/hierarchy.md) runs the program built with ``-DSWITCHML_LEAF_ROLE`` and has no controller
+of its own: ``program_switch(plan)`` does steps 2 and 3 and the spine's controller
+(``switchml-switch emulate --leaf ...,kind=bmv2``) programs the rest.
+
 The command line (its flags, signals) is ``emulation.cli``'s; this module is the library.
 
 Switch ports themselves are brought up outside P4Runtime: BMv2 takes them on its command
@@ -34,11 +39,12 @@ from pathlib import Path
 
 from switchml import defaults
 from switchml.errors import SwitchMLError
-from switchml.p4info import P4Info, default_p4info_path, mac_to_int, p4_dir
+from switchml.p4info import LEAF_P4INFO_FILENAME, P4Info, default_p4info_path, mac_to_int, p4_dir
 from switchml.pipeline import LEAF_ROLE_DEFINE, P4_K, P4_SUPPORTED_K, SOFTWARE_SWITCH_K
 from switchml.security import TLSFiles, is_local_endpoint
 
 __all__ = ["P4_K", "TARGETS", "DeployError", "DeployPlan", "Deployment", "HostPort", "compile_bmv2", "deploy",
+           "program_switch",
            "load_ports", "make_plan", "parse_address", "port_lookup"]
 
 log = logging.getLogger(__name__)
@@ -173,6 +179,7 @@ class DeployPlan:
     tls: TLSFiles | None = None  #: P4Runtime over TLS (None: plain text)
     secret: bytes | None = field(default=None, repr=False)  #: the control channel's cluster secret
     insecure: bool = False  #: allow an open control channel on an address other hosts reach
+    leaf_role: bool = False  #: a tree's leaf: the leaf build, no controller of its own (program_switch only)
 
 
 def make_plan(target: str, grpc: str, *, device_id: int = 0, election_id: int = 1, p4info: str | Path | None = None,
@@ -181,13 +188,16 @@ def make_plan(target: str, grpc: str, *, device_id: int = 0, election_id: int = 
               control_host: str = "*", control_port: int = defaults.CONTROL_PORT, pool_size: int | None = None,
               window: int = defaults.WINDOW, k: int | None = None, drop_probability: float = 0.0,
               timeout: float = 10.0, tls: TLSFiles | None = None, secret: bytes | None = None,
-              insecure: bool = False) -> DeployPlan:
+              insecure: bool = False, leaf_role: bool = False) -> DeployPlan:
     """Resolve defaults per target; compile when asked. Errors name the command line's flags."""
     p4info_path = Path(p4info) if p4info else None
     device_config: bytes | None = None
+    if leaf_role and target != "bmv2":
+        raise DeployError(f"--leaf-role with --target {target}: the leaf build is BMv2's (a software leaf is "
+                          "switchml-switch emulate --no-controller --leaf-role; docs/hierarchy.md)")
     if target == "bmv2":
         if compile:
-            compiled_p4info, json_path = compile_bmv2(Path(build_dir))
+            compiled_p4info, json_path = compile_bmv2(Path(build_dir), leaf_role=leaf_role)
             p4info_path = p4info_path or compiled_p4info
             device_config = json_path.read_bytes()
         elif not no_push:
@@ -208,7 +218,7 @@ def make_plan(target: str, grpc: str, *, device_id: int = 0, election_id: int = 
         device_config = None if no_push else (_read(config, "--config") if config else b"")
     else:
         raise DeployError(f"--target {target!r}: expected one of {', '.join(TARGETS)}")
-    p4info_path = p4info_path or default_p4info_path()
+    p4info_path = p4info_path or (p4_dir() / LEAF_P4INFO_FILENAME if leaf_role else default_p4info_path())
     supported = SOFTWARE_SWITCH_K if target == "emulator" else P4_SUPPORTED_K
     k = k or (defaults.K if target == "emulator" else P4_K)
     if k not in supported:
@@ -216,6 +226,9 @@ def make_plan(target: str, grpc: str, *, device_id: int = 0, election_id: int = 
     hosts = load_ports(ports) if ports else {}
     if not hosts and target != "emulator":
         raise DeployError(f"--target {target} needs --ports: the switch port and MAC of every worker host")
+    if leaf_role:  # no controller here: the spine's controller programs the jobs
+        return DeployPlan(target, grpc, device_id, election_id, p4info_path, device_config, supported, k, hosts,
+                          str(ports), timeout=timeout, tls=tls, drop_probability=drop_probability, leaf_role=True)
     if switch_address is None and target != "emulator":
         raise DeployError(f"--target {target} needs --switch-address: the IP workers send to (any unused address "
                           "of their subnet, with a static ARP entry on each host; see docs/deploy.md)")
@@ -273,9 +286,9 @@ class Deployment:
         self.close()
 
 
-def deploy(plan: DeployPlan) -> Deployment:
-    """Push the pipeline, program forwarding and the loss table, start the controller."""
-    from switchml.controller import Controller, ControllerOptions
+def program_switch(plan: DeployPlan):
+    """Steps 2 and 3: connect, push the pipeline, program forwarding and the loss table; return the
+    connected ``P4RuntimeTarget`` (the caller closes it)."""
     from switchml.p4runtime_target import P4RuntimeTarget
 
     try:
@@ -295,6 +308,21 @@ def deploy(plan: DeployPlan) -> Deployment:
                 target.set_drop_probability(port, plan.drop_probability)
             log.info("loss table: dropping %.4g of the packets arriving on each of %d ports", plan.drop_probability,
                      len(plan.hosts))
+    except BaseException:
+        target.close()
+        raise
+    return target
+
+
+def deploy(plan: DeployPlan) -> Deployment:
+    """Push the pipeline, program forwarding and the loss table, start the controller."""
+    from switchml.controller import Controller, ControllerOptions
+
+    if plan.leaf_role:
+        raise DeployError("a leaf has no controller of its own: program it with program_switch(plan)")
+    target = program_switch(plan)
+    try:
+        p4info = target.p4info
         port_of, mac_of = port_lookup(plan.hosts, plan.ports_source) if plan.hosts else (None, None)
         pool_size = plan.pool_size or p4info.counter("SwitchIngress.results_multicast").size
         controller = Controller(target, ControllerOptions(

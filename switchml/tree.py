@@ -14,7 +14,8 @@ docstring; docs/hierarchy.md has the design. For a job whose ranks have all regi
    plain worker packet to the spine.
 3. Each leaf with ranks: its rack's ranks in rank order are its workers 0..r-1 (n = r at the
    leaf); its multicast group holds them; its upstream entry names the spine's data address,
-   the leaf's port towards it (for the loss table) and the MAC there (``mac_of``), the leaf's own
+   the leaf's port towards it (for the loss table) and the MAC there (the leaf's own ``port_of`` and
+   ``mac_of`` where it has them, a P4 leaf's port map; else the controller's), the leaf's own
    address as the spine admits it (``Leaf.spine_side``: a P4 leaf writes it into its upstream
    packets), the group and the range. A rack of one
    worker completes a slot at its first contribution and goes straight upstream.
@@ -61,12 +62,17 @@ class Leaf:
             spine admits as a worker and multicasts its RESULTs to. Default: ``address`` (one
             interface). A leaf host with a rack-side and a core-side interface sends from the
             core-side IP, with the port of ``address`` (the software switch has one socket).
+        port_of, mac_of: this leaf's own port and MAC of an address (its rack's workers, for the
+            multicast group; the spine's, for the upstream entry), where they are not the
+            controller's ``port_of``/``mac_of``: a P4 leaf's come from its port map.
     """
 
     target: SwitchTarget
     address: Address
     hosts: Collection[str] = ()
     uplink: Address | None = None
+    port_of: PortOf | None = None
+    mac_of: MacOf | None = None
 
     @property
     def spine_side(self) -> Address:
@@ -198,10 +204,12 @@ def tree_plan(tree: Tree, spine: SwitchTarget, spine_address: Address, slots: Jo
     plan.programs.append(flat_program(spine, spine_address, slots, leaf_addresses, port_of, mac_of, role="spine"))
     for i in used:
         leaf = tree.leaves[i]
-        program = flat_program(leaf.target, leaf.address, slots, racks[i], port_of, mac_of, role=f"leaf {i}")
+        leaf_port_of, leaf_mac_of = leaf.port_of or port_of, leaf.mac_of or mac_of
+        program = flat_program(leaf.target, leaf.address, slots, racks[i], leaf_port_of, leaf_mac_of,
+                               role=f"leaf {i}")
         source = leaf.spine_side
-        upstream = UpstreamEntry(slots.number, spine_address[0], spine_address[1], port_of(spine_address), slots.mgid,
-                                 slots.pool_base, slots.pool_size, mac_of(spine_address), source[0], source[1])
+        upstream = UpstreamEntry(slots.number, spine_address[0], spine_address[1], leaf_port_of(spine_address),
+                                 slots.mgid, slots.pool_base, slots.pool_size, leaf_mac_of(spine_address), *source)
         plan.programs.append(replace(program, upstream=upstream))
         plan.switch_of.update(dict.fromkeys(racks[i], tuple(leaf.address)))
     return plan

@@ -5,24 +5,55 @@
 
 Sums ``make_input(seed + i, rank, size_i, dtype_i)`` (``tests/mpworkers.py``) for each i and
 saves the results as ``r0``, ``r1``, ... in FILE.npz, with the worker's counters; on failure
-it writes the error to FILE.npz.err and exits 1.
+it writes the error to FILE.npz.err and exits 1. ``run_on_hosts`` starts one such rank on every
+worker host of a Mininet network and collects the results.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(TESTS.parent))
 
 from mpworkers import make_input  # noqa: E402
 
 from switchml import Worker  # noqa: E402
+
+
+def run_on_hosts(net: Any, endpoint: str, job: str, workdir: Path, seed: int, sizes: Sequence[int],
+                 dtypes: Sequence[str], timeout: float = 240.0) -> list[dict]:
+    """One rank of this script on each of ``net.hosts`` (an ``emulation.mininet`` network), in
+    rank order; each rank's saved results (``r0``, ``r1``, ..., its counters) once all have exited 0.
+    A rank that fails fails the caller's test with its error or its log's tail."""
+    from emulation.spawn import child_env
+
+    env = child_env({"OMP_NUM_THREADS": "1"})
+    env["PYTHONPATH"] += os.pathsep + str(TESTS)
+    procs = []
+    for rank, host in enumerate(net.hosts):
+        out = workdir / f"{job}-r{rank}.npz"
+        args = [sys.executable, str(TESTS / "host_allreduce.py"), "--controller", endpoint, "--job", job,
+                "--rank", str(rank), "--world-size", str(len(net.hosts)), "--sizes", ",".join(map(str, sizes)),
+                "--dtypes", ",".join(dtypes), "--seed", str(seed), "--out", str(out)]
+        procs.append((net.popen(host, args, env=env, log_path=str(workdir / f"{job}-r{rank}.log")), out))
+    results = []
+    for rank, (proc, out) in enumerate(procs):
+        code = proc.wait(timeout=timeout)
+        err = Path(str(out) + ".err")
+        assert code == 0, err.read_text() if err.exists() else (workdir / f"{job}-r{rank}.log").read_text()[-3000:]
+        with np.load(out) as saved:
+            results.append({key: saved[key] for key in saved.files})
+    return results
 
 
 def main() -> int:

@@ -15,13 +15,13 @@ adds /opt/p4/bin where it exists); skipped, with the reason, otherwise.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from host_allreduce import run_on_hosts
 from mpworkers import assert_within_quantization_bound, expected_sum
 
 from emulation.mininet import CONTROLLER_HOST_IP, StarNetwork, bmv2_problem, worker_ip
@@ -45,28 +45,11 @@ def star():
 
 
 def _env() -> dict[str, str]:
-    env = child_env({"OMP_NUM_THREADS": "1"})
-    env["PYTHONPATH"] += os.pathsep + str(REPO / "tests")  # host_allreduce.py
-    return env
+    return child_env({"OMP_NUM_THREADS": "1"})
 
 
 def _allreduce_on_hosts(star: StarNetwork, endpoint: str, job: str, workdir: Path, seed: int) -> list[dict]:
-    """One rank per worker host; returns each rank's saved results."""
-    procs = []
-    for rank, host in enumerate(star.hosts):
-        out = workdir / f"{job}-r{rank}.npz"
-        args = [sys.executable, str(REPO / "tests" / "host_allreduce.py"), "--controller", endpoint, "--job", job,
-                "--rank", str(rank), "--world-size", str(N), "--sizes", ",".join(map(str, SIZES)),
-                "--dtypes", ",".join(DTYPES), "--seed", str(seed), "--out", str(out)]
-        procs.append((star.popen(host, args, env=_env(), log_path=str(workdir / f"{job}-r{rank}.log")), out))
-    results = []
-    for rank, (proc, out) in enumerate(procs):
-        code = proc.wait(timeout=240)
-        err = Path(str(out) + ".err")
-        assert code == 0, err.read_text() if err.exists() else (workdir / f"{job}-r{rank}.log").read_text()[-3000:]
-        with np.load(out) as saved:
-            results.append({key: saved[key] for key in saved.files})
-    return results
+    return run_on_hosts(star, endpoint, job, workdir, seed, SIZES, DTYPES)
 
 
 def test_workers_on_hosts_get_exact_sums_through_bmv2_and_the_same_bits_under_loss(star, tmp_path):

@@ -83,6 +83,10 @@ def test_deploy_explains_what_it_is_missing(capsys, tmp_path):
     assert code == 1 and "--switch-address" in err
     code, err = run_main(capsys, "--target", "emulator", "--grpc", grpc, "-k", "100")
     assert code == 1 and "-k 100" in err
+    code, err = run_main(capsys, "--target", "tofino", "--grpc", grpc, "--leaf-role")
+    assert code == 1 and "--leaf-role with --target tofino" in err and "BMv2" in err
+    code, err = run_main(capsys, "--target", "bmv2", "--grpc", grpc, "--config", str(config), "--leaf-role")
+    assert code == 1 and "--ports" in err  # a leaf forwards its rack's and the spine's traffic from its port map
     code, err = run_main(capsys, "--target", "emulator", "--grpc", grpc, "--timeout", "1")
     assert code == 1 and "--control-host *: other hosts can reach" in err and "--secret-file" in err  # secure by default
     code, err = run_main(capsys, "--target", "emulator", "--grpc", grpc, "--timeout", "1", "--insecure")
@@ -95,6 +99,9 @@ def test_compile_builds_the_bmv2_json(tmp_path):
 
     p4info, config = compile_bmv2(tmp_path)
     assert p4info.is_file() and config.read_bytes().startswith(b"{")
+    leaf_p4info, leaf_config = compile_bmv2(tmp_path, leaf_role=True)  # the leaf build, beside the flat one
+    assert leaf_config != config and b"upstream" in leaf_config.read_bytes() and b"upstream" not in config.read_bytes()
+    assert "SwitchIngress.upstream" in leaf_p4info.read_text()
 
 
 # ------------------------------------------------------------------------ the emulator target

@@ -601,13 +601,32 @@ def test_switchml_switch_emulate_with_leaf_runs_a_tree_of_three_processes():
     assert "spine of a tree of 2 leaves" in logs, logs[-2000:]
 
 
+def test_a_leaf_with_its_own_port_map_gets_its_ports_and_macs_from_it():
+    """A P4 leaf's replicas and upstream entry use its port map; the spine keeps the controller's."""
+    targets = [InProcessTarget(SoftwareSwitch(pool_size=32, dataplane="python")) for _ in range(2)]
+    spine = ("10.255.255.254", 48864)
+    own = {"10.0.0.1": (1, "02:00:00:00:00:01"), "10.0.1.1": (2, "02:00:00:00:00:02"), spine[0]: (3, "02:aa:00:00:00:fe")}
+    tree = Tree([Leaf(targets[1], ("10.1.0.1", 48870), hosts={"10.0.0.1", "10.0.1.1"},
+                      port_of=lambda a: own[a[0]][0], mac_of=lambda a: own[a[0]][1])])
+    plan = tree_plan(tree, targets[0], spine, JobSlots(JOB, MGID, BASE, POOL),
+                     {0: ("10.0.0.1", 5000), 1: ("10.0.1.1", 5000)}, lambda a: 9, lambda a: MAC)
+    spine_program, leaf = plan.programs
+    assert [(r.port, r.mac) for r in leaf.replicas] == [own["10.0.0.1"], own["10.0.1.1"]]
+    assert (leaf.upstream.port, leaf.upstream.mac) == own[spine[0]]
+    assert [(r.port, r.mac) for r in spine_program.replicas] == [(9, MAC)]
+
+
 def test_emulate_refuses_a_bad_leaf_spec_naming_the_field():
     from emulation.tree import LeafSpec, parse_leaf_spec
 
     assert parse_leaf_spec("p4runtime=h:1,data=10.0.0.1:5,uplink=10.9.0.1:6,hosts=10.0.0.2+10.0.0.3") == LeafSpec(
         "h:1", ("10.0.0.1", 5), ("10.9.0.1", 6), ("10.0.0.2", "10.0.0.3"))
+    assert parse_leaf_spec("p4runtime=unix:/run/l0.sock,data=10.1.0.1:48870,kind=bmv2,ports=l0.json") == LeafSpec(
+        "unix:/run/l0.sock", ("10.1.0.1", 48870), None, (), "bmv2", "l0.json")
     for bad, why in (("data=10.0.0.1:5", "no p4runtime="), ("p4runtime=h:1,data=10.0.0.1:0", "data='10.0.0.1:0'"),
-                     ("p4runtime=h:1,data=a:2,color=red", "field 'color=red'")):
+                     ("p4runtime=h:1,data=a:2,color=red", "field 'color=red'"),
+                     ("p4runtime=h:1,data=a:2,kind=tofino", "kind='tofino': expected one of software, bmv2"),
+                     ("p4runtime=h:1,data=a:2,kind=bmv2", "kind=bmv2 needs ports=FILE")):
         with pytest.raises(ValueError, match=why):
             parse_leaf_spec(bad)
     proc = subprocess.run([sys.executable, "-m", "emulation.cli", "emulate", "--leaf", "p4runtime=x,data=127.0.0.1:5"],
