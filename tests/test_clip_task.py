@@ -18,6 +18,7 @@ from switchml.net import free_port
 from trainer.data.scenes import SceneConfig, SceneDataset, SceneGenerator
 from trainer.tasks.base import StageContext
 from trainer.tasks.clip import (
+    ClipSpec,
     ClipStage,
     ClipTask,
     build_model,
@@ -192,6 +193,10 @@ def test_evaluate_finish_and_reload(tmp_path):
 
     loaded, tok, spec = load_checkpoint(tmp_path / "clip_model.pt")
     assert spec.method == "negclip" and spec.tokenizer == "word"
+    assert spec.distractors == stage.generator().config.distractors == 1  # the benchmark is the run's own
+    assert ClipSpec.from_dict({k: v for k, v in spec.to_dict().items() if k != "distractors"}).distractors == 0
+    # an evaluation on the first benchmark's scenes (no distractor) is another benchmark, and says so
+    assert evaluate_clip_checkpoint(tmp_path / "clip_model.pt", eval_scenes=12, distractors=0)[0] != metrics
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values(),
                                                  strict=True))
     assert evaluate_clip_checkpoint(tmp_path / "clip_model.pt", eval_scenes=12)[0] == metrics
@@ -237,5 +242,13 @@ def test_switchml_eval_compares_runs(tmp_path):
     single = ClipTask().evaluate_checkpoint(parser.parse_args(["--ckpt", str(tmp_path / "clip"),
                                                                "--eval-scenes", "12"]))
     assert single == results["clip"]
+    # runs named METHOD@SEED (--ckpt takes a name too): the report summarises each method over its seeds
+    seeded = ClipTask().evaluate_checkpoint(parser.parse_args([
+        "--ckpt", f"clip@0={tmp_path / 'clip'}", "--compare", f"clip@1={tmp_path / 'clip'}",
+        "--compare", f"tripletclip@0={tmp_path / 'tripletclip'}", "--eval-scenes", "12",
+        "--report", str(tmp_path / "seeded")]))
+    assert list(seeded) == ["clip@0", "clip@1", "tripletclip@0"] and seeded["clip@1"] == results["clip"]
+    assert (tmp_path / "seeded" / "clip_methods.md").read_text().startswith(
+        "| metric | clip (n=2) | tripletclip (n=1) | tripletclip - clip |")
     with pytest.raises(FileNotFoundError):
         ClipTask().evaluate_checkpoint(parser.parse_args(["--ckpt", str(tmp_path / "nothing")]))

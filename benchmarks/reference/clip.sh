@@ -1,34 +1,46 @@
 #!/usr/bin/env bash
-# The CLIP reference run (issue 8): CLIP, NegCLIP and TripletCLIP at equal compute, each
-# trained through the software switch on loopback with 4 workers, then TripletCLIP again
-# with DDP's allreduce; then switchml-eval clip compares them (markdown table, bar chart).
+# The CLIP reference run (issues 8 and 20): CLIP, NegCLIP and TripletCLIP at equal compute, each
+# trained with every seed of SEEDS through the software switch on loopback with 4 workers, then
+# TripletCLIP again at the first seed with DDP's allreduce (the switch's parity); then
+# switchml-eval clip compares them: per method the mean and the seeds' range, each method's
+# difference to CLIP seed by seed, every run's metrics (markdown), and a bar chart.
 #
-#   bash benchmarks/reference/clip.sh [STEPS] [OUT]      # defaults: 2000 steps, runs/clip_reference
+#   bash benchmarks/reference/clip.sh [STEPS] [OUT]      # defaults: 500 steps, runs/clip_reference
+#   SEEDS="0 1 2" DISTRACTORS=1 bash benchmarks/reference/clip.sh
 #
 # Equal compute: TripletCLIP uses --triplet-mode alternate (one half of its objective per
-# step), so every method encodes the same number of images per step. Results (the report
-# and every run's final_metrics.json) are copied to benchmarks/results/clip_reference/.
+# step), so every method encodes the same number of images per step. The scenes have
+# DISTRACTORS unmentioned objects each (trainer/data/scenes.py; 0: the first benchmark). Results
+# (the report, metrics.json and every run's final_metrics.json) go to benchmarks/results/clip_reference/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-STEPS=${1:-2000}
+STEPS=${1:-500}
 OUT=${2:-runs/clip_reference}
+SEEDS=${SEEDS:-"0 1 2"}
+DISTRACTORS=${DISTRACTORS:-1}
 BIN=${SWITCHML_BIN:-.venv/bin}
-RESULTS=benchmarks/results/clip_reference
-COMMON=(--workers 4 --steps "$STEPS" --seed 0 --no-progress)
+RESULTS=${RESULTS:-benchmarks/results/clip_reference}
+COMMON=(--workers 4 --steps "$STEPS" --distractors "$DISTRACTORS" --no-progress)
 mkdir -p "$OUT" "$RESULTS"
-run() {  # name, then switchml-train options
-  local name=$1
-  shift
-  echo "== $name: switchml-train clip ${COMMON[*]} $* --out $OUT/$name"
-  "$BIN/switchml-train" clip "${COMMON[@]}" "$@" --out "$OUT/$name" > "$OUT/$name.log" 2>&1
-  cp "$OUT/$name/final_metrics.json" "$RESULTS/$name.final_metrics.json"
+RUNS=()
+run() {  # name (method@seed), seed, then switchml-train options
+  local name=$1 seed=$2 dir="$OUT/${1/@/_s}"
+  shift 2
+  echo "== $name: switchml-train clip ${COMMON[*]} --seed $seed $* --out $dir"
+  "$BIN/switchml-train" clip "${COMMON[@]}" --seed "$seed" "$@" --out "$dir" > "$dir.log" 2>&1
+  cp "$dir/final_metrics.json" "$RESULTS/$(basename "$dir").final_metrics.json"
+  RUNS+=("$name=$dir")
 }
-run clip --method clip
-run negclip --method negclip
-run tripletclip --method tripletclip --triplet-mode alternate
-run tripletclip_allreduce --method tripletclip --triplet-mode alternate --comm allreduce
-"$BIN/switchml-eval" clip --ckpt "$OUT/clip" --compare "$OUT/negclip" --compare "$OUT/tripletclip" \
-  --compare "tripletclip-allreduce=$OUT/tripletclip_allreduce" --report "$RESULTS" \
+FIRST=${SEEDS%% *}
+for seed in $SEEDS; do
+  run "clip@$seed" "$seed" --method clip
+  run "tripletclip@$seed" "$seed" --method tripletclip --triplet-mode alternate
+  run "negclip@$seed" "$seed" --method negclip
+done
+run "tripletclip-allreduce@$FIRST" "$FIRST" --method tripletclip --triplet-mode alternate --comm allreduce
+COMPARE=()
+for r in "${RUNS[@]:1}"; do COMPARE+=(--compare "$r"); done
+"$BIN/switchml-eval" clip --ckpt "${RUNS[0]}" "${COMPARE[@]}" --report "$RESULTS" \
   --json "$RESULTS/metrics.json" > "$OUT/eval.log" 2>&1
-echo "steps: $STEPS; command: bash benchmarks/reference/clip.sh $STEPS" > "$RESULTS/COMMAND"
+echo "steps: $STEPS; seeds: $SEEDS; distractors: $DISTRACTORS; command: SEEDS=\"$SEEDS\" DISTRACTORS=$DISTRACTORS bash benchmarks/reference/clip.sh $STEPS" > "$RESULTS/COMMAND"
 echo "report: $RESULTS"

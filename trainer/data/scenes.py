@@ -16,6 +16,14 @@ add-att        a size word is added to an object whose size the caption left out
                is the wrong size (the negative image has the object at that size)
 =============  ==========================================================================
 
+Distractors (``SceneConfig.distractors``, 1 by default): objects in the image that the caption
+does not mention, each of a colour and a shape that the two named objects do not have. They take
+away the shortcut of reading a caption as a bag of words: replace-att and replace-obj then take
+their new colour or shape from a distractor, so the replaced word names something in the image
+and only its binding to the right object is wrong, and a size word may be true of some object in
+the image but not of the one it is bound to. With ``distractors=0`` the scenes are those of the
+first benchmark (replace-att and replace-obj take a colour or shape absent from the image).
+
 Every negative except add-att is *symmetric*: the positive caption is false of the negative
 image as well. add-att cannot be: a caption that leaves the size out is true of the object
 at either size. ``HardNegative.symmetric`` says which; the TripletCLIP loss uses it so that
@@ -103,6 +111,11 @@ NEGATIVE_KINDS: tuple[str, ...] = ("swap-att", "swap-obj", "replace-obj", "repla
 #: holds one object per scene, cycling through all colour-shape pairs.
 SPLITS: dict[str, int] = {"train": 0, "test": 1, "combo": 2, "zeroshot": 3}
 
+#: Distractors per two-object scene by default, and the most that fit (``SceneConfig.distractors``).
+DISTRACTORS, MAX_DISTRACTORS = 1, 2
+#: Tries at placing a distractor (or a re-laid-out pair) clear of the other objects before a new layout.
+_PLACEMENT_TRIES = 100
+
 # Margins in unit coordinates: objects are laid out for the large size, so that a size edit
 # (add-att) never pushes an object off the image or onto the other one.
 _EDGE = max(SIZES.values()) + 0.02
@@ -137,7 +150,8 @@ class SceneObject:
 
 @dataclass(frozen=True)
 class Scene:
-    """One or two objects; ``relation`` is that of ``objects[0]`` to ``objects[1]``."""
+    """One object, or two named ones and then any distractors (never in the caption);
+    ``relation`` is that of ``objects[0]`` to ``objects[1]``."""
 
     objects: tuple[SceneObject, ...]
     relation: str | None = None
@@ -148,8 +162,13 @@ class Scene:
         """The scene's caption (a pure function of the scene)."""
         if len(self.objects) == 1:
             return SINGLE_TEMPLATE.format(a=self.objects[0].phrase())
-        a, b = self.objects
+        a, b = self.objects[:2]
         return TEMPLATES[self.template].format(a=a.phrase(), rel=RELATIONS[self.relation], b=b.phrase())
+
+    @property
+    def distractors(self) -> tuple[SceneObject, ...]:
+        """The objects the caption does not mention."""
+        return self.objects[2:]
 
 
 @dataclass(frozen=True)
@@ -186,6 +205,13 @@ class SceneConfig:
     shapes: tuple[str, ...] = SHAPES
     colours: tuple[str, ...] = tuple(COLOURS)
     held_out: tuple[tuple[str, str], ...] = HELD_OUT
+    #: Unmentioned objects in every two-object scene (module docstring); 0 gives the first benchmark.
+    distractors: int = DISTRACTORS
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.distractors <= MAX_DISTRACTORS:
+            raise ValueError(f"distractors={self.distractors}; expected 0..{MAX_DISTRACTORS} (more do not fit the "
+                             "image beside two named objects)")
 
     def allowed(self, colour: str, shape: str) -> bool:
         """Whether the pair may appear in the train and test splits."""
@@ -232,6 +258,21 @@ def _place(rng: np.random.Generator, relation: str) -> tuple[tuple[float, float]
     if relation in ("left", "right"):
         return (main0, cross0), (main1, cross1)
     return (cross0, main0), (cross1, main1)
+
+
+def _clear(point: tuple[float, float], others: Sequence[tuple[float, float]]) -> bool:
+    """Whether an object at ``point`` keeps ``_MIN_SEP`` from every centre in ``others`` (never touches one)."""
+    return all(np.hypot(point[0] - x, point[1] - y) >= _MIN_SEP for x, y in others)
+
+
+def _place_clear(rng: np.random.Generator, others: Sequence[tuple[float, float]]) -> tuple[float, float] | None:
+    """A centre clear of ``others``, uniform over the image's free area, or None if none is found."""
+    lo, hi = _EDGE, 1.0 - _EDGE
+    for _ in range(_PLACEMENT_TRIES):
+        point = (float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi)))
+        if _clear(point, others):
+            return point
+    return None
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
@@ -425,18 +466,51 @@ class SceneGenerator:
         other = others[rng.integers(len(others))]
         return (held, other) if rng.random() < 0.5 else (other, held)
 
+    def _distractor_pairs(self, rng: np.random.Generator, pair_a: tuple[str, str], pair_b: tuple[str, str],
+                          constrained: bool) -> list[tuple[str, str]] | None:
+        """``config.distractors`` (colour, shape) pairs, in colours and shapes no other object has;
+        ``constrained`` (train, test): each pair, and each pair a replace-att or replace-obj negative
+        makes of it with a named object, is allowed. None when no such pairs exist."""
+        cfg = self.config
+        chosen: list[tuple[str, str]] = []
+        for _ in range(cfg.distractors):
+            used = [pair_a, pair_b, *chosen]
+            options = [(c, s) for c in cfg.colours for s in cfg.shapes
+                       if c not in {u[0] for u in used} and s not in {u[1] for u in used}]
+            if constrained:
+                named = (pair_a, pair_b)
+                options = [(c, s) for c, s in options
+                           if cfg.allowed(c, s) and all(cfg.allowed(c, n[1]) and cfg.allowed(n[0], s) for n in named)]
+            if not options:
+                return None
+            chosen.append(options[rng.integers(len(options))])
+        return chosen
+
     def _positive(self, split: str, rng: np.random.Generator) -> Scene:
-        pair_a, pair_b = self._objects_combo(rng) if split == "combo" else self._objects_train(rng)
+        while True:
+            pair_a, pair_b = self._objects_combo(rng) if split == "combo" else self._objects_train(rng)
+            distractor_pairs = self._distractor_pairs(rng, pair_a, pair_b, constrained=split != "combo")
+            if distractor_pairs is not None:
+                break
         relation = str(rng.choice(list(RELATIONS)))
-        p0, p1 = _place(rng, relation)
-        sizes = rng.choice(list(SIZES), size=2)
+        while True:
+            p0, p1 = _place(rng, relation)
+            placed: list[tuple[float, float]] = [p0, p1]
+            for _ in distractor_pairs:
+                point = _place_clear(rng, placed)
+                if point is None:
+                    break
+                placed.append(point)
+            if len(placed) == 2 + len(distractor_pairs):
+                break
+        sizes = rng.choice(list(SIZES), size=2 + len(distractor_pairs))
         # Name the size of no object, the first or the second, so that a caption's length
         # tells nothing about whether it is an add-att negative.
         mention = int(rng.integers(3))
         objs = tuple(
             SceneObject(shape=pair[1], colour=pair[0], size=str(sz), x=float(p[0]), y=float(p[1]),
                         size_mentioned=(mention == k + 1))
-            for k, (pair, sz, p) in enumerate(((pair_a, sizes[0], p0), (pair_b, sizes[1], p1)))
+            for k, (pair, sz, p) in enumerate(zip((pair_a, pair_b, *distractor_pairs), sizes, placed, strict=True))
         )
         return Scene(objects=objs, relation=relation, template=int(rng.integers(len(TEMPLATES))))
 
@@ -453,17 +527,26 @@ class SceneGenerator:
     # -- negatives
 
     def _negatives(self, scene: Scene, rng: np.random.Generator, constrained: bool) -> dict[str, HardNegative]:
-        """The six hard negatives of a two-object scene (each with the scene it describes)."""
+        """The six hard negatives of a two-object scene (each with the scene it describes).
+
+        The distractors stay as they are in every negative image; with distractors, replace-obj
+        and replace-att take a distractor's shape or colour (the word then names something in the
+        image), else a shape or colour absent from it.
+        """
         cfg = self.config
 
         def allowed(colour: str, shape: str) -> bool:
             return cfg.allowed(colour, shape) if constrained else True
 
-        a, b = scene.objects
+        a, b = scene.objects[:2]
+        distractors = scene.distractors
         out: dict[str, HardNegative] = {}
 
         def with_objects(na: SceneObject, nb: SceneObject, **kw: Any) -> Scene:
-            return replace(scene, objects=(na, nb), **kw)
+            return replace(scene, objects=(na, nb, *distractors), **kw)
+
+        def replacements(present: list[str], every: Sequence[str], named: tuple[str, str]) -> list[str]:
+            return present if distractors else [x for x in every if x not in named]
 
         if a.colour != b.colour and allowed(b.colour, a.shape) and allowed(a.colour, b.shape):
             out["swap-att"] = HardNegative("swap-att", with_objects(replace(a, colour=b.colour),
@@ -472,35 +555,47 @@ class SceneGenerator:
                                                                     replace(b, shape=a.shape)))
         for target in rng.permutation(2):
             obj = scene.objects[target]
-            options = [s for s in cfg.shapes if s not in (a.shape, b.shape) and allowed(obj.colour, s)]
+            options = [s for s in replacements([d.shape for d in distractors], cfg.shapes, (a.shape, b.shape))
+                       if allowed(obj.colour, s)]
             if options:
-                objs = list(scene.objects)
+                objs = [a, b]
                 objs[target] = replace(obj, shape=options[rng.integers(len(options))])
                 out["replace-obj"] = HardNegative("replace-obj", with_objects(*objs))
                 break
         for target in rng.permutation(2):
             obj = scene.objects[target]
-            options = [c for c in cfg.colours if c not in (a.colour, b.colour) and allowed(c, obj.shape)]
+            options = [c for c in replacements([d.colour for d in distractors], cfg.colours, (a.colour, b.colour))
+                       if allowed(c, obj.shape)]
             if options:
-                objs = list(scene.objects)
+                objs = [a, b]
                 objs[target] = replace(obj, colour=options[rng.integers(len(options))])
                 out["replace-att"] = HardNegative("replace-att", with_objects(*objs))
                 break
         new_rel = str(rng.choice([r for r in RELATIONS if r != scene.relation]))
-        if new_rel == OPPOSITE[scene.relation]:
+        layout = None
+        if new_rel != OPPOSITE[scene.relation]:
+            others = [(d.x, d.y) for d in distractors]
+            for _ in range(_PLACEMENT_TRIES):
+                pa, pb = _place(rng, new_rel)
+                if _clear(pa, others) and _clear(pb, others):
+                    layout = (pa, pb)
+                    break
+            else:  # no layout of this relation clears the distractors: the mirror relation instead
+                new_rel = OPPOSITE[scene.relation]
+        if layout is None:
             # Exchanging the positions gives the mirror relation with the same pixels moved:
             # the hardest image negative, nothing but the layout tells them apart.
             pa, pb = (b.x, b.y), (a.x, a.y)
         else:
-            pa, pb = _place(rng, new_rel)
+            pa, pb = layout
         out["replace-rel"] = HardNegative("replace-rel", with_objects(
             replace(a, x=float(pa[0]), y=float(pa[1])), replace(b, x=float(pb[0]), y=float(pb[1])), relation=new_rel))
-        unmentioned = [k for k, o in enumerate(scene.objects) if not o.size_mentioned]
+        unmentioned = [k for k, o in enumerate((a, b)) if not o.size_mentioned]
         if unmentioned:
             target = unmentioned[rng.integers(len(unmentioned))]
             obj = scene.objects[target]
             other = next(s for s in SIZES if s != obj.size)
-            objs = list(scene.objects)
+            objs = [a, b]
             objs[target] = replace(obj, size=other, size_mentioned=True)
             # The positive caption leaves this size out, so it is true of the negative image.
             out["add-att"] = HardNegative("add-att", with_objects(*objs), symmetric=False)

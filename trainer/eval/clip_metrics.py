@@ -310,6 +310,54 @@ def results_table(results: Mapping[str, Mapping[str, float]], metrics: Sequence[
     return "\n".join(lines) + "\n"
 
 
+#: Separates a method from its training seed in a run's name (``clip@1``): runs so named are
+#: summarised per method over their seeds (``seed_summary``).
+SEED_SEPARATOR = "@"
+
+
+def seed_groups(results: Mapping[str, Mapping[str, float]]) -> dict[str, list[str]]:
+    """Run names by method (the part before ``SEED_SEPARATOR``), in the order first seen."""
+    groups: dict[str, list[str]] = {}
+    for name in results:
+        groups.setdefault(name.split(SEED_SEPARATOR, 1)[0], []).append(name)
+    return groups
+
+
+def seed_summary(results: Mapping[str, Mapping[str, float]],
+                 metrics: Sequence[str] | None = None) -> dict[str, dict[str, tuple[float, float, float]]]:
+    """Per method (``seed_groups``) and metric: (mean, min, max) over its seeds' runs."""
+    groups = seed_groups(results)
+    if metrics is None:
+        metrics = [m for m in SUMMARY_METRICS if all(m in r for r in results.values())]
+    return {method: {m: (float(np.mean(v)), float(np.min(v)), float(np.max(v)))
+                     for m in metrics for v in [[results[n][m] for n in names]]}
+            for method, names in groups.items()}
+
+
+def seed_table(results: Mapping[str, Mapping[str, float]], baseline: str | None = None,
+               metrics: Sequence[str] | None = None) -> str:
+    """A markdown table of ``seed_summary``: mean (min..max) per method, and for each other method
+    its difference to ``baseline`` (default: the first method), seed by seed where both ran the
+    same seeds: mean difference (min..max), so that a difference beyond the spread shows as such."""
+    summary = seed_summary(results, metrics)
+    methods = list(summary)
+    baseline = baseline or methods[0]
+    groups = seed_groups(results)
+    seeds = {m: {n.split(SEED_SEPARATOR, 1)[1] if SEED_SEPARATOR in n else "": n for n in groups[m]} for m in methods}
+    others = [m for m in methods if m != baseline]
+    head = ["metric", *(f"{m} (n={len(groups[m])})" for m in methods), *(f"{m} - {baseline}" for m in others)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for metric in summary[baseline]:
+        cells = [metric] + [f"{mean:.3f} ({lo:.3f}..{hi:.3f})" for mean, lo, hi in
+                            (summary[m][metric] for m in methods)]
+        for m in others:
+            common = sorted(set(seeds[m]) & set(seeds[baseline]))
+            diffs = [results[seeds[m][k]][metric] - results[seeds[baseline][k]][metric] for k in common]
+            cells.append(f"{np.mean(diffs):+.3f} ({min(diffs):+.3f}..{max(diffs):+.3f})" if diffs else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_results(results: Mapping[str, Mapping[str, float]], path: str | Path,
                  metrics: Sequence[str] | None = None, chance: Mapping[str, float] | None = None,
                  title: str = "CLIP methods on held-out compositional scenes") -> Path:
@@ -320,15 +368,21 @@ def plot_results(results: Mapping[str, Mapping[str, float]], path: str | Path,
         matplotlib.use("Agg")  # no display on the training machines
         import matplotlib.pyplot as plt
 
-    methods = list(results)
     if metrics is None:
         metrics = [m for m in SUMMARY_METRICS if all(m in r for r in results.values())]
+    # Runs of several seeds (``clip@0``, ``clip@1``): one bar per method at the mean, the seeds' range as error bars.
+    summary = seed_summary(results, metrics)
+    methods = list(summary)
     x = np.arange(len(metrics))
     width = 0.8 / max(1, len(methods))
     fig, ax = plt.subplots(figsize=(max(8.0, 0.8 * len(metrics) + 2), 4.5))
     for j, meth in enumerate(methods):
-        vals = [results[meth].get(m, np.nan) for m in metrics]
-        ax.bar(x - 0.4 + width * (j + 0.5), vals, width, label=meth)
+        stats = [summary[meth][m] for m in metrics]
+        means = [mean for mean, _, _ in stats]
+        spread = np.array([[mean - lo for mean, lo, _ in stats], [hi - mean for mean, _, hi in stats]])
+        seeds = len(seed_groups(results)[meth])
+        ax.bar(x - 0.4 + width * (j + 0.5), means, width, label=meth if seeds == 1 else f"{meth} ({seeds} seeds)",
+               yerr=spread if seeds > 1 else None, capsize=2)
     if chance is not None:
         for xi, m in zip(x, metrics, strict=True):
             if m in chance:
@@ -352,10 +406,14 @@ def plot_results(results: Mapping[str, Mapping[str, float]], path: str | Path,
 def write_comparison(results: Mapping[str, Mapping[str, float]], out_dir: str | Path, name: str = "clip_methods",
                      chance: Mapping[str, float] | None = None,
                      metrics: Sequence[str] | None = None) -> tuple[Path, Path]:
-    """Write ``<name>.md`` (table) and ``<name>.png`` (bar chart) of several methods into ``out_dir``."""
+    """Write ``<name>.md`` (table) and ``<name>.png`` (bar chart) of several methods into ``out_dir``;
+    runs named by seed (``clip@0``, ...) also get the per-method table over seeds (``seed_table``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md = out / f"{name}.md"
-    md.write_text(results_table(results, metrics, chance))
+    text = results_table(results, metrics, chance)
+    if any(len(names) > 1 for names in seed_groups(results).values()):
+        text = seed_table(results, metrics=metrics) + "\n" + text
+    md.write_text(text)
     png = plot_results(results, out / f"{name}.png", metrics, chance)
     return md, png

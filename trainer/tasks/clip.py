@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ from torch.utils.data import Dataset
 
 from switchml.extras import needs
 from trainer.data.scenes import (
+    DISTRACTORS,
     NEGATIVE_KINDS,
     CsvImageText,
     SceneConfig,
@@ -91,6 +93,8 @@ class ClipSpec:
     tokenizer: str = "word"  #: ``word`` (closed vocabulary) or ``bpe`` (open_clip's SimpleTokenizer)
     vocab: list[str] | None = None  #: the word tokenizer's words, stored so a checkpoint decodes alike
     scene_seed: int = 0  #: the generator seed of the training scenes (evaluation uses its held-out splits)
+    #: unmentioned objects per scene (``SceneConfig.distractors``); 0 in checkpoints older than the option
+    distractors: int = 0
     method: str = "clip"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -376,6 +380,7 @@ class ClipStage(Stage):
             model_cfg = small_model_cfg(args.embed_dim, args.image_size, args.patch_size, args.width, args.layers,
                                         args.heads, args.context_length, vocab_size)
         return ClipSpec(model_cfg=model_cfg, tokenizer=tokenizer, vocab=vocab, scene_seed=args.scene_seed,
+                        distractors=args.distractors,
                         method=args.method, extra={"triplet_mode": args.triplet_mode})
 
     # -- model
@@ -403,7 +408,7 @@ class ClipStage(Stage):
         return build_tokenizer(self.spec)
 
     def generator(self) -> SceneGenerator:
-        return SceneGenerator(SceneConfig(image_size=self.spec.image_size), seed=self.spec.scene_seed)
+        return scene_generator(self.spec.image_size, self.spec.scene_seed, self.spec.distractors)
 
     # -- data
 
@@ -498,6 +503,9 @@ class ClipTask(Task):
         g.add_argument("--train-scenes", type=int, default=20000, help="synthetic: training scenes")
         g.add_argument("--scene-seed", type=int, default=0,
                        help="synthetic: generator seed (the same for every method, so they see the same data)")
+        g.add_argument("--distractors", type=int, default=DISTRACTORS,
+                       help="synthetic: objects in each scene that its caption does not mention, so that a bag of "
+                            "words cannot tell a caption from its hard negatives (0: the first benchmark's scenes)")
         g.add_argument("--negative-kinds", default=",".join(NEGATIVE_KINDS),
                        help="synthetic: comma-separated hard negative kinds to train on")
         g.add_argument("--eval-scenes", type=int, default=200, help="held-out scenes per compositional category")
@@ -516,30 +524,36 @@ class ClipTask(Task):
     def add_eval_arguments(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--eval-scenes", type=int, default=200, help="held-out scenes per compositional category")
         parser.add_argument("--scene-seed", type=int, default=None, help="benchmark seed (default: the run's)")
+        parser.add_argument("--distractors", type=int, default=None,
+                            help="unmentioned objects per benchmark scene (default: the run's)")
         parser.add_argument("--device", default="cpu")
         parser.add_argument("--compare", action="append", default=[], metavar="[NAME=]RUN",
-                            help="another run (folder or checkpoint) to evaluate beside --ckpt; repeatable")
+                            help="another run (folder or checkpoint) to evaluate beside --ckpt (which also takes "
+                                 "NAME=RUN); repeatable. Runs named METHOD@SEED are also summarised per method "
+                                 "over their seeds in the --report")
         parser.add_argument("--report", default=None,
                             help="folder for a markdown table and a bar chart (PNG) of the runs side by side")
         parser.add_argument("--report-name", default="clip_methods", help="file name stem of the report")
 
     def evaluate_checkpoint(self, args: argparse.Namespace) -> dict[str, Any]:
         """Metrics of ``--ckpt`` (flat), or with ``--compare`` of every run (``{name: metrics}``)."""
-        runs: list[tuple[str | None, str]] = [(None, args.ckpt)]
-        for item in getattr(args, "compare", []) or []:
+        runs: list[tuple[str | None, str]] = []
+        for item in [args.ckpt, *(getattr(args, "compare", []) or [])]:
             name, sep, path = item.partition("=")
-            runs.append((name, path) if sep else (None, item))
+            runs.append((name, path) if sep and os.sep not in name else (None, item))
         evaluated = []
         for name, path in runs:
-            metrics, spec = evaluate_clip_checkpoint(path, args.eval_scenes, args.device, args.scene_seed)
+            metrics, spec = evaluate_clip_checkpoint(path, args.eval_scenes, args.device, args.scene_seed,
+                                                     args.distractors)
             evaluated.append((name, Path(resolve_checkpoint(path)), spec, metrics))
         names = _run_names([(n, p, s) for n, p, s, _ in evaluated])
         results = {name: metrics for name, (*_, metrics) in zip(names, evaluated, strict=True)}
         if getattr(args, "report", None):
             spec = evaluated[0][2]
             seed = spec.scene_seed if args.scene_seed is None else args.scene_seed
-            md, png = write_comparison(results, args.report, args.report_name,
-                                       chance=chance_levels(_benchmark(spec.image_size, seed, args.eval_scenes)))
+            distractors = spec.distractors if args.distractors is None else args.distractors
+            md, png = write_comparison(results, args.report, args.report_name, chance=chance_levels(
+                _benchmark(spec.image_size, seed, args.eval_scenes, distractors)))
             log.info("wrote %s and %s", md, png)
         return results if len(results) > 1 else next(iter(results.values()))
 
@@ -564,27 +578,35 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return p
 
 
-_BENCHES: dict[tuple[int, int, int], ClipBenchmark] = {}
+_BENCHES: dict[tuple[int, int, int, int], ClipBenchmark] = {}
 
 
-def _benchmark(image_size: int, seed: int, eval_scenes: int) -> ClipBenchmark:
+def scene_generator(image_size: int, seed: int, distractors: int) -> SceneGenerator:
+    """The scenes of a run: its image size, its generator seed and its distractors."""
+    return SceneGenerator(SceneConfig(image_size=image_size, distractors=distractors), seed=seed)
+
+
+def _benchmark(image_size: int, seed: int, eval_scenes: int, distractors: int) -> ClipBenchmark:
     """The held-out benchmark for these settings, built once per process (runs compared share it)."""
-    key = (image_size, seed, eval_scenes)
+    key = (image_size, seed, eval_scenes, distractors)
     if key not in _BENCHES:
-        gen = SceneGenerator(SceneConfig(image_size=image_size), seed=seed)
+        gen = scene_generator(image_size, seed, distractors)
         _BENCHES[key] = build_benchmark(gen, n_per_kind=eval_scenes, n_retrieval=min(eval_scenes, 200))
     return _BENCHES[key]
 
 
 def evaluate_clip_checkpoint(path: str | Path, eval_scenes: int = 200, device: torch.device | str = "cpu",
-                             scene_seed: int | None = None) -> tuple[dict[str, float], ClipSpec]:
+                             scene_seed: int | None = None,
+                             distractors: int | None = None) -> tuple[dict[str, float], ClipSpec]:
     """All held-out metrics of a saved model (a run folder or a checkpoint file), and its spec.
 
-    The benchmark comes from the checkpoint's own scene seed unless ``scene_seed`` is given:
-    its ``test`` and ``combo`` splits are streams the training split never drew from.
+    The benchmark comes from the checkpoint's own scene seed and distractors unless
+    ``scene_seed`` or ``distractors`` is given: its ``test`` and ``combo`` splits are streams
+    the training split never drew from.
     """
     model, tok, spec = load_checkpoint(resolve_checkpoint(path), device)
-    bench = _benchmark(spec.image_size, spec.scene_seed if scene_seed is None else scene_seed, eval_scenes)
+    bench = _benchmark(spec.image_size, spec.scene_seed if scene_seed is None else scene_seed, eval_scenes,
+                       spec.distractors if distractors is None else distractors)
     return evaluate_scorer(model_scorer(model, tok, device), bench), spec
 
 
