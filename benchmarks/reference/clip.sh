@@ -5,7 +5,7 @@
 # switchml-eval clip compares them: per method the mean and the seeds' range, each method's
 # difference to CLIP seed by seed, every run's metrics (markdown), and a bar chart.
 #
-#   bash benchmarks/reference/clip.sh [STEPS] [OUT]      # defaults: 500 steps, runs/clip_reference
+#   bash benchmarks/reference/clip.sh [STEPS] [OUT]      # defaults: 1000 steps, runs/clip_reference
 #   SEEDS="0 1 2" DISTRACTORS=1 bash benchmarks/reference/clip.sh
 #
 # Equal compute: TripletCLIP uses --triplet-mode alternate (one half of its objective per
@@ -14,7 +14,7 @@
 # (the report, metrics.json and every run's final_metrics.json) go to benchmarks/results/clip_reference/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-STEPS=${1:-500}
+STEPS=${1:-1000}
 OUT=${2:-runs/clip_reference}
 SEEDS=${SEEDS:-"0 1 2"}
 DISTRACTORS=${DISTRACTORS:-1}
