@@ -215,6 +215,16 @@ class _Network:
         """Every node that forwards or receives packets (the loss rules go to each)."""
         return [*self.hosts, self.switch]
 
+    def _start_bmv2(self, node: Any, ports: dict[int, str], socket_path: Path, log_path: Path) -> subprocess.Popen:
+        """``simple_switch_grpc`` on ``node`` (BMv2 port -> interface), serving P4Runtime on the Unix
+        socket ``socket_path`` (reachable from every namespace), once that socket exists."""
+        socket_path.unlink(missing_ok=True)
+        interfaces = [arg for port, intf in ports.items() for arg in ("-i", f"{port}@{intf}")]
+        bmv2 = self.popen(node, ["simple_switch_grpc", "--device-id", str(BMV2_DEVICE_ID), "--no-p4", *interfaces,
+                                 "--", "--grpc-server-addr", f"unix:{socket_path}"], log_path=str(log_path))
+        _wait_for(socket_path.exists, bmv2, log_path, 30, f"simple_switch_grpc on {node.name} did not open {socket_path}")
+        return bmv2
+
     def stop(self) -> None:
         """Kill the processes started here (by PID), remove loss rules, then ``net.stop()``."""
         for proc in self._procs:
@@ -362,7 +372,9 @@ class StarNetwork(_Network):
     def _configure(self) -> None:
         sw = self.switch
         bmv2 = self.switch_kind == "bmv2"
-        if not bmv2:  # (BMv2: _bmv2_owns below)
+        if bmv2:
+            _check(sw, "sysctl -qw net.ipv4.ip_forward=0")  # BMv2 forwards, the host's kernel must not
+        else:
             _check(sw, f"ip addr add {SWITCH_IP}/32 dev lo")
             _route_ip(sw)
         for i, host, h_if, s_if in self._links():
@@ -401,13 +413,8 @@ class StarNetwork(_Network):
         workdir = Path(workdir).resolve()
         workdir.mkdir(parents=True, exist_ok=True)
         socket_path = workdir / "p4runtime.sock"
-        socket_path.unlink(missing_ok=True)
-        interfaces = [arg for i, _, _, s_if in self._links() for arg in ("-i", f"{bmv2_port(i)}@{s_if}")]
-        bmv2_log = workdir / "simple_switch_grpc.log"
-        bmv2 = self.popen(self.switch, ["simple_switch_grpc", "--device-id", str(BMV2_DEVICE_ID), "--no-p4",
-                                        *interfaces, "--", "--grpc-server-addr", f"unix:{socket_path}"],
-                          log_path=str(bmv2_log))
-        _wait_for(lambda: socket_path.exists(), bmv2, bmv2_log, 30, f"simple_switch_grpc did not open {socket_path}")
+        bmv2 = self._start_bmv2(self.switch, {bmv2_port(i): s_if for i, _, _, s_if in self._links()}, socket_path,
+                                workdir / "simple_switch_grpc.log")
         ports = workdir / "ports.json"
         ports.write_text(json.dumps(self.port_map(), indent=1))
         args = [sys.executable, "-m", "emulation.cli", "deploy", "--target", "bmv2", "--grpc", f"unix:{socket_path}",
@@ -535,6 +542,7 @@ class TreeNetwork(_Network):
         _route_ip(sp)
         for r, leaf in enumerate(self.leaves):
             if bmv2:
+                _check(leaf, "sysctl -qw net.ipv4.ip_forward=0")  # BMv2 forwards, the host's kernel must not
                 _bmv2_owns(leaf, f"l{r}-up", self.mtu, peer=(sp, f"sp-eth{r}"))
             else:
                 _route_ip(leaf)
@@ -612,23 +620,16 @@ class TreeNetwork(_Network):
 
             config = tuple(map(str, compile_bmv2(log_dir / "p4", leaf_role=True)))
         processes, specs = [], []
+        uplink_port = self.per_rack + 1
         for r, leaf in enumerate(self.leaves):
-            uplink_port = self.per_rack + 1
             ports = {worker_ip(i): {"port": j + 1, "mac": self.hosts[i].intf(f"h{i}-eth0").MAC()}
                      for j, i in enumerate(self.rack_hosts(r))}
             ports[SWITCH_IP] = {"port": uplink_port, "mac": self.switch.intf(f"sp-eth{r}").MAC()}
             ports_path = log_dir / f"leaf{r}-ports.json"
             ports_path.write_text(json.dumps(ports, indent=1))
-            interfaces = [arg for j in range(self.per_rack) for arg in ("-i", f"{j + 1}@l{r}-eth{j}")]
-            interfaces += ["-i", f"{uplink_port}@l{r}-up"]
             socket_path = (log_dir / f"leaf{r}.sock").resolve()
-            socket_path.unlink(missing_ok=True)
-            bmv2_log = log_dir / f"leaf{r}.log"
-            bmv2 = self.popen(leaf, ["simple_switch_grpc", "--device-id", str(BMV2_DEVICE_ID), "--no-p4", *interfaces,
-                                     "--", "--grpc-server-addr", f"unix:{socket_path}"], log_path=str(bmv2_log))
-            processes.append(bmv2)
-            _wait_for(lambda path=socket_path: path.exists(), bmv2, bmv2_log, 30,
-                      f"simple_switch_grpc on leaf {r} did not open {socket_path}")
+            interfaces = {j + 1: f"l{r}-eth{j}" for j in range(self.per_rack)} | {uplink_port: f"l{r}-up"}
+            processes.append(self._start_bmv2(leaf, interfaces, socket_path, log_dir / f"leaf{r}.log"))
             setup_log = log_dir / f"leaf{r}-deploy.log"
             setup = self.popen(leaf, [sys.executable, "-m", "emulation.cli", "deploy", "--target", "bmv2", "--leaf-role",
                                       "--grpc", f"unix:{socket_path}", "--device-id", str(BMV2_DEVICE_ID),
@@ -664,11 +665,10 @@ def _route_ip(node: Any) -> None:
 
 
 def _bmv2_owns(node: Any, intf: str, mtu: int, peer: tuple[Any, str]) -> None:
-    """BMv2 runs on ``node``'s ``intf``: the host's kernel must neither route nor answer there (it
-    sees every frame too), so it gets no address and no IPv6; BMv2 reads and writes whole frames,
-    so ``intf`` and its ``peer`` (node, interface) lose their segmentation and checksum offloads
-    (64 KB TCP super-frames, frames whose checksum is unfilled)."""
-    _check(node, "sysctl -qw net.ipv4.ip_forward=0")
+    """BMv2 runs on ``node``'s ``intf``: the host's kernel must not answer there (it sees every frame
+    too; the caller turns its IP forwarding off once per node), so it gets no address and no IPv6;
+    BMv2 reads and writes whole frames, so ``intf`` and its ``peer`` (node, interface) lose their
+    segmentation and checksum offloads (64 KB TCP super-frames, frames whose checksum is unfilled)."""
     _check(node, f"ip addr flush dev {intf}")
     _check(node, f"ip link set dev {intf} mtu {mtu}")
     _check(node, f"sysctl -qw net.ipv6.conf.{intf}.disable_ipv6=1")

@@ -62,8 +62,9 @@ from switchml.p4info import (
     has_leaf_role,
     int_to_ip,
     int_to_mac,
+    upstream_entry,
 )
-from switchml.pipeline import Replica, UpstreamEntry, WorkerEntry
+from switchml.pipeline import Replica, WorkerEntry
 from switchml.security import TLSFiles, is_local_endpoint
 
 with needs("p4", "the software switch's P4Runtime server (emulation.p4runtime_server)"):
@@ -478,10 +479,7 @@ class _Device:
                                              / pipeline.DROP_PROBABILITY_SCALE)
         elif table == pipeline.UPSTREAM_TABLE:
             try:
-                converted = {"ip": int_to_ip(params["ip"]), "src_ip": int_to_ip(params["src_ip"]),
-                             "mac": int_to_mac(params["mac"])}
-                self.switch.add_upstream(UpstreamEntry(key[0], **{
-                    name: converted.get(name, params[name]) for name in pipeline.SET_UPSTREAM_PARAMS}))
+                self.switch.add_upstream(upstream_entry(key[0], params))
             except (ValueError, TypeError) as exc:  # LeafRoleUnsupported is a ValueError
                 raise _invalid(f"{table} job {key[0]}: {exc}") from None
         # FORWARD_TABLE: held for reads only (the software switch forwards no other traffic)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from switchml import defaults
 from switchml.errors import SwitchMLError
-from switchml.p4info import LEAF_P4INFO_FILENAME, P4Info, default_p4info_path, mac_to_int, p4_dir
+from switchml.p4info import P4Info, default_p4info_path, leaf_p4info_path, mac_to_int, p4_dir
 from switchml.pipeline import LEAF_ROLE_DEFINE, P4_K, P4_SUPPORTED_K, SOFTWARE_SWITCH_K
 from switchml.security import TLSFiles, is_local_endpoint
 
@@ -218,7 +218,7 @@ def make_plan(target: str, grpc: str, *, device_id: int = 0, election_id: int = 
         device_config = None if no_push else (_read(config, "--config") if config else b"")
     else:
         raise DeployError(f"--target {target!r}: expected one of {', '.join(TARGETS)}")
-    p4info_path = p4info_path or (p4_dir() / LEAF_P4INFO_FILENAME if leaf_role else default_p4info_path())
+    p4info_path = p4info_path or (leaf_p4info_path() if leaf_role else default_p4info_path())
     supported = SOFTWARE_SWITCH_K if target == "emulator" else P4_SUPPORTED_K
     k = k or (defaults.K if target == "emulator" else P4_K)
     if k not in supported:

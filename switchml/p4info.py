@@ -57,6 +57,11 @@ def default_p4info_path() -> Path:
     return p4_dir() / P4INFO_FILENAME
 
 
+def leaf_p4info_path() -> Path:
+    """``p4/switchml_v1model_leaf.p4info.txtpb``: the leaf role's contract (``with_leaf_role``)."""
+    return p4_dir() / LEAF_P4INFO_FILENAME
+
+
 @dataclass(frozen=True)
 class MatchFieldInfo:
     id: int
@@ -276,7 +281,7 @@ def with_leaf_role() -> P4Info:
     that program; a software switch serving P4Runtime as a leaf serves the same P4Info, so one
     ``P4RuntimeTarget`` given it programs either.
     """
-    return P4Info.load(p4_dir() / LEAF_P4INFO_FILENAME)
+    return P4Info.load(leaf_p4info_path())
 
 
 def has_leaf_role(p4info: P4Info) -> bool:
@@ -324,3 +329,21 @@ def mac_to_int(mac: str) -> int:
 def int_to_mac(value: int) -> str:
     raw = value.to_bytes(6, "big")
     return ":".join(f"{b:02x}" for b in raw)
+
+
+#: ``set_upstream``'s parameters that are addresses: (to a P4Runtime integer, back to text).
+_UPSTREAM_ADDRESSES = {"ip": (ip_to_int, int_to_ip), "src_ip": (ip_to_int, int_to_ip), "mac": (mac_to_int, int_to_mac)}
+
+
+def upstream_params(entry: pipeline.UpstreamEntry) -> dict[str, int]:
+    """``entry`` as ``set_upstream``'s parameters, P4Runtime integers by name (the controller's side)."""
+    return {name: _UPSTREAM_ADDRESSES[name][0](value) if name in _UPSTREAM_ADDRESSES else value
+            for name in pipeline.SET_UPSTREAM_PARAMS for value in [getattr(entry, name)]}
+
+
+def upstream_entry(job: int, params: dict[str, int]) -> pipeline.UpstreamEntry:
+    """``set_upstream``'s parameters of job ``job`` as an ``UpstreamEntry`` (the switch's side);
+    ``ValueError`` when one is out of range."""
+    return pipeline.UpstreamEntry(job, **{
+        name: _UPSTREAM_ADDRESSES[name][1](params[name]) if name in _UPSTREAM_ADDRESSES else params[name]
+        for name in pipeline.SET_UPSTREAM_PARAMS})

@@ -35,6 +35,7 @@ from switchml.p4info import (
     int_to_mac,
     ip_to_int,
     mac_to_int,
+    upstream_params,
 )
 from switchml.pipeline import Replica, UpstreamEntry, WorkerEntry
 from switchml.security import TLSFiles
@@ -416,9 +417,7 @@ class P4RuntimeTarget(SwitchTarget):
     def add_upstream(self, entry: UpstreamEntry) -> None:
         if self._upstream is None:
             super().add_upstream(entry)  # raises, saying why
-        converted = {"ip": ip_to_int(entry.ip), "src_ip": ip_to_int(entry.src_ip), "mac": mac_to_int(entry.mac)}
-        params = {name: converted.get(name, getattr(entry, name)) for name in pipeline.SET_UPSTREAM_PARAMS}
-        te = self._table_entry(self._upstream, (entry.job,), params)
+        te = self._table_entry(self._upstream, (entry.job,), upstream_params(entry))
         self._upsert([self._entity(te)], [f"{pipeline.UPSTREAM_TABLE} job {entry.job} -> set_upstream("
                                           f"{entry.ip}:{entry.udp_port})"])
 

@@ -475,8 +475,8 @@ class SceneGenerator:
         chosen: list[tuple[str, str]] = []
         for _ in range(cfg.distractors):
             used = [pair_a, pair_b, *chosen]
-            options = [(c, s) for c in cfg.colours for s in cfg.shapes
-                       if c not in {u[0] for u in used} and s not in {u[1] for u in used}]
+            used_colours, used_shapes = {c for c, _ in used}, {s for _, s in used}
+            options = [(c, s) for c in cfg.colours for s in cfg.shapes if c not in used_colours and s not in used_shapes]
             if constrained:
                 named = (pair_a, pair_b)
                 options = [(c, s) for c, s in options
