@@ -10,14 +10,18 @@ from trainer.postprocess import (
     AUGMENT_OPS,
     EVAL_POSTPROCESSES,
     Augment,
+    CropSearch,
     apply_postprocess,
     brightness,
     crop_resize,
+    crop_window,
     gaussian_blur,
     jpeg,
     jpeg_approx,
     jpeg_hybrid,
+    misaligned,
     quantize_8bit,
+    uncrop,
 )
 
 torch.set_num_threads(1)
@@ -97,6 +101,53 @@ def test_crop_resize_full_ratio_is_identity_and_crop_zooms():
     assert abs(float(slope) - (1 / 39) * 0.8) < 1e-3
 
 
+def test_uncrop_undoes_a_crop_inside_its_window_and_fills_the_rest_neutrally():
+    ramp = torch.linspace(0, 1, 32)
+    x = (ramp.view(1, 1, 1, 32) * ramp.view(1, 1, 32, 1) + 0.1).expand(3, 1, 32, 32).contiguous()
+    shift = torch.tensor([[0.1, -0.15], [0.0, 0.2], [-0.2, -0.2]])
+    cropped = crop_window(x, 0.8, shift)
+    y = uncrop(cropped, 0.8, shift)
+    for i, (sx, sy) in enumerate(shift.tolist()):
+        # The window spans normalised [s - 0.8, s + 0.8]: pixels (1 + s -/+ 0.8) * 16.
+        x0, x1 = round((1 + sx - 0.8) * 16), round((1 + sx + 0.8) * 16)
+        y0, y1 = round((1 + sy - 0.8) * 16), round((1 + sy + 0.8) * 16)
+        assert torch.allclose(y[i, :, y0 + 1 : y1 - 1, x0 + 1 : x1 - 1], x[i, :, y0 + 1 : y1 - 1, x0 + 1 : x1 - 1], atol=1e-5)
+        outside = torch.ones(32, 32, dtype=torch.bool)
+        outside[max(0, y0 - 1) : y1 + 1, max(0, x0 - 1) : x1 + 1] = False
+        # Thrown away by the crop: the cropped image's mean, flat.
+        assert torch.allclose(y[i, 0][outside], cropped[i].mean().expand(int(outside.sum())), atol=1e-6)
+    # The wrong window does not give the image back.
+    assert not torch.allclose(uncrop(crop_window(x, 0.8, shift), 0.8, -shift)[:, :, 8:24, 8:24], x[:, :, 8:24, 8:24], atol=0.02)
+
+
+def test_crop_search_grid_covers_every_window_within_its_jitter():
+    search = CropSearch(ratios=(0.8, 0.9), step=0.05)
+    c = search.candidates()
+    assert c[0].tolist() == [1.0, 0.0, 0.0]
+    # 0.8: centres -0.2..0.2 (9 per axis); 0.9: -0.1..0.1 (5 per axis).
+    assert len(c) == 1 + 81 + 25
+    assert (c[:, 1:].abs() <= (1 - c[:, :1]) + 1e-6).all()  # every window inside the image
+    jr, js = search.jitter
+    assert jr == pytest.approx(0.05) and js == pytest.approx(0.025)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):  # any 0.8 crop has a candidate within the jitter
+        s = (2 * torch.rand(2, generator=g) - 1) * 0.2
+        near = c[(c[:, 0] == 0.8)][:, 1:]
+        assert ((near - s).abs().max(1).values <= js + 1e-6).any()
+
+
+def test_misaligned_views_are_wrong_crops():
+    x = torch.rand(6, 1, 32, 32)
+    search = CropSearch()
+    y = misaligned(x, search, torch.Generator().manual_seed(1))
+    assert y.shape == x.shape
+    # The first half is undone from a crop that never happened: a flat border at the mean.
+    flat = [(y[i] == y[i, 0, 0, 0]).float().mean().item() for i in range(3)] + [(y[i] == y[i, 0, -1, -1]).float().mean().item() for i in range(3)]
+    assert max(flat[0], flat[3]) > 0.1 and max(flat[1], flat[4]) > 0.1 and max(flat[2], flat[5]) > 0.1
+    # The second half is cropped and left zoomed: not the image.
+    assert not torch.allclose(y[3:], x[3:], atol=0.05)
+
+
 def test_brightness_scales_and_clips():
     x = torch.tensor([0.2, 0.5, 0.9]).view(1, 1, 1, 3)
     assert torch.allclose(brightness(x, 1.5), torch.tensor([0.3, 0.75, 1.0]).view(1, 1, 1, 3))
@@ -122,3 +173,15 @@ def test_augment_deterministic_with_generator_and_off_at_zero(images):
     assert torch.equal(Augment(strength=0.0)(x), quantize_8bit(x))
     with pytest.raises(ValueError):
         Augment(ops=["sepia"])
+
+
+def test_recrop_undoes_the_crop_up_to_the_search_jitter():
+    ramp = torch.linspace(0, 1, 32)
+    x = (ramp.view(1, 1, 1, 32) * 0.7 + ramp.view(1, 1, 32, 1) * 0.3).expand(64, 1, 32, 32).contiguous()
+    g = torch.Generator().manual_seed(2)
+    recropped = Augment(p=1.0, ops=["recrop"])(x, g)
+    cropped = Augment(p=1.0, ops=["crop"])(x, torch.Generator().manual_seed(2))
+    centre = (slice(None), slice(None), slice(12, 20), slice(12, 20))
+    # A recrop sits (almost) where the image was; a plain crop is zoomed and moved.
+    assert (recropped - x)[centre].abs().mean() < 0.5 * (cropped - x)[centre].abs().mean()
+    assert (recropped - x)[centre].abs().mean() < 0.03

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -189,21 +190,96 @@ def gaussian_noise(x: Tensor, std: float | Tensor, generator: torch.Generator | 
     return y.clamp(0, 1) if clamp else y
 
 
-def crop_resize(x: Tensor, ratio: float | Tensor = 0.8, generator: torch.Generator | None = None) -> Tensor:
-    """Crop a ``ratio`` x ``ratio`` window at a random place and resize it back (bilinear).
+def _window_theta(ratio: Tensor, shift: Tensor) -> Tensor:
+    """The affine map (normalised coordinates) from an output pixel to its place in the
+    ``ratio`` x ``ratio`` window centred at ``shift``: ``(N, 2, 3)``."""
+    n = ratio.shape[0]
+    theta = torch.zeros(n, 2, 3, dtype=ratio.dtype, device=ratio.device)
+    theta[:, 0, 0] = ratio
+    theta[:, 1, 1] = ratio
+    theta[:, :, 2] = shift
+    return theta
 
-    Done with one affine ``grid_sample``, so it is differentiable and per-image vectorised.
+
+def _resample(x: Tensor, theta: Tensor, padding_mode: str) -> Tensor:
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+
+
+def crop_window(x: Tensor, ratio: float | Tensor, shift: Tensor) -> Tensor:
+    """Crop the ``ratio`` x ``ratio`` window centred at ``shift`` and resize it back (bilinear).
+
+    ``shift`` is ``(N, 2)`` (x, y) in normalised coordinates: the window stays inside the image
+    for ``|shift| <= 1 - ratio``. One affine ``grid_sample``: differentiable, vectorised.
     """
     n = x.shape[0]
     r = _per_sample(ratio, n, x).reshape(n)
-    u = torch.rand((n, 2), generator=generator, dtype=x.dtype, device="cpu").to(x.device)
-    shift = (2 * u - 1) * (1 - r)[:, None]  # window centre, in normalised coordinates
-    theta = torch.zeros(n, 2, 3, dtype=x.dtype, device=x.device)
-    theta[:, 0, 0] = r
-    theta[:, 1, 1] = r
-    theta[:, :, 2] = shift
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return _resample(x, _window_theta(r, shift.to(x.device, x.dtype)), "border")
+
+
+def uncrop(x: Tensor, ratio: float | Tensor, shift: Tensor) -> Tensor:
+    """The inverse of :func:`crop_window`: shrink ``x`` by ``ratio`` and put it back where its
+    window was; the rest of the frame, which the crop threw away, is the image's mean (a
+    neutral fill: no edge, no pattern for a reader to mistake for a mark).
+
+    ``uncrop(crop_window(x, r, s), r, s)`` is ``x`` inside the window (up to resampling blur).
+    """
+    n = x.shape[0]
+    r = _per_sample(ratio, n, x).reshape(n)
+    inv_r = 1 / r
+    theta = _window_theta(inv_r, -shift.to(x.device, x.dtype) * inv_r[:, None])
+    mean = x.mean((1, 2, 3), keepdim=True)
+    return mean + _resample(x - mean, theta, "zeros")
+
+
+def random_shift(ratio: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """A uniformly random window centre ``(N, 2)`` that keeps each ``ratio`` window inside."""
+    u = torch.rand((ratio.shape[0], 2), generator=generator, dtype=ratio.dtype, device="cpu").to(ratio.device)
+    return (2 * u - 1) * (1 - ratio)[:, None]
+
+
+def crop_resize(x: Tensor, ratio: float | Tensor = 0.8, generator: torch.Generator | None = None) -> Tensor:
+    """Crop a ``ratio`` x ``ratio`` window at a random place and resize it back (bilinear)."""
+    r = _per_sample(ratio, x.shape[0], x).reshape(-1)
+    return crop_window(x, r, random_shift(r, generator))
+
+
+@dataclass(frozen=True)
+class CropSearch:
+    """The crops a fingerprint decoder tries to undo before reading (WOUAF's crop search).
+
+    A decoder cannot tell whether an image was cropped and resized, nor where. So it tries
+    every candidate window (``ratio``, centre) on a grid, undoes it with :func:`uncrop`, reads
+    the bits, and keeps the reading it is most confident of (``identity``, no crop, is always
+    a candidate). Training shows the decoder crops undone with at most the error this grid
+    leaves (``jitter``), and wrongly undone ones with a target of "no opinion".
+    """
+
+    #: Window sides tried, as fractions of the image side (1.0, no crop, is always tried).
+    ratios: tuple[float, ...] = (0.75, 0.85, 0.95)
+    #: Spacing of the window centres tried, in normalised coordinates (2 = the image side;
+    #: 0.1 is 1.6 pixels of a 32-pixel image). Every candidate is one decoder pass per image,
+    #: so the grid is coarse (36 candidates) and the decoder learns to tolerate its error.
+    step: float = 0.1
+
+    @property
+    def jitter(self) -> tuple[float, float]:
+        """Largest error (ratio, centre) between a crop and the nearest candidate."""
+        spacing = min((b - a for a, b in zip(self.ratios, self.ratios[1:], strict=False)), default=2 * (1 - self.ratios[0]))
+        return spacing / 2, self.step / 2
+
+    def candidates(self) -> Tensor:
+        """``(K, 3)``: ratio, centre x, centre y of every candidate; row 0 is the identity."""
+        rows = [(1.0, 0.0, 0.0)]
+        for r in self.ratios:
+            k = int((1 - r) / self.step + 1e-6)  # centres keep the window inside the image
+            centres = [i * self.step for i in range(-k, k + 1)]
+            rows += [(r, cx, cy) for cy in centres for cx in centres]
+        return torch.tensor(rows, dtype=torch.float32)
+
+
+#: The search ``switchml-train attribution --crop-search`` trains for and decodes with.
+DEFAULT_CROP_SEARCH = CropSearch()
 
 
 def brightness(x: Tensor, factor: float | Tensor, clamp: bool = True) -> Tensor:
@@ -259,7 +335,22 @@ def apply_postprocess(name: str, x: Tensor, seed: int = 0) -> Tensor:
 
 # ---------------------------------------------------------------------------- training augmentation
 
-AUGMENT_OPS = ("identity", "jpeg", "blur", "noise", "crop", "brightness")
+AUGMENT_OPS = ("identity", "jpeg", "blur", "noise", "crop", "recrop", "brightness")
+#: What ``Augment`` draws from by default: every operation but ``recrop``, which only makes
+#: sense for a reader that searches crops (``CropSearch``).
+DEFAULT_AUGMENT_OPS = ("jpeg", "blur", "noise", "crop", "brightness")
+
+
+def misaligned(x: Tensor, search: CropSearch, generator: torch.Generator | None = None) -> Tensor:
+    """``x`` as a crop search's *wrong* candidates show it: half the batch undone from a crop
+    that never happened, half cropped and not undone (at ratios of the search's lower half,
+    at least two grid steps from right)."""
+    n = x.shape[0]
+    lo = min(search.ratios)
+    r = (lo + (0.85 - lo) * torch.rand(n, generator=generator)).to(x.device, x.dtype)
+    shift = random_shift(r, generator)
+    first = torch.arange(n, device=x.device) < n // 2
+    return torch.where(first[:, None, None, None], uncrop(x, r, shift), crop_window(x, r, shift))
 
 
 class Augment(nn.Module):
@@ -268,12 +359,21 @@ class Augment(nn.Module):
     At ``strength`` s (1 = the default ranges, which cover the evaluation settings with some
     margin): JPEG quality in [95 - 55 s, 95], blur sigma in [0.3, 1.3 s], noise std in
     [0, 0.07 s], crop ratio in [1 - 0.25 s, 1], brightness factor in [1 - 0.4 s, 1 + 0.4 s].
+    ``recrop`` crops like ``crop`` and then undoes the crop as ``crop_search`` would, with the
+    error its grid leaves (``CropSearch.jitter``): what a searching decoder reads.
     With probability ``1 - p`` an image is left as it is. ``jpeg_mode`` is ``"hybrid"`` (real
     JPEG forward, approximation backward), ``"approx"`` or ``"real"`` (identity gradient).
     Outputs are rounded to 8 bits straight-through, as saved images are.
     """
 
-    def __init__(self, strength: float = 1.0, p: float = 0.85, ops: Sequence[str] = AUGMENT_OPS[1:], jpeg_mode: str = "hybrid"):
+    def __init__(
+        self,
+        strength: float = 1.0,
+        p: float = 0.85,
+        ops: Sequence[str] = DEFAULT_AUGMENT_OPS,
+        jpeg_mode: str = "hybrid",
+        crop_search: CropSearch = DEFAULT_CROP_SEARCH,
+    ):
         super().__init__()
         unknown = set(ops) - set(AUGMENT_OPS)
         if unknown:
@@ -284,6 +384,7 @@ class Augment(nn.Module):
         self.p = float(p)
         self.ops = tuple(o for o in ops if o != "identity")
         self.jpeg_mode = jpeg_mode
+        self.crop_search = crop_search
 
     def extra_repr(self) -> str:
         return f"strength={self.strength}, p={self.p}, ops={self.ops}, jpeg_mode={self.jpeg_mode}"
@@ -309,6 +410,17 @@ class Augment(nn.Module):
             return clamp01_ste(gaussian_noise(x, self._uniform(n, 0.0, 0.07 * s, x, g), g, clamp=False))
         if op == "crop":
             return crop_resize(x, self._uniform(n, max(0.5, 1 - 0.25 * s), 1.0, x, g), g)
+        if op == "recrop":
+            r = self._uniform(n, max(0.5, 1 - 0.25 * s), 1.0, x, g)
+            shift = random_shift(r, g)
+            jr, js = self.crop_search.jitter
+            # The search's nearest candidate: off by up to half a grid step; the identity
+            # (no undoing) for the mildest crops.
+            r_found = (r + self._uniform(n, -jr, jr, x, g)).clamp(max=1.0)
+            shift_found = shift + (self._uniform(2 * n, -js, js, x, g)).view(n, 2)
+            undone = uncrop(crop_window(x, r, shift), r_found, shift_found)
+            mild = (r >= 1 - jr)[:, None, None, None]
+            return torch.where(mild, crop_window(x, r, shift), undone)
         if op == "brightness":
             return clamp01_ste(brightness(x, self._uniform(n, 1 - 0.4 * s, 1 + 0.4 * s, x, g), clamp=False))
         raise ValueError(op)
