@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from trainer.eval.attribution_metrics import format_results
+from trainer.models.attribution import FingerprintDecoder
+from trainer.postprocess import DEFAULT_CROP_SEARCH, CropSearch, crop_resize
 from trainer.tasks.attribution import (
     BASELINE_FILE,
     ROOT_FILE,
@@ -207,6 +210,75 @@ def test_fingerprints_round_trip(run):
     assert quality > 16
 
 
+def test_wouaf_checkpoint_keeps_its_crop_search(run, tmp_path):
+    root, _ = load_root(run["out"] / ROOT_FILE)
+    model, ckpt = load_wouaf(run["out"] / WOUAF_FILE, root)
+    assert model.crop_search == DEFAULT_CROP_SEARCH
+    # A checkpoint from before the search reads images as they are.
+    del ckpt["config"]["crop_search"]
+    torch.save(ckpt, tmp_path / WOUAF_FILE)
+    old, _ = load_wouaf(tmp_path / WOUAF_FILE, root)
+    assert old.crop_search is None
+    x = torch.rand(5, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(old.decode(x), (old.decoder(x) > 0).to(torch.uint8))
+
+
+def test_quality_is_held_at_its_budget_not_pulled_past_it(run):
+    """Under the PSNR budget the loss is the bit losses alone: nothing rewards a quieter mark."""
+    args = default_args(**TINY)
+    stage = WouafStage(args)
+    torch.manual_seed(0)
+    model = stage.build_model(run["ctx"]).train()
+    batch = next(iter(DataLoader(stage.train_dataset(run["ctx"]), batch_size=16)))
+    with torch.no_grad():  # all-ones styles: the root's own image, far inside any budget
+        for head in model.mapping.heads:
+            head.weight.zero_()
+        for skip in model.mapping.skips:
+            skip.weight.zero_()
+    loss, m = stage.loss(model, batch, run["ctx"])
+    assert m["mse"] < 1e-10
+    assert loss.item() == pytest.approx(0.5 * (m["bce"] + m["bce_aug"]) + args.wrong_weight * m["bce_wrong"], rel=1e-5)
+    # Past the budget it costs: a loud mark pays for the excess.
+    with torch.no_grad():
+        model.mapping.skips[-1].weight.fill_(3.0)
+    loss, m = stage.loss(model, batch, run["ctx"])
+    assert m["psnr"] < m["psnr_budget"]
+    assert loss.item() > 0.5 * (m["bce"] + m["bce_aug"]) + args.wrong_weight * m["bce_wrong"] + 0.1
+
+
+def _matched_filter_decoder(bits: int, size: int, gain: float) -> tuple[FingerprintDecoder, torch.Tensor]:
+    """A decoder that is a plain correlator with ``bits`` orthonormal mid-frequency patterns
+    (its CNN silenced), and the patterns: a reader whose confidence is an honest signal."""
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.randn(bits, 1, size * 3 // 8, size * 3 // 8, generator=g)
+    t = F.interpolate(coarse, size=size, mode="bilinear", align_corners=False).flatten(1)
+    q, _ = torch.linalg.qr(t.T)
+    patterns = q.T.reshape(bits, 1, size, size)
+    dec = FingerprintDecoder(1, bits, 4, size)
+    with torch.no_grad():
+        dec.net[-1].weight.zero_()
+        dec.net[-1].bias.zero_()
+        dec.linear.weight.copy_(patterns.flatten(1) * gain)
+        dec.linear.bias.zero_()
+    return dec, patterns
+
+
+def test_crop_search_reads_through_a_crop_that_defeats_the_plain_read_out():
+    dec, patterns = _matched_filter_decoder(8, 32, gain=4.0)
+    g = torch.Generator().manual_seed(1)
+    bits = torch.randint(0, 2, (48, 8), generator=g)
+    x = 0.5 + 0.15 * torch.einsum("nb,bchw->nchw", 2 * bits.float() - 1, patterns) / patterns.abs().max()
+    cropped = crop_resize(x, 0.8, torch.Generator().manual_seed(3))
+    acc = lambda logits: ((logits > 0) == bits.bool()).float().mean().item()  # noqa: E731
+    with torch.no_grad():
+        assert acc(dec(x)) == 1.0 and acc(dec.search(x, DEFAULT_CROP_SEARCH)) == 1.0  # clean: identity wins
+        assert acc(dec(cropped)) < 0.85
+        assert acc(dec.search(cropped, DEFAULT_CROP_SEARCH)) > 0.97
+        # A search without the crop's scale among its candidates does not find it.
+        assert acc(dec.search(cropped, CropSearch(ratios=(0.5,), step=0.1))) < 0.85
+
+
 def test_baseline_stage_loss_falls_and_attributes(run):
     model, losses, metrics = run["baseline"]
     assert _mean(losses[-10:]) < 0.8 * _mean(losses[:10])
@@ -257,6 +329,39 @@ def test_evaluate_attribution_end_to_end(run):
     assert saved["wouaf"]["clean"]["bit_acc"] == w["clean"]["bit_acc"]
     table = format_results(res)
     assert "jpeg50" in table and "baseline" in table
+
+
+def _eval_args(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--ckpt")
+    AttributionTask.add_eval_arguments(p)
+    return p.parse_args([*argv, "--samples", "64", "--pool-size", "100", "--per-user", "8", "--fid-steps", "0", "--no-grid"])
+
+
+def test_tradeoff_report_and_reuse_of_saved_metrics(run, tmp_path):
+    out = run["out"]
+    first = AttributionTask().evaluate_checkpoint(_eval_args("--ckpt", f"loud={out}"))
+    saved = out / "attribution_metrics.json"
+    # --reuse takes the saved metrics (marked here, so that a second evaluation would show).
+    marked = json.loads(saved.read_text())
+    marked["wouaf"]["quality"]["psnr"] = 99.0
+    saved.write_text(json.dumps(marked))
+    both = AttributionTask().evaluate_checkpoint(
+        _eval_args("--ckpt", f"loud={out}", "--compare", f"quiet={out}", "--reuse", "--report", str(tmp_path))
+    )
+    assert set(both) == {"loud", "quiet"} and both["quiet"]["wouaf"]["quality"]["psnr"] == 99.0
+    md = (tmp_path / "attribution_tradeoff.md").read_text().splitlines()
+    assert len(md) == 4 and "attr crop" in md[0]
+    assert {row.split("|")[1].strip() for row in md[2:]} == {"loud", "quiet"} and all("| 99.00 |" in row for row in md[2:])
+    assert (tmp_path / "attribution_tradeoff.png").stat().st_size > 0
+    # Other settings, or a model newer than the metrics: evaluated again.
+    again = AttributionTask().evaluate_checkpoint(_eval_args("--ckpt", str(out), "--reuse", "--eval-seed", "1"))
+    assert again["wouaf"]["quality"]["psnr"] != 99.0
+    saved.write_text(json.dumps(marked))
+    later = saved.stat().st_mtime + 10
+    os.utime(out / WOUAF_FILE, (later, later))
+    again = AttributionTask().evaluate_checkpoint(_eval_args("--ckpt", str(out), "--reuse"))
+    assert again["wouaf"]["quality"]["psnr"] == pytest.approx(first["wouaf"]["quality"]["psnr"])
 
 
 def test_stage_defaults_come_from_arguments():

@@ -462,3 +462,66 @@ def format_results(results: dict[str, Any]) -> str:
     if results.get("root"):
         lines.append("root vs data: " + ", ".join(f"{k} {v:.4g}" for k, v in results["root"].items()))
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- quality against robustness
+
+#: Targets of issue 20, drawn on the trade-off chart.
+TARGET_PSNR_DB = 30.0
+TARGET_ATTRIBUTION = 0.90
+
+
+def tradeoff_rows(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per run with WOUAF results, quietest mark last: its name, PSNR, SSIM, clean
+    bit accuracy and attribution accuracy clean and under every post-process."""
+    rows = []
+    for name, res in runs.items():
+        w = res.get("wouaf")
+        if not w:
+            log.warning("run %s has no WOUAF results: left out of the trade-off", name)
+            continue
+        pps = [k for k in w if isinstance(w[k], dict) and "attribution_acc" in w[k]]
+        rows.append({
+            "run": name, "psnr": w["quality"]["psnr"], "ssim": w["quality"]["ssim"], "bit_acc_clean": w["clean"]["bit_acc"],
+            "attribution": {k: w[k]["attribution_acc"] for k in pps},
+        })  # fmt: skip
+    return sorted(rows, key=lambda r: r["psnr"])
+
+
+def write_tradeoff(runs: dict[str, dict[str, Any]], folder: str | Path, stem: str = "attribution_tradeoff") -> tuple[Path, Path]:
+    """A markdown table and a chart (PSNR against attribution under each post-process) of
+    runs that differ in how loud their mark may be. Returns (markdown path, PNG path)."""
+    rows = tradeoff_rows(runs)
+    if not rows:
+        raise ValueError("no run has WOUAF results to put on a trade-off curve")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pps = list(rows[0]["attribution"])
+    head = ["run", "PSNR (dB)", "SSIM", "bit acc clean", *(f"attr {p}" for p in pps)]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] + ["---:"] * (len(head) - 1)) + " |"]
+    for r in rows:
+        cells = [r["run"], f"{r['psnr']:.2f}", f"{r['ssim']:.3f}", f"{r['bit_acc_clean']:.3f}"]
+        lines.append("| " + " | ".join(cells + [f"{r['attribution'][p]:.3f}" for p in pps]) + " |")
+    md = folder / f"{stem}.md"
+    md.write_text("\n".join(lines) + "\n")
+    with needs("train", "the evaluation's plots"):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    x = [r["psnr"] for r in rows]
+    for p in pps:
+        ax.plot(x, [r["attribution"][p] for r in rows], marker="o", label=p)
+    ax.axhline(TARGET_ATTRIBUTION, color="grey", linestyle="--", linewidth=0.8)
+    ax.axvline(TARGET_PSNR_DB, color="grey", linestyle=":", linewidth=0.8)
+    ax.set_xlabel("PSNR against the root (dB): quieter marks to the right")
+    ax.set_ylabel(f"attribution accuracy, {runs[rows[0]['run']]['wouaf']['pool_size']} users")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8, ncol=2)
+    ax.set_title("WOUAF: image quality against robustness")
+    png = folder / f"{stem}.png"
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return md, png

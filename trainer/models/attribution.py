@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.postprocess import Augment
+from trainer.postprocess import Augment, CropSearch, misaligned, uncrop
 
 Tensor = torch.Tensor
 
@@ -226,6 +226,30 @@ class FingerprintDecoder(nn.Module):
         x = 2 * x - 1
         return self.net(x) + self.linear(x.flatten(1))
 
+    def search(self, x: Tensor, crop_search: CropSearch, candidates_per_pass: int = 16) -> Tensor:
+        """Bit logits of ``x`` read through every candidate of ``crop_search``: for each image,
+        the reading the decoder is most confident of (mean log-likelihood of its own hard
+        decisions, ``-softplus(-|logit|)``; the identity wins ties)."""
+        cands = crop_search.candidates().to(x.device, x.dtype)
+        n = x.shape[0]
+        best = self(x)
+        best_score = confidence(best)
+        for start in range(1, len(cands), candidates_per_pass):
+            c = cands[start : start + candidates_per_pass]
+            k = len(c)
+            xs = x.repeat(k, 1, 1, 1)  # candidate-major: rows j*n .. j*n+n-1 are candidate j
+            logits = self(uncrop(xs, c[:, 0].repeat_interleave(n), c[:, 1:].repeat_interleave(n, 0))).view(k, n, -1)
+            score, j = confidence(logits).max(0)
+            better = score > best_score
+            best = torch.where(better[:, None], logits[j, torch.arange(n, device=x.device)], best)
+            best_score = torch.maximum(score, best_score)
+        return best
+
+
+def confidence(logits: Tensor) -> Tensor:
+    """How sure a reading is: the mean log-likelihood of its hard bit decisions (0 = certain)."""
+    return -F.softplus(-logits.abs()).mean(-1)
+
 
 class WouafModel(nn.Module):
     """Frozen root generator + mapping network + fingerprint decoder (+ training augmentation)."""
@@ -238,6 +262,7 @@ class WouafModel(nn.Module):
         decoder_width: int = 32,
         augment: Augment | None = None,
         carrier_gain: float = 1.0,
+        crop_search: CropSearch | None = None,
     ):
         super().__init__()
         self.root = root
@@ -246,6 +271,8 @@ class WouafModel(nn.Module):
         self.mapping = MappingNetwork(bits, root.style_dims, hidden, carriers=root.carriers, gain=carrier_gain)
         self.decoder = FingerprintDecoder(root.channels, bits, decoder_width, root.image_size)
         self.augment = augment
+        #: The crops the decoder searches before reading; None: it reads the image as it is.
+        self.crop_search = crop_search
         # Training steps taken, for the quality curriculum; a buffer so that it is saved in the
         # trainer's checkpoints (--resume continues the schedule) and broadcast by DDP.
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
@@ -259,23 +286,34 @@ class WouafModel(nn.Module):
         """The fingerprinted image of latent ``z`` for fingerprint ``bits`` (B, bits) in {0, 1}."""
         return self.root(z, self.mapping(bits))
 
+    def read(self, x: Tensor) -> Tensor:
+        """Bit logits (B, bits) of images ``x``, through the crop search if the model has one."""
+        return self.decoder(x) if self.crop_search is None else self.decoder.search(x, self.crop_search)
+
     def decode(self, x: Tensor) -> Tensor:
         """Decoded bits (B, bits) in {0, 1} of images ``x``."""
-        return (self.decoder(x) > 0).to(torch.uint8)
+        return (self.read(x) > 0).to(torch.uint8)
 
     def forward(self, z: Tensor, bits: Tensor) -> dict[str, Tensor]:
-        """Root image, fingerprinted image, and bit logits of the clean and augmented image."""
+        """Root image, fingerprinted image, and bit logits of the clean and augmented image
+        (and, training with a crop search, of the image as wrong candidates show it)."""
         with torch.no_grad():
             root = self.root(z)
             if self.training:
                 self.step += 1
         img = self.generate(z, bits)
+        out = {"root": root, "image": img}
         if self.training and self.augment is not None:
-            logits = self.decoder(torch.cat([img, self.augment(img)]))
-            clean, aug = logits.chunk(2)
+            views = [img, self.augment(img)]
+            if self.crop_search is not None:
+                views.append(misaligned(img, self.crop_search))
+            logits = self.decoder(torch.cat(views)).chunk(len(views))
+            out["logits"], out["logits_aug"] = logits[0], logits[1]
+            if self.crop_search is not None:
+                out["logits_wrong"] = logits[2]
         else:
-            clean = aug = self.decoder(img)
-        return {"root": root, "image": img, "logits": clean, "logits_aug": aug}
+            out["logits"] = out["logits_aug"] = self.decoder(img)
+        return out
 
 
 def make_keys(
@@ -387,7 +425,9 @@ def load_wouaf(path: str | Path, root: Generator, map_location: str | torch.devi
     """The WOUAF model (eval mode, on ``root``) from ``wouaf_model.pt`` and its metadata."""
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     cfg = ckpt["config"]
-    model = WouafModel(root, cfg["bits"], cfg["mapping_hidden"], cfg["decoder_width"])
+    search = cfg.get("crop_search")  # absent from checkpoints older than the search
+    crop_search = CropSearch(tuple(search["ratios"]), search["step"]) if search else None
+    model = WouafModel(root, cfg["bits"], cfg["mapping_hidden"], cfg["decoder_width"], crop_search=crop_search)
     model.mapping.load_state_dict(ckpt["mapping"])
     model.decoder.load_state_dict(ckpt["decoder"])
     return model.eval(), ckpt

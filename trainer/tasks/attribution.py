@@ -28,6 +28,7 @@ wrapped module; every stage therefore does all its trainable work in one ``forwa
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 from pathlib import Path
@@ -51,6 +52,7 @@ from trainer.models.attribution import (
     MappingNetwork,
     ModConv2d,
     WouafModel,
+    confidence,
     load_baseline,
     load_root,
     load_wouaf,
@@ -58,7 +60,7 @@ from trainer.models.attribution import (
     n_levels,
     save_root,
 )
-from trainer.postprocess import Augment, apply_postprocess
+from trainer.postprocess import DEFAULT_AUGMENT_OPS, DEFAULT_CROP_SEARCH, Augment, apply_postprocess
 from trainer.tasks.base import Stage, StageContext, Task
 
 log = logging.getLogger(__name__)
@@ -135,10 +137,12 @@ def _root_path(args: argparse.Namespace, ctx: StageContext) -> Path:
     return p
 
 
-def _augment_from(args: argparse.Namespace) -> Augment | None:
+def _augment_from(args: argparse.Namespace, crop_search: bool = False) -> Augment | None:
+    """The training augmentation; with ``crop_search`` its crops are undone as the search would."""
     if args.aug_strength <= 0 or args.aug_prob <= 0:
         return None
-    return Augment(strength=args.aug_strength, p=args.aug_prob, jpeg_mode=args.jpeg_mode)
+    ops = tuple("recrop" if op == "crop" and crop_search else op for op in DEFAULT_AUGMENT_OPS)
+    return Augment(strength=args.aug_strength, p=args.aug_prob, ops=ops, jpeg_mode=args.jpeg_mode)
 
 
 class RootStage(Stage):
@@ -215,7 +219,10 @@ class WouafStage(Stage):
         root, _ = load_root(_root_path(self.args, ctx), map_location=ctx.device)
         torch.manual_seed(ctx.seed)
         a = self.args
-        model = WouafModel(root, a.fingerprint_bits, a.mapping_hidden, a.decoder_width, _augment_from(a), a.carrier_gain)
+        search = DEFAULT_CROP_SEARCH if a.crop_search else None
+        model = WouafModel(
+            root, a.fingerprint_bits, a.mapping_hidden, a.decoder_width, _augment_from(a, a.crop_search), a.carrier_gain, search
+        )
         return model.to(ctx.device)
 
     def train_dataset(self, ctx: StageContext) -> Dataset:
@@ -236,13 +243,21 @@ class WouafStage(Stage):
         # PSNR target: the bits may spend the budget, not more.
         over = F.relu(mse / budget - 1)
         loss = 0.5 * (bce_clean + bce_aug) + self.args.quality_weight * dist + self.args.budget_weight * over
+        metrics = {}
+        if "logits_wrong" in out:
+            # Wrongly undone crops should read as "no opinion" (logit 0), so that the search's
+            # confidence picks the right candidate.
+            wrong = F.binary_cross_entropy_with_logits(out["logits_wrong"], torch.full_like(out["logits_wrong"], 0.5))
+            loss = loss + self.args.wrong_weight * wrong
+            metrics["bce_wrong"] = wrong
+            metrics["wrong_confidence"] = confidence(out["logits_wrong"].detach()).mean()
         with torch.no_grad():
             acc = ((out["logits"] > 0) == (bits > 0.5)).float().mean()
             acc_aug = ((out["logits_aug"] > 0) == (bits > 0.5)).float().mean()
         return loss, _float_metrics(
             {
                 "bce": bce_clean, "bce_aug": bce_aug, "mse": mse, "psnr": psnr_from_mse(mse, PSNR_LOG_CAP),
-                "psnr_budget": budget_db, "bit_acc": acc, "bit_acc_aug": acc_aug,
+                "psnr_budget": budget_db, "bit_acc": acc, "bit_acc_aug": acc_aug, **metrics,
             }
         )  # fmt: skip
 
@@ -266,6 +281,8 @@ class WouafStage(Stage):
         a = self.args
         cfg = {"bits": a.fingerprint_bits, "mapping_hidden": a.mapping_hidden, "decoder_width": a.decoder_width, "psnr_target": a.psnr_target}
         cfg["steps_trained"] = int(m.step)
+        if m.crop_search is not None:
+            cfg["crop_search"] = {"ratios": list(m.crop_search.ratios), "step": m.crop_search.step}
         state = {
             "kind": "wouaf",
             "config": cfg,
@@ -359,10 +376,13 @@ class AttributionTask(Task):
         g.add_argument("--root-steps", type=int, default=RootStage.default_steps)
         g.add_argument("--fingerprint-bits", type=int, default=32)
         g.add_argument("--mapping-hidden", type=int, default=256)
-        g.add_argument("--decoder-width", type=int, default=16, help="channels of the fingerprint decoder's first layer")
+        g.add_argument("--decoder-width", type=int, default=32, help="channels of the fingerprint decoder's first layer")
         g.add_argument("--quality-loss", choices=("mse", "l1"), default="mse")
-        g.add_argument("--quality-weight", type=float, default=0.02, help="weight of the distance to the root's output")
-        g.add_argument("--psnr-target", type=float, default=33.0, help="final PSNR (dB) whose MSE budget the bits may spend")
+        g.add_argument(
+            "--quality-weight", type=float, default=0.0,
+            help="weight of a steady pull towards the root's output (0: quality is only held at its budget)",
+        )  # fmt: skip
+        g.add_argument("--psnr-target", type=float, default=31.0, help="final PSNR (dB) whose MSE budget the bits may spend")
         g.add_argument("--psnr-start", type=float, default=22.0, help="PSNR budget (dB) at the start of the curriculum")
         g.add_argument("--psnr-ramp-steps", type=int, default=3000, help="steps over which the budget rises to --psnr-target")
         g.add_argument("--carrier-gain", type=float, default=1.0, help="initial modulation of each bit's carrier channel")
@@ -370,6 +390,11 @@ class AttributionTask(Task):
         g.add_argument("--aug-strength", type=float, default=1.0, help="post-processing augmentation strength (0 = off)")
         g.add_argument("--aug-prob", type=float, default=0.85, help="probability that an image is post-processed")
         g.add_argument("--jpeg-mode", choices=("hybrid", "approx", "real"), default="hybrid")
+        g.add_argument(
+            "--crop-search", action=argparse.BooleanOptionalAction, default=True,
+            help="the decoder undoes every candidate crop-and-resize and reads the one it is surest of",
+        )  # fmt: skip
+        g.add_argument("--wrong-weight", type=float, default=0.5, help="weight of 'no opinion' on wrongly undone crops")
         g.add_argument("--wouaf-steps", type=int, default=WouafStage.default_steps)
         g.add_argument("--wouaf-lr", type=float, default=WouafStage.default_lr)
         g.add_argument("--users", type=int, default=10, help="baseline: number of keys / user models")
@@ -390,31 +415,73 @@ class AttributionTask(Task):
         g.add_argument("--fid-steps", type=int, default=300, help="training steps of the FID feature network (0 = no FID)")
         g.add_argument("--no-grid", action="store_true", help="do not write attribution_grid.png")
         g.add_argument("--eval-device", default="cpu")
+        g.add_argument(
+            "--compare", action="append", default=[], metavar="[NAME=]RUN",
+            help="another run to evaluate beside --ckpt (which also takes NAME=RUN); repeatable",
+        )  # fmt: skip
+        g.add_argument(
+            "--report", default=None, metavar="FOLDER",
+            help="write a table and a chart of the runs' PSNR against their attribution under each post-process",
+        )  # fmt: skip
+        g.add_argument(
+            "--reuse", action="store_true",
+            help="take a run's attribution_metrics.json instead of evaluating it again, when it is newer than "
+                 "the run's models and was measured with the same --samples, --pool-size and --eval-seed",
+        )  # fmt: skip
 
     def evaluate_checkpoint(self, args: argparse.Namespace) -> dict[str, Any]:
-        """``switchml-eval attribution --ckpt RUN``: :func:`evaluate_attribution` on the run folder."""
-        from trainer.eval.attribution_metrics import evaluate_attribution, format_results
+        """``switchml-eval attribution --ckpt RUN``: :func:`evaluate_attribution` on the run folder;
+        with ``--compare``, on every run (``{name: metrics}``); with ``--report``, their trade-off."""
+        from trainer.eval.attribution_metrics import evaluate_attribution, format_results, write_tradeoff
 
-        res = evaluate_attribution(
-            args.ckpt,
-            n_samples=args.samples,
-            pool_size=args.pool_size,
-            n_per_user=args.per_user,
-            postprocesses=args.postprocesses,
-            seed=args.eval_seed,
-            fid=args.fid_steps > 0,
-            fid_steps=max(1, args.fid_steps),
-            grid=not args.no_grid,
-            device=args.eval_device,
-        )
-        log.info("attribution results:\n%s", format_results(res))
-        return res
+        results: dict[str, dict[str, Any]] = {}
+        for item in [args.ckpt, *(getattr(args, "compare", []) or [])]:
+            name, sep, path = item.partition("=")
+            if not sep or "/" in name:
+                name, path = Path(item).name if Path(item).is_dir() else Path(item).parent.name, item
+            res = _saved_metrics(path, args) if getattr(args, "reuse", False) else None
+            if res is None:
+                res = evaluate_attribution(
+                    path,
+                    n_samples=args.samples,
+                    pool_size=args.pool_size,
+                    n_per_user=args.per_user,
+                    postprocesses=args.postprocesses,
+                    seed=args.eval_seed,
+                    fid=args.fid_steps > 0,
+                    fid_steps=max(1, args.fid_steps),
+                    grid=not args.no_grid,
+                    device=args.eval_device,
+                )
+            log.info("attribution results of %s:\n%s", name, format_results(res))
+            results[name] = res
+        if getattr(args, "report", None):
+            md, png = write_tradeoff(results, args.report)
+            log.info("wrote %s and %s", md, png)
+        return results if len(results) > 1 else next(iter(results.values()))
 
     def stages(self, args: argparse.Namespace) -> list[Stage]:
         """The stages ``--stage`` names, in order."""
         table = {"root": RootStage, "wouaf": WouafStage, "baseline": BaselineStage}
         names = list(table) if args.stage == "all" else [args.stage]
         return [table[n](args) for n in names]
+
+
+def _saved_metrics(run: str | Path, args: argparse.Namespace) -> dict[str, Any] | None:
+    """The run's attribution_metrics.json if it still describes the run's models, measured as
+    ``args`` asks; None (evaluate again) otherwise."""
+    folder = Path(run) if Path(run).is_dir() else Path(run).parent
+    saved = folder / "attribution_metrics.json"
+    models = [folder / f for f in (ROOT_FILE, WOUAF_FILE, BASELINE_FILE) if (folder / f).exists()]
+    if not saved.exists() or any(m.stat().st_mtime > saved.stat().st_mtime for m in models):
+        return None
+    res = json.loads(saved.read_text())
+    cfg = res.get("config", {})
+    if (cfg.get("n_samples"), cfg.get("pool_size"), cfg.get("seed")) != (args.samples, args.pool_size, args.eval_seed):
+        log.info("%s was measured with other settings (%s): evaluating again", saved, cfg)
+        return None
+    log.info("reusing %s", saved)
+    return res
 
 
 def default_args(**overrides: Any) -> argparse.Namespace:
