@@ -6,7 +6,7 @@
 #   bash benchmarks/reference/attribution.sh [OUT]       # default OUT: runs/attribution_reference
 #   ROOT_STEPS=750 WOUAF_STEPS=1500 BASELINE_STEPS=400 COMM=switchml bash benchmarks/reference/attribution.sh
 #
-# Defaults are the task's (3000 / 6000 / 1500 steps; about 85 minutes on 2 cores). The PSNR
+# Defaults are the task's (3000 / 6000 / 1500 steps; about 76 minutes on 2 cores). The PSNR
 # curriculum ramps over half the WOUAF steps. Results go to
 # benchmarks/results/attribution_reference[_COMM]/ (metrics JSON, final metrics, grid PNG), or to
 # $RESULTS when set. SEED (default 0) seeds model initialisation, data order and training latents,
