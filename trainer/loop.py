@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,7 @@ def train_stage(args: TrainConfig, stage: Stage, ctx: StageContext, metrics: Met
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True)
     steps_per_epoch = max(1, len(loader) // args.accumulate)
     total_steps = args.steps or (args.epochs * steps_per_epoch if args.epochs else stage.default_steps)
+    scheduler = stage.lr_scheduler(optimizer, total_steps)
 
     ckpt_path = ctx.out_dir / f"{stage.name}.pt"
     step = 0
@@ -129,6 +131,14 @@ def train_stage(args: TrainConfig, stage: Stage, ctx: StageContext, metrics: Met
         ckpt = torch.load(ckpt_path, map_location=ctx.device, weights_only=False)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if scheduler is not None and ckpt.get("scheduler") is not None:
+            scheduler.load_state_dict(ckpt["scheduler"])
+            # The optimiser's saved rate is the old run's; this run's schedule (its own total
+            # steps) sets the rate of the step it resumes at.
+            scheduler.last_epoch -= 1
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "step() before optimizer.step()": expected here
+                scheduler.step()
         step = ckpt["step"]
         log.info("rank %d: resumed stage %s at step %d", ctx.rank, stage.name, step)
     batches = _batches(loader, sampler, epoch=step * args.accumulate // max(1, len(loader)))
@@ -155,18 +165,23 @@ def train_stage(args: TrainConfig, stage: Stage, ctx: StageContext, metrics: Met
                 loss, extra = stage.loss(ddp, batch, ctx)
                 comm_wait = clock.backward(loss / args.accumulate)  # the micro-batch that communicates
         comm_wait_total += comm_wait
+        step_lr = optimizer.param_groups[0]["lr"]  # this step's, before the schedule moves on
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         step += 1
         if ctx.rank == 0:
             if step % args.log_every == 0 or step == total_steps:
                 metrics.write(stage=stage.name, step=step, loss=loss.item(), time=time.monotonic() - start,
                               comm_wait=comm_wait,
-                              comm=args.comm if state is None or state.using_switch else "fallback", **extra)
+                              comm=args.comm if state is None or state.using_switch else "fallback",
+                              lr=step_lr, **extra)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss.item():.4f}")
             if step % args.checkpoint_every == 0 or step == total_steps:
                 _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                              "scheduler": None if scheduler is None else scheduler.state_dict(),
                               "stage": stage.name}, ckpt_path)
     if progress is not None:
         progress.close()

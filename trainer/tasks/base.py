@@ -11,6 +11,7 @@ A stage that needs an earlier stage's result (a frozen root model, say) loads it
 from __future__ import annotations
 
 import argparse
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,24 @@ def classification_loss(model: nn.Module, batch: Any, ctx: StageContext) -> tupl
     logits = model(images)
     loss = F.cross_entropy(logits, labels)
     return loss, {"accuracy": (logits.argmax(1) == labels).float().mean().item()}
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int,
+                  warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to zero at ``total_steps`` (open_clip's).
+
+    The factor of step s (0-based) is ``(s + 1) / warmup_steps`` during the warm-up, then
+    ``(1 + cos(pi * (s - warmup_steps) / (total_steps - warmup_steps))) / 2``.
+    """
+    if total_steps < 1 or not 0 <= warmup_steps < total_steps:
+        raise ValueError(f"warmup_steps must lie in [0, total_steps={total_steps}); got {warmup_steps}")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / (total_steps - warmup_steps)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class Stage(ABC):
@@ -72,6 +91,11 @@ class Stage(ABC):
     def optimizer(self, params, lr: float) -> torch.optim.Optimizer:
         """The optimiser; Adam by default."""
         return torch.optim.Adam(params, lr=lr)
+
+    def lr_scheduler(self, optimizer: torch.optim.Optimizer,
+                     total_steps: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+        """The learning-rate schedule, stepped once per optimiser step; None (constant) by default."""
+        return None
 
     def finish(self, model: nn.Module, ctx: StageContext) -> None:
         """Called on rank 0 after training: write what later stages or evaluation need."""
