@@ -397,6 +397,26 @@ def test_oracle_scores_one(bench):
     assert all(v == 1.0 for v in metrics.values()), metrics
 
 
+def test_the_train_split_scores_the_training_scenes_on_request():
+    gen = SceneGenerator(SceneConfig(), seed=4)
+    bench = build_benchmark(gen, n_per_kind=12, n_retrieval=8, splits=("test", "combo", "train"))
+    assert list(bench.compositional) == ["test", "combo", "train"]
+    train = bench.compositional["train"]
+    # the pairs are those of the scenes a SceneDataset of the training split serves, index by index
+    dataset = SceneDataset(gen, "train", 12, WordTokenizer(), negatives=False)
+    want = {image_key(dataset[i]["image"]) for i in range(12)}
+    assert {image_key(img) for pairs in train.values() for img in pairs.images} == want
+    assert len(train["swap-att"]) == 12 and train["swap-att"].positives[0] == gen.sample("train", 0).caption
+    metrics = evaluate_scorer(OracleScorer(bench), bench)
+    assert metrics["comp/train/avg"] == 1.0 and chance_levels(bench)["comp/train/avg"] == 0.5
+    default = build_benchmark(gen, n_per_kind=12, n_retrieval=8)
+    assert list(default.compositional) == ["test", "combo"]  # held-out only unless asked
+    assert torch.equal(default.compositional["test"]["swap-att"].images, bench.compositional["test"]["swap-att"].images)
+    for bad in (("test", "zeroshot"), ()):
+        with pytest.raises(ValueError, match="splits must be some of"):
+            build_benchmark(gen, n_per_kind=2, n_retrieval=2, splits=bad)
+
+
 def test_random_scores_about_chance(bench):
     metrics = evaluate_scorer(RandomScorer(0), bench)
     chance = chance_levels(bench)

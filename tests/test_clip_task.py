@@ -5,6 +5,11 @@ through the switch is the trainer's test)."""
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +21,7 @@ from torch.utils.data import default_collate
 
 from switchml.net import free_port
 from trainer.data.scenes import SceneConfig, SceneDataset, SceneGenerator
-from trainer.tasks.base import StageContext
+from trainer.tasks.base import StageContext, warmup_cosine
 from trainer.tasks.clip import (
     ClipSpec,
     ClipStage,
@@ -242,6 +247,12 @@ def test_switchml_eval_compares_runs(tmp_path):
     single = ClipTask().evaluate_checkpoint(parser.parse_args(["--ckpt", str(tmp_path / "clip"),
                                                                "--eval-scenes", "12"]))
     assert single == results["clip"]
+    with_train = ClipTask().evaluate_checkpoint(parser.parse_args(["--ckpt", str(tmp_path / "clip"),
+                                                                   "--eval-scenes", "12", "--train-split"]))
+    assert {k for k in with_train if k not in single} == {f"comp/train/{k}" for k in
+                                                            ("swap-att", "swap-obj", "replace-obj", "replace-att",
+                                                             "replace-rel", "add-att", "avg")}
+    assert {k: with_train[k] for k in single} == single  # the held-out metrics do not move
     # runs named METHOD@SEED (--ckpt takes a name too): the report summarises each method over its seeds
     seeded = ClipTask().evaluate_checkpoint(parser.parse_args([
         "--ckpt", f"clip@0={tmp_path / 'clip'}", "--compare", f"clip@1={tmp_path / 'clip'}",
@@ -252,3 +263,51 @@ def test_switchml_eval_compares_runs(tmp_path):
         "| metric | clip (n=2) | tripletclip (n=1) | tripletclip - clip |")
     with pytest.raises(FileNotFoundError):
         ClipTask().evaluate_checkpoint(parser.parse_args(["--ckpt", str(tmp_path / "nothing")]))
+
+
+def test_warmup_cosine_schedule():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.4)
+    sched = warmup_cosine(opt, total_steps=10, warmup_steps=4)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:5] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.4])  # linear warm-up, then the peak
+    assert lrs[5] == pytest.approx(0.2 * (1 + math.cos(math.pi / 6)))
+    assert all(a > b for a, b in zip(lrs[4:], lrs[5:], strict=False)) and lrs[-1] < 0.05
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # zero after the last step
+    for bad in (-1, 10):
+        with pytest.raises(ValueError, match="warmup_steps"):
+            warmup_cosine(opt, total_steps=10, warmup_steps=bad)
+
+
+def _train_clip(out: Path, steps: int, *extra: str) -> list[dict]:
+    """``switchml-train clip`` (tiny, 2 workers through the switch); its metric lines, final line left out."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "clip", *TINY, "--workers", "2", "--steps", str(steps),
+                           "--batch-size", "8", "--train-scenes", "64", "--eval-scenes", "8", "--log-every", "1",
+                           "--lr", "0.01", "--out", str(out), "--no-progress", *extra],
+                          capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [m for m in lines if "final" not in m]
+
+
+@pytest.mark.slow
+def test_trainer_follows_and_resumes_the_lr_schedule(tmp_path):
+    """The logged learning rate (the one each step used) is warm-up then cosine; --resume restores the schedule."""
+    def want(step: int, total: int, warmup: int = 2) -> float:
+        if step < warmup:
+            return 0.01 * (step + 1) / warmup
+        return 0.01 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+    lines = _train_clip(tmp_path, 6, "--lr-schedule", "cosine", "--warmup-steps", "2")
+    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
+    assert [m["lr"] for m in lines] == pytest.approx([want(s, 6) for s in range(6)])
+    # continued to 10 steps: the schedule resumes at step 6 of a 10-step run, not at its warm-up
+    resumed = _train_clip(tmp_path, 10, "--lr-schedule", "cosine", "--warmup-steps", "2", "--resume")[len(lines):]
+    assert [m["step"] for m in resumed] == [7, 8, 9, 10]
+    assert [m["lr"] for m in resumed] == pytest.approx([want(s, 10) for s in range(6, 10)])
+    constant = _train_clip(tmp_path / "constant", 3, "--lr-schedule", "constant")
+    assert [m["lr"] for m in constant] == [0.01] * 3

@@ -12,7 +12,10 @@ Metrics (names as :func:`evaluate_scorer` returns them):
   with their positive caption than with the hard negative of that kind (a tie counts
   half). ``<split>`` is ``test`` (held-out scenes of the training distribution) or
   ``combo`` (scenes with a colour-shape pair never seen in training); ``comp/<split>/avg``
-  is the mean over the six kinds. Chance: 0.5.
+  is the mean over the six kinds. Chance: 0.5. On request (``build_benchmark(...,
+  splits=...)``, ``switchml-eval clip --train-split``) also ``train``: the first training
+  scenes, each with all its kinds of negative, which tells a model that has not learnt its
+  training pairs (it scores them as it scores held-out ones) from one that overfits them.
 - ``retrieval/i2t_r1``, ``i2t_r5``, ``t2i_r1``, ``t2i_r5``: recall at K over a set of
   held-out scenes whose captions are pairwise false of each other's images (so the oracle
   has exactly one right answer). A candidate scored equal to the right one counts as ahead
@@ -53,6 +56,8 @@ log = logging.getLogger(__name__)
 Scorer = Callable[[torch.Tensor, Sequence[str]], np.ndarray]
 
 COMP_SPLITS = ("test", "combo")
+#: The training scenes' split: scored only on request, for the gap between training and held-out scenes.
+TRAIN_SPLIT = "train"
 #: Offset of the retrieval scenes in the test split, so that they are not the scenes of the
 #: compositional sets (any offset beyond the compositional sizes would do).
 _RETRIEVAL_OFFSET = 1_000_000
@@ -98,16 +103,21 @@ def _render(gen: SceneGenerator, scene: Scene, scenes: dict[str, Scene]) -> torc
 
 
 def build_benchmark(generator: SceneGenerator, n_per_kind: int = 200, n_retrieval: int = 200,
-                    n_zeroshot: int | None = None) -> ClipBenchmark:
+                    n_zeroshot: int | None = None, splits: Sequence[str] = COMP_SPLITS) -> ClipBenchmark:
     """The held-out evaluation sets of ``generator`` (deterministic for its seed).
 
-    ``n_per_kind`` scenes of each compositional split serve every kind; ``n_zeroshot``
-    defaults to two images per colour-shape pair.
+    ``n_per_kind`` scenes of each compositional split in ``splits`` (``COMP_SPLITS`` and,
+    if asked, ``TRAIN_SPLIT``) serve every kind; ``n_zeroshot`` defaults to two images per
+    colour-shape pair.
     """
+    known = (*COMP_SPLITS, TRAIN_SPLIT)
+    bad = [s for s in splits if s not in known]
+    if bad or not splits:
+        raise ValueError(f"splits must be some of {known}; got {list(splits)}")
     cfg = generator.config
     scenes: dict[str, Scene] = {}
     comp: dict[str, dict[str, PairSet]] = {}
-    for split in COMP_SPLITS:
+    for split in splits:
         sets = {k: PairSet([], [], []) for k in NEGATIVE_KINDS}
         for i in range(n_per_kind):
             sample = generator.sample(split, i)
@@ -164,7 +174,7 @@ def pair_accuracy(scorer: Scorer, pairs: PairSet, batch_size: int = 64) -> float
 
 
 def compositional_accuracy(scorer: Scorer, bench: ClipBenchmark) -> dict[str, float]:
-    """``comp/<split>/<kind>`` and ``comp/<split>/avg`` for both held-out splits."""
+    """``comp/<split>/<kind>`` and ``comp/<split>/avg`` for every compositional split of ``bench``."""
     out: dict[str, float] = {}
     for split, sets in bench.compositional.items():
         accs = {kind: pair_accuracy(scorer, pairs) for kind, pairs in sets.items()}

@@ -58,6 +58,8 @@ from trainer.data.scenes import (
     scene_vocabulary,
 )
 from trainer.eval.clip_metrics import (
+    COMP_SPLITS,
+    TRAIN_SPLIT,
     ClipBenchmark,
     build_benchmark,
     chance_levels,
@@ -65,13 +67,15 @@ from trainer.eval.clip_metrics import (
     model_scorer,
     write_comparison,
 )
-from trainer.tasks.base import Stage, StageContext, Task
+from trainer.tasks.base import Stage, StageContext, Task, warmup_cosine
 
 log = logging.getLogger(__name__)
 
 METHODS = ("clip", "negclip", "tripletclip")
 TRIPLET_MODES = ("combined", "alternate")
 DATASET_TYPES = ("synthetic", "webdataset", "csv")
+#: Learning-rate schedules (the first is the default: the reference runs' constant rate).
+LR_SCHEDULES = ("constant", "cosine")
 #: open_clip clamps the learned temperature at 100 after every step; the loss clamps it.
 MAX_LOGIT_SCALE = 100.0
 #: File ``finish`` writes: the state dict with the spec needed to rebuild model and tokenizer.
@@ -450,6 +454,13 @@ class ClipStage(Stage):
         return torch.optim.AdamW([{"params": decay, "weight_decay": self.args.weight_decay},
                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
 
+    def lr_scheduler(self, optimizer: torch.optim.Optimizer,
+                     total_steps: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+        """open_clip's recipe with ``--lr-schedule cosine``: warm-up, then cosine decay to zero."""
+        if self.args.lr_schedule == "constant":
+            return None
+        return warmup_cosine(optimizer, total_steps, min(self.args.warmup_steps, total_steps - 1))
+
     # -- evaluation and artefacts
 
     def benchmark(self) -> ClipBenchmark:
@@ -499,6 +510,11 @@ class ClipTask(Task):
                        help="open_clip model config JSON (embed_dim, vision_cfg, text_cfg) instead of the size flags")
         g.add_argument("--pretrained", default=None, help="local open_clip checkpoint (state dict) to start from")
         g.add_argument("--weight-decay", type=float, default=0.1)
+        g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=LR_SCHEDULES[0],
+                       help="cosine: linear warm-up over --warmup-steps, then cosine decay to zero at the last "
+                            "step (open_clip's); constant: --lr throughout")
+        g.add_argument("--warmup-steps", type=int, default=100,
+                       help="cosine: steps of linear warm-up (at most the run's steps - 1)")
         g.add_argument("--dataset-type", choices=DATASET_TYPES, default="synthetic")
         g.add_argument("--train-scenes", type=int, default=20000, help="synthetic: training scenes")
         g.add_argument("--scene-seed", type=int, default=0,
@@ -526,6 +542,10 @@ class ClipTask(Task):
         parser.add_argument("--scene-seed", type=int, default=None, help="benchmark seed (default: the run's)")
         parser.add_argument("--distractors", type=int, default=None,
                             help="unmentioned objects per benchmark scene (default: the run's)")
+        parser.add_argument("--train-split", action="store_true",
+                            help="also score the compositional pairs of --eval-scenes training scenes "
+                                 "(comp/train/*): as good as held-out scenes means the model has not learnt "
+                                 "its training pairs (capacity or steps), far better means it overfits them")
         parser.add_argument("--device", default="cpu")
         parser.add_argument("--compare", action="append", default=[], metavar="[NAME=]RUN",
                             help="another run (folder or checkpoint) to evaluate beside --ckpt (which also takes "
@@ -544,7 +564,7 @@ class ClipTask(Task):
         evaluated = []
         for name, path in runs:
             metrics, spec = evaluate_clip_checkpoint(path, args.eval_scenes, args.device, args.scene_seed,
-                                                     args.distractors)
+                                                     args.distractors, getattr(args, "train_split", False))
             evaluated.append((name, Path(resolve_checkpoint(path)), spec, metrics))
         names = _run_names([(n, p, s) for n, p, s, _ in evaluated])
         results = {name: metrics for name, (*_, metrics) in zip(names, evaluated, strict=True)}
@@ -553,7 +573,7 @@ class ClipTask(Task):
             seed = spec.scene_seed if args.scene_seed is None else args.scene_seed
             distractors = spec.distractors if args.distractors is None else args.distractors
             md, png = write_comparison(results, args.report, args.report_name, chance=chance_levels(
-                _benchmark(spec.image_size, seed, args.eval_scenes, distractors)))
+                _benchmark(spec.image_size, seed, args.eval_scenes, distractors, getattr(args, "train_split", False))))
             log.info("wrote %s and %s", md, png)
         return results if len(results) > 1 else next(iter(results.values()))
 
@@ -578,7 +598,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return p
 
 
-_BENCHES: dict[tuple[int, int, int, int], ClipBenchmark] = {}
+_BENCHES: dict[tuple[int, int, int, int, bool], ClipBenchmark] = {}
 
 
 def scene_generator(image_size: int, seed: int, distractors: int) -> SceneGenerator:
@@ -586,27 +606,32 @@ def scene_generator(image_size: int, seed: int, distractors: int) -> SceneGenera
     return SceneGenerator(SceneConfig(image_size=image_size, distractors=distractors), seed=seed)
 
 
-def _benchmark(image_size: int, seed: int, eval_scenes: int, distractors: int) -> ClipBenchmark:
-    """The held-out benchmark for these settings, built once per process (runs compared share it)."""
-    key = (image_size, seed, eval_scenes, distractors)
+def _benchmark(image_size: int, seed: int, eval_scenes: int, distractors: int,
+               train_split: bool = False) -> ClipBenchmark:
+    """The held-out benchmark for these settings (with ``train_split``, the training scenes'
+    pairs too), built once per process (runs compared share it)."""
+    key = (image_size, seed, eval_scenes, distractors, train_split)
     if key not in _BENCHES:
         gen = scene_generator(image_size, seed, distractors)
-        _BENCHES[key] = build_benchmark(gen, n_per_kind=eval_scenes, n_retrieval=min(eval_scenes, 200))
+        splits = (*COMP_SPLITS, TRAIN_SPLIT) if train_split else COMP_SPLITS
+        _BENCHES[key] = build_benchmark(gen, n_per_kind=eval_scenes, n_retrieval=min(eval_scenes, 200),
+                                        splits=splits)
     return _BENCHES[key]
 
 
 def evaluate_clip_checkpoint(path: str | Path, eval_scenes: int = 200, device: torch.device | str = "cpu",
-                             scene_seed: int | None = None,
-                             distractors: int | None = None) -> tuple[dict[str, float], ClipSpec]:
+                             scene_seed: int | None = None, distractors: int | None = None,
+                             train_split: bool = False) -> tuple[dict[str, float], ClipSpec]:
     """All held-out metrics of a saved model (a run folder or a checkpoint file), and its spec.
 
     The benchmark comes from the checkpoint's own scene seed and distractors unless
     ``scene_seed`` or ``distractors`` is given: its ``test`` and ``combo`` splits are streams
-    the training split never drew from.
+    the training split never drew from. ``train_split`` adds ``comp/train/*``, the same
+    pairs on the first ``eval_scenes`` training scenes.
     """
     model, tok, spec = load_checkpoint(resolve_checkpoint(path), device)
     bench = _benchmark(spec.image_size, spec.scene_seed if scene_seed is None else scene_seed, eval_scenes,
-                       spec.distractors if distractors is None else distractors)
+                       spec.distractors if distractors is None else distractors, train_split)
     return evaluate_scorer(model_scorer(model, tok, device), bench), spec
 
 
