@@ -7,6 +7,7 @@
 #
 #   bash benchmarks/reference/clip.sh [STEPS] [OUT]      # defaults: 1000 steps, runs/clip_reference
 #   SEEDS="0 1 2" DISTRACTORS=1 bash benchmarks/reference/clip.sh
+#   REUSE=1 bash benchmarks/reference/clip.sh     # keep the runs OUT already holds from the same commands
 #
 # Equal compute: TripletCLIP uses --triplet-mode alternate (one half of its objective per
 # step), so every method encodes the same number of images per step. The scenes have
@@ -18,6 +19,7 @@ STEPS=${1:-1000}
 OUT=${2:-runs/clip_reference}
 SEEDS=${SEEDS:-"0 1 2"}
 DISTRACTORS=${DISTRACTORS:-1}
+REUSE=${REUSE:-}  # non-empty: keep a run whose folder was trained by the same command (an interrupted reference resumes)
 BIN=${SWITCHML_BIN:-.venv/bin}
 RESULTS=${RESULTS:-benchmarks/results/clip_reference}
 COMMON=(--workers 4 --steps "$STEPS" --distractors "$DISTRACTORS" --no-progress)
@@ -26,8 +28,15 @@ RUNS=()
 run() {  # name (method@seed), seed, then switchml-train options
   local name=$1 seed=$2 dir="$OUT/${1/@/_s}"
   shift 2
-  echo "== $name: switchml-train clip ${COMMON[*]} --seed $seed $* --out $dir"
-  "$BIN/switchml-train" clip "${COMMON[@]}" --seed "$seed" "$@" --out "$dir" > "$dir.log" 2>&1
+  local cmd="switchml-train clip ${COMMON[*]} --seed $seed $* --out $dir"
+  if [ -n "$REUSE" ] && [ -f "$dir/final_metrics.json" ] && [ "$(cat "$dir.cmd" 2>/dev/null)" = "$cmd" ]; then
+    echo "== $name: reusing $dir (trained by the same command)"
+  else
+    echo "== $name: $cmd"
+    rm -f "$dir.cmd"
+    "$BIN/switchml-train" clip "${COMMON[@]}" --seed "$seed" "$@" --out "$dir" > "$dir.log" 2>&1
+    echo "$cmd" > "$dir.cmd"
+  fi
   cp "$dir/final_metrics.json" "$RESULTS/$(basename "$dir").final_metrics.json"
   RUNS+=("$name=$dir")
 }
