@@ -87,8 +87,10 @@ def test_allreduce_loopback_smoke(tmp_path):
         assert res["bound_s"] > 0 and res["time_over_bound"] > 0
         # CPU of the timed calls: each rank's, and the machine's share busy
         assert len(res["worker_cpu_per_call_s"]) == 2 and all(c > 0 for c in res["worker_cpu_per_call_s"])
-        # (two 40 KB calls may span no tick of the kernel's CPU accounting: then None)
-        assert res["host_cpu_timed"] is None or 0 < res["host_cpu_timed"]["busy"] <= 1
+        # (two 40 KB calls may span no tick of the kernel's CPU accounting: then None; or only
+        # a few ticks, every one of them idle: then busy is 0.0, seen in CI)
+        host = res["host_cpu_timed"]
+        assert host is None or (0 <= host["busy"] <= 1 and all(0 <= v <= 1 for v in host.values())), host
     assert sw["check"]["max_error_over_bound"] <= 1.0
     assert sw["k"] == 256 and sw["switch"]["cpu_s"] is not None and sw["switch"]["counters"]
     # spurious resends (the switch's retransmission_incomplete drops + the workers' duplicate results)
