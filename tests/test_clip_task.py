@@ -118,8 +118,13 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
         ddp = DDP(model)
         loss, _ = method_loss("tripletclip", ddp, _tiny_batch(range(4 * rank, 4 * rank + 4)), torch.device("cpu"))
         loss.backward()  # DDP averages the gradients over the two ranks
-        result["ddp"] = (float(loss), _grads(model))
+        result["ddp"] = (float(loss.detach()), _grads(model))
         torch.save(result, Path(out) / f"rank{rank}.pt")
+        # Tear down in order: DDP's reducer before the group, and neither rank before the other is
+        # done (a rank that left early once aborted its peer: "terminate called without an active
+        # exception", SIGABRT in CI).
+        del ddp, loss
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
