@@ -5,11 +5,7 @@ through the switch is the trainer's test)."""
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
 from torch.utils.data import default_collate
+from trainer_cli import metric_lines, train
 
 from switchml.net import free_port
 from trainer.data.scenes import SceneConfig, SceneDataset, SceneGenerator
@@ -289,14 +286,9 @@ def test_warmup_cosine_schedule():
 
 def _train_clip(out: Path, steps: int, *extra: str) -> list[dict]:
     """``switchml-train clip`` (tiny, 2 workers through the switch); its metric lines, final line left out."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "clip", *TINY, "--workers", "2", "--steps", str(steps),
-                           "--batch-size", "8", "--train-scenes", "64", "--eval-scenes", "8", "--log-every", "1",
-                           "--lr", "0.01", "--out", str(out), "--no-progress", *extra],
-                          capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [m for m in lines if "final" not in m]
+    train("clip", *TINY, "--workers", "2", "--steps", str(steps), "--batch-size", "8", "--train-scenes", "64",
+          "--eval-scenes", "8", "--log-every", "1", "--lr", "0.01", "--out", str(out), "--no-progress", *extra)
+    return [m for m in metric_lines(out) if "final" not in m]
 
 
 @pytest.mark.slow

@@ -3,29 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from trainer_cli import ENV, PY, metric_lines, train
 
 from switchml import defaults
-
-PY = sys.executable
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def train(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    proc = subprocess.run([PY, "-m", "trainer.cli", *args], capture_output=True, text=True, timeout=timeout, env=ENV)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-def metric_lines(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_local_launcher_trains_through_the_switch_and_resumes(tmp_path):

@@ -131,15 +131,14 @@ def train_stage(args: TrainConfig, stage: Stage, ctx: StageContext, metrics: Met
         ckpt = torch.load(ckpt_path, map_location=ctx.device, weights_only=False)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        if scheduler is not None and ckpt.get("scheduler") is not None:
-            scheduler.load_state_dict(ckpt["scheduler"])
-            # The optimiser's saved rate is the old run's; this run's schedule (its own total
-            # steps) sets the rate of the step it resumes at.
-            scheduler.last_epoch -= 1
+        step = ckpt["step"]
+        if scheduler is not None:
+            # The schedule's position is the step; the optimiser's saved rate is the old run's,
+            # so this run's schedule (its own total steps) sets the rate of the step it resumes at.
+            scheduler.last_epoch = step - 1
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # "step() before optimizer.step()": expected here
                 scheduler.step()
-        step = ckpt["step"]
         log.info("rank %d: resumed stage %s at step %d", ctx.rank, stage.name, step)
     batches = _batches(loader, sampler, epoch=step * args.accumulate // max(1, len(loader)))
 
@@ -181,7 +180,6 @@ def train_stage(args: TrainConfig, stage: Stage, ctx: StageContext, metrics: Met
                 progress.set_postfix(loss=f"{loss.item():.4f}")
             if step % args.checkpoint_every == 0 or step == total_steps:
                 _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                              "scheduler": None if scheduler is None else scheduler.state_dict(),
                               "stage": stage.name}, ckpt_path)
     if progress is not None:
         progress.close()

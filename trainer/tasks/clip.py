@@ -564,7 +564,7 @@ class ClipTask(Task):
         evaluated = []
         for name, path in runs:
             metrics, spec = evaluate_clip_checkpoint(path, args.eval_scenes, args.device, args.scene_seed,
-                                                     args.distractors, getattr(args, "train_split", False))
+                                                     args.distractors, args.train_split)
             evaluated.append((name, Path(resolve_checkpoint(path)), spec, metrics))
         names = _run_names([(n, p, s) for n, p, s, _ in evaluated])
         results = {name: metrics for name, (*_, metrics) in zip(names, evaluated, strict=True)}
@@ -573,7 +573,7 @@ class ClipTask(Task):
             seed = spec.scene_seed if args.scene_seed is None else args.scene_seed
             distractors = spec.distractors if args.distractors is None else args.distractors
             md, png = write_comparison(results, args.report, args.report_name, chance=chance_levels(
-                _benchmark(spec.image_size, seed, args.eval_scenes, distractors, getattr(args, "train_split", False))))
+                _benchmark(spec.image_size, seed, args.eval_scenes, distractors, args.train_split)))
             log.info("wrote %s and %s", md, png)
         return results if len(results) > 1 else next(iter(results.values()))
 
