@@ -55,6 +55,9 @@ def test_reference_script_trains_every_method_and_seed_then_compares_them(tmp_pa
     assert _trained(calls) == [str(runs / n) for n in ("clip_s0", "tripletclip_s0", "negclip_s0", "clip_s1",
                                                        "tripletclip_s1", "negclip_s1", "tripletclip-allreduce_s0")]
     assert all("--steps 7" in c for c in calls if c.startswith("switchml-train"))
+    # Every method trains on the same (data-limited) scenes, the script's default unless TRAIN_SCENES is given.
+    scenes = {c.split("--train-scenes ")[1].split()[0] for c in calls if c.startswith("switchml-train")}
+    assert len(scenes) == 1 and int(scenes.pop()) > 0
     (evaluation,) = [c for c in calls if c.startswith("switchml-eval")]
     assert f"--ckpt clip@0={runs / 'clip_s0'}" in evaluation and "tripletclip-allreduce@0=" in evaluation
     assert (tmp_path / "results" / "negclip_s1.final_metrics.json").is_file()
@@ -70,3 +73,11 @@ def test_reuse_keeps_finished_runs_of_the_same_command_only(tmp_path):
     assert _trained(calls) == [str(runs / "clip_s1"), str(runs / "negclip_s1")]
     assert len([c for c in calls if c.startswith("switchml-eval")]) == 1  # every run is still compared
     assert len(_trained(_run(tmp_path))) == 7  # without REUSE, everything trains again
+
+
+def test_train_scenes_reaches_every_run_and_a_change_retrains(tmp_path):
+    _run(tmp_path)
+    calls = _run(tmp_path, REUSE="1", TRAIN_SCENES="123")  # another data set: nothing is reused
+    trainings = [c for c in calls if c.startswith("switchml-train")]
+    assert len(trainings) == 7 and all("--train-scenes 123 " in c for c in trainings)
+    assert "training scenes: 123" in (tmp_path / "results" / "COMMAND").read_text()
