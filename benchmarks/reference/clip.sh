@@ -14,7 +14,7 @@
 # DISTRACTORS unmentioned objects each (trainer/data/scenes.py; 0: the first benchmark). Every
 # method trains on the same TRAIN_SCENES scenes (TripletCLIP's negatives add one fixed negative
 # scene to each, as its synthetic data does to CC3M): few enough that data, not steps, limits
-# what CLIP learns, the regime TripletCLIP is for (README: "Data-limited"). Results
+# what CLIP learns, the regime TripletCLIP is for (README: "Data-limited and data-rich"). Results
 # (the report, metrics.json and every run's final_metrics.json) go to benchmarks/results/clip_reference/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
