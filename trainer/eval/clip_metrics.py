@@ -403,11 +403,12 @@ def plot_results(results: Mapping[str, Mapping[str, float]], path: str | Path,
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("accuracy / recall")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    # Outside the axes: inside, it hides the tops of the first or last bars.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     log.info("wrote %s", path)
     return path
